@@ -1,0 +1,34 @@
+"""Test-wide set-up: 8 simulated CPU devices and JAX's persistent compilation cache.
+
+XLA reads XLA_FLAGS once, when the backend starts, so this must run before any test module
+imports jax (pytest imports conftest.py first).
+"""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = pathlib.Path(os.environ.get("UVIT_JAX_TEST_CACHE", "~/.cache/uvit_jax/jax_test_cache"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE.expanduser()))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    """`../shared/golden/`: outputs of the official PyTorch code (never copied into the repo)."""
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden files absent: {GOLDEN} does not exist (they live in ../shared/golden)")
+    return GOLDEN
+

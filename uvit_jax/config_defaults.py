@@ -1,0 +1,146 @@
+"""The config schema every `configs/*.py` starts from, and the paper's model sizes.
+
+A config is an `ml_collections.ConfigDict` with these sections (each documented field below);
+`configs/<model>.py` files override the values the paper sets. Keeping every field here means a
+command-line override of a misspelt field (`--config.optim.lrr=1`) is rejected by
+ml_collections instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Width, depth and heads of the paper's model sizes (SPEC section 1).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "small": dict(embed_dim=512, depth=12, num_heads=8),
+    "small_deep": dict(embed_dim=512, depth=16, num_heads=8),
+    "mid": dict(embed_dim=768, depth=16, num_heads=12),
+    "large": dict(embed_dim=1024, depth=20, num_heads=16),
+    "huge": dict(embed_dim=1152, depth=28, num_heads=16),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All fields with neutral defaults; paper configs override what they set."""
+    c = ml_collections.ConfigDict()
+    c.name = ""  # the config's name, e.g. "imagenet256_uvit_huge"
+    c.seed = 0
+
+    # ---- model: the official U-ViT constructor arguments + compute options ----
+    c.model = ml_collections.ConfigDict(
+        dict(
+            kind="uvit",  # "uvit" (class-conditional / unconditional) or "uvit_t2i"
+            img_size=32,  # side of the network input (latent side for latent models)
+            patch_size=2,
+            in_chans=3,
+            embed_dim=512,
+            depth=12,
+            num_heads=8,
+            mlp_ratio=4.0,
+            qkv_bias=False,
+            mlp_time_embed=False,
+            num_classes=-1,  # -1: unconditional; ImageNet latent models 1001 (1000 = null)
+            conv=True,
+            skip=True,
+            clip_dim=768,  # t2i only
+            num_clip_token=77,  # t2i only
+            dtype="bfloat16",  # compute dtype; parameters stay float32
+            attention="auto",  # "auto" (cuDNN where available, else XLA), "cudnn", "xla"
+            remat="none",  # "none", "full", "dots" (save matmul outputs)
+        )
+    )
+
+    # ---- diffusion: training objective (SPEC section 3) ----
+    c.diffusion = ml_collections.ConfigDict(
+        dict(
+            formulation="vp_continuous",  # or "sd_discrete"
+            p_uncond=0.0,  # CFG label/context drop probability during training
+        )
+    )
+
+    # ---- autoencoder: latent models only ----
+    c.autoencoder = ml_collections.ConfigDict(
+        dict(
+            kind="identity",  # "identity" (pixel space) or "kl_f8"
+            pretrained_path="",  # LDM/diffusers file or converted orbax checkpoint
+            scale_factor=1.0,  # 0.18215 ImageNet, 0.23010 MS-COCO
+            dtype="float32",
+        )
+    )
+
+    # ---- data ----
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="tfds",  # "tfds", "image_folder", "fashion_mnist_files"
+            name="",  # TFDS name for source="tfds"
+            source_dir="",  # image folder / manual dir / Fashion-MNIST files
+            split="train",
+            resolution=32,  # image side after preprocessing
+            preprocess="center_crop",  # "adm_center_crop", "celeba", "coco", "pad", "center_crop"
+            latent_dir="",  # where the extracted (latent or pixel) TFDS dataset lives
+            latent_dtype="float32",  # "float16" halves the dataset
+            num_workers=2,
+            prefetch=2,
+        )
+    )
+
+    # ---- optimizer (optax AdamW; paper: decay on all parameters, warmup then constant) ----
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=2e-4,
+            b1=0.99,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.03,
+            decay_mask="all",  # "all" (official) or "no_bias_norm"
+            warmup_steps=5000,
+            schedule="constant",  # "constant" or "cosine" after warmup
+            grad_clip=0.0,  # 0: none (paper)
+        )
+    )
+
+    # ---- training loop ----
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=128,  # global
+            accum_steps=1,  # gradient accumulation micro-steps per update
+            num_steps=500_000,
+            ema_rate=0.9999,
+            log_every=100,
+            ckpt_every=5000,
+            keep_ckpts=3,
+            sample_every=10_000,
+            fid_every=0,  # 0: no FID during training
+            on_nonfinite="stop",  # "stop" or "skip"
+        )
+    )
+
+    # ---- device mesh: sizes of ("data", "fsdp"); -1 fills the devices left ----
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    # ---- sampling (SPEC section 4) ----
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            sampler="dpm_solver_fast",  # "dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m",
+            # "euler_maruyama", "probability_flow"
+            steps=50,
+            cfg_scale=0.0,  # U-ViT's s: eps = eps_c + s (eps_c - eps_u)
+            num_samples=64,
+            batch_size=64,  # global
+        )
+    )
+
+    # ---- evaluation (SPEC section 5) ----
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            num_samples=50_000,
+            batch_size=500,  # global
+            ref_stats="",  # .npz with mu, sigma (pytorch-fid / ADM reference batch)
+            inception_path="",  # converted Inception weights (see --mode convert_inception)
+            train_num_samples=1000,  # FID during training
+        )
+    )
+
+    # ---- conversion of official checkpoints (--mode convert) ----
+    c.convert = ml_collections.ConfigDict(dict(source=""))
+    return c

@@ -1,0 +1,129 @@
+"""Reading PyTorch-style state dicts from the files users have, and checking them.
+
+Every converter in `uvit_jax.convert` takes a flat `{official key: numpy array}` mapping. This
+module turns `.pth` / `.pt` / `.ckpt` / `.bin` (torch pickles, read with `weights_only=True`),
+`.npz` and `.safetensors` files into that mapping, and gives the converters one way to report
+keys and shapes that do not fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model it is converted into."""
+
+
+def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> StateDict:
+    """Reads a state dict as float32/int numpy arrays.
+
+    Args:
+      path: a `.pth`/`.pt`/`.ckpt`/`.bin` torch file (torch is needed: `pip install uvit_jax[torch]`),
+        an `.npz` or a `.safetensors` file. Torch files that wrap the weights in `state_dict`
+        (Lightning `.ckpt`) or `model` are unwrapped.
+      prefix: if given, keep only keys starting with it and strip it
+        (e.g. `"first_stage_model."` for a Stable Diffusion checkpoint).
+
+    Returns:
+      `{key: np.ndarray}` with the file's dtypes (bf16/fp16 tensors become float32).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    lower = path.lower()
+    if lower.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            state = {k: np.asarray(f[k]) for k in f.files}
+    elif lower.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            state = dict(load_file(path))
+        except Exception as e:  # bf16 tensors are not representable in numpy's safetensors
+            state = _load_safetensors_via_torch(path, e)
+    elif lower.endswith(_TORCH_SUFFIXES):
+        state = _load_torch(path)
+    else:
+        raise ConversionError(
+            f"{path}: unknown checkpoint format; expected one of "
+            f"{', '.join(_TORCH_SUFFIXES + ('.npz', '.safetensors'))}"
+        )
+    if prefix is not None:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ConversionError(f"{path}: no key starts with the prefix {prefix!r}")
+    return {k: _to_numpy_dtype(v) for k, v in state.items()}
+
+
+def _to_numpy_dtype(x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind == "f" and x.dtype != np.float64:
+        return x.astype(np.float32)
+    return x
+
+
+def _import_torch(path: str):
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs PyTorch: pip install 'uvit_jax[torch]' "
+            "(or convert the file to .npz/.safetensors elsewhere)"
+        ) from e
+    return torch
+
+
+def _tensor_to_numpy(torch, v) -> np.ndarray:
+    if v.dtype in (torch.bfloat16, torch.float16):
+        v = v.float()
+    return v.detach().cpu().numpy()
+
+
+def _load_torch(path: str) -> StateDict:
+    torch = _import_torch(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: _tensor_to_numpy(torch, v) for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def _load_safetensors_via_torch(path: str, cause: Exception) -> StateDict:
+    torch = _import_torch(path)
+    from safetensors.torch import load_file
+
+    del cause
+    return {k: _tensor_to_numpy(torch, v) for k, v in load_file(path).items()}
+
+
+def check_keys(
+    expected: Iterable[str], found: Iterable[str], *, source: str, ignore: Iterable[str] = ()
+) -> None:
+    """Raises ConversionError listing missing and unexpected keys by name."""
+    expected, found, ignore = set(expected), set(found), set(ignore)
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected - ignore)
+    if missing or unexpected:
+        lines = [f"{source}: the checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        raise ConversionError("\n".join(lines))
+
+
+def check_shape(key: str, array: np.ndarray, expected: tuple[int, ...], *, source: str) -> None:
+    """Raises ConversionError naming the key and both shapes when they differ."""
+    if tuple(array.shape) != tuple(expected):
+        raise ConversionError(
+            f"{source}: key {key!r} has shape {tuple(array.shape)}, expected {tuple(expected)}"
+        )
