@@ -34,7 +34,6 @@ def get_config(arg: str = ""):
     c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2048)
     if arg == "runlocal":
         c.model.update(embed_dim=32, depth=2, num_heads=2)
-        c.train.update(batch_size=16, num_steps=20, log_every=5, ckpt_every=10, sample_every=20,
         c.train.update(batch_size=16, num_steps=20, log_every=5, ckpt_every=10, sample_every=20)
         c.optim.warmup_steps = 5
         c.sample.update(steps=5, num_samples=16, batch_size=16)
