@@ -13,8 +13,15 @@ def get_config(arg: str = ""):
     c = default_config()
     c.name = "fashion_mnist_uvit"
     c.model.update(
-        img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
-        num_classes=11, conv=True, dtype="float32",
+        img_size=32,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        num_classes=11,
+        conv=True,
+        dtype="float32",
     )
     c.diffusion.update(formulation="vp_continuous", p_uncond=0.1)
     c.data.update(
@@ -26,11 +33,16 @@ def get_config(arg: str = ""):
     )
     c.optim.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.03, warmup_steps=200)
     c.train.update(
-        batch_size=128, num_steps=3000, ema_rate=0.999, log_every=50, ckpt_every=500,
+        batch_size=128,
+        num_steps=3000,
+        ema_rate=0.999,
+        log_every=50,
+        ckpt_every=500,
         sample_every=1000,
     )
-    c.sample.update(sampler="dpm_solver_fast", steps=20, cfg_scale=1.0, num_samples=100,
-                    batch_size=100)
+    c.sample.update(
+        sampler="dpm_solver_fast", steps=20, cfg_scale=1.0, num_samples=100, batch_size=100
+    )
     c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2048)
     if arg == "runlocal":
         c.model.update(embed_dim=32, depth=2, num_heads=2)

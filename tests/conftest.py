@@ -31,4 +31,3 @@ def golden_dir() -> pathlib.Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"golden files absent: {GOLDEN} does not exist (they live in ../shared/golden)")
     return GOLDEN
-

@@ -26,7 +26,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> St
     """Reads a state dict as float32/int numpy arrays.
 
     Args:
-      path: a `.pth`/`.pt`/`.ckpt`/`.bin` torch file (torch is needed: `pip install uvit_jax[torch]`),
+      path: a `.pth`/`.pt`/`.ckpt`/`.bin` torch file (needs `pip install uvit_jax[torch]`),
         an `.npz` or a `.safetensors` file. Torch files that wrap the weights in `state_dict`
         (Lightning `.ckpt`) or `model` are unwrapped.
       prefix: if given, keep only keys starting with it and strip it
