@@ -391,3 +391,16 @@ def count_params(model: nnx.Module) -> int:
     """Number of parameters (works on abstract models)."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     return int(sum(np.prod(x.shape) for x in leaves))
+
+
+@functools.lru_cache(maxsize=16)
+def apply_fn(graphdef: nnx.GraphDef) -> Callable:
+    """fn(params, x, t, y, context) -> eps for a model structure: a pure function of the weights.
+
+    Cached per graphdef so that jitted callers (samplers) see one callable and compile once.
+    """
+
+    def apply(params: nnx.State, x: Array, t: Array, y: Array | None, context: Array | None):
+        return nnx.merge(graphdef, params)(x, t, y=y, context=context)
+
+    return apply

@@ -1,0 +1,43 @@
+"""uvit_jax entry point: one program for every job.
+
+  python main.py --config configs/fashion_mnist_uvit.py --workdir workdirs/fmnist
+  python main.py --config configs/imagenet256_uvit_huge.py --mode convert \
+      --config.convert.source=imagenet256_uvit_huge.pth --workdir workdirs/h256
+
+Config fields are overridden with --config.a.b=value; unknown fields are rejected.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is only clu's event writer
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from uvit_jax import jobs  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+flags.DEFINE_enum("mode", "train", sorted(jobs.MODES), "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+    """Keeps orbax's and grain's per-save INFO chatter out of the job's log."""
+
+    def filter(self, record) -> bool:
+        noisy = ("/orbax/", "/grain/", "/jax/_src/")
+        return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    jobs.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

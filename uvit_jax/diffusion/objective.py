@@ -1,0 +1,78 @@
+"""The training objective (SPEC section 3): noise the data, predict the noise, MSE.
+
+Both formulations in one place so the train step only asks "which one":
+  vp_continuous: t ~ U[0, 1), x_t = a(t) x0 + s(t) eps, network time 999 t;
+  sd_discrete:   n ~ U{1..1000}, x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps, network time n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from uvit_jax.diffusion.schedules import FORMULATIONS, schedule_for
+
+Array = jax.Array
+
+
+def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array, Array]:
+    """Draws a time and noise for every example.
+
+    Args:
+      key: PRNG key.
+      x0: [B, H, W, C] float32 clean data (scaled latents or pixels in [-1, 1]).
+      formulation: "vp_continuous" or "sd_discrete".
+    Returns:
+      (x_t [B, H, W, C] float32, network time [B] float32, eps [B, H, W, C] float32).
+    """
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"diffusion.formulation={formulation!r}; expected one of {FORMULATIONS}")
+    k_t, k_eps = jax.random.split(key)
+    b = x0.shape[0]
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    schedule = schedule_for(formulation)
+    if formulation == "vp_continuous":
+        t = jax.random.uniform(k_t, (b,), jnp.float32)
+        alpha = schedule.marginal_alpha(t)
+        std = schedule.marginal_std(t)
+        t_net = 999.0 * t
+    else:
+        n = jax.random.randint(k_t, (b,), 1, schedule.total_N + 1)
+        abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[n - 1]
+        alpha, std = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        t_net = n.astype(jnp.float32)
+    x_t = alpha[:, None, None, None] * x0 + std[:, None, None, None] * eps
+    return x_t, t_net, eps
+
+
+def noise_prediction_loss(
+    predict: Callable[[Array, Array], Array], key: Array, x0: Array, formulation: str
+) -> Array:
+    """Mean over C, H, W of (eps - predict(x_t, t))^2, then mean over the batch: scalar float32.
+
+    `predict(x_t, t_net) -> eps_hat` closes over the condition (labels or contexts).
+    """
+    x_t, t_net, eps = noised_input(key, x0, formulation)
+    err = (eps - predict(x_t, t_net).astype(jnp.float32)) ** 2
+    return jnp.mean(jnp.mean(err, axis=(1, 2, 3)))
+
+
+def drop_labels(key: Array, labels: Array, p_uncond: float, null_class: int) -> Array:
+    """Classifier-free guidance training: each label becomes `null_class` with prob. p_uncond."""
+    drop = jax.random.uniform(key, labels.shape) < p_uncond
+    return jnp.where(drop, null_class, labels)
+
+
+def drop_contexts(key: Array, contexts: Array, p_uncond: float, empty_context: Array) -> Array:
+    """contexts [B, L, D]; each becomes `empty_context` [L, D] (CLIP of "") with prob. p_uncond."""
+    drop = jax.random.uniform(key, contexts.shape[:1]) < p_uncond
+    return jnp.where(drop[:, None, None], empty_context[None].astype(contexts.dtype), contexts)
+
+
+def latent_from_moments(key: Array, moments: Array, scale_factor: float) -> Array:
+    """z = scale * (mean + exp(0.5 clip(logvar, -30, 20)) * n); moments [B, h, w, 2C] float."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+    return scale_factor * (mean + std * jax.random.normal(key, mean.shape, jnp.float32))

@@ -1,0 +1,101 @@
+"""The device mesh and how every array is laid out on it (sharding as data, not model code).
+
+Axes: "data" (pure data parallelism) and "fsdp" (data parallelism whose parameters, gradients
+and optimizer state are split across the axis). The batch is split over both axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from uvit_jax.parallel.activations import BATCH_AXES
+
+# Tensors below this many elements are replicated: splitting them saves nothing and costs
+# a collective each.
+MIN_SHARDED_SIZE = 2**14
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+    """A ("data", "fsdp") mesh; one size may be -1 to take the devices left.
+
+    Raises:
+      ValueError: the sizes do not multiply to the device count (names the fields).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": int(mesh_config["data"]), "fsdp": int(mesh_config["fsdp"])}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError("config.mesh: at most one of data/fsdp may be -1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n % fixed:
+            raise ValueError(
+                f"config.mesh: {n} devices are not divisible by the fixed axis size {fixed}"
+            )
+        sizes[free[0]] = n // fixed
+    if sizes["data"] * sizes["fsdp"] != n:
+        raise ValueError(
+            f"config.mesh.data={sizes['data']} x config.mesh.fsdp={sizes['fsdp']} != {n} devices"
+        )
+    return jax.make_mesh(
+        (sizes["data"], sizes["fsdp"]),
+        BATCH_AXES,
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices,
+    )
+
+
+def batch_size_per_shard(mesh: Mesh, global_batch: int, *, field: str) -> int:
+    """Checks that `global_batch` splits evenly over the batch axes; returns the per-device size."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % n:
+        raise ValueError(
+            f"{field}={global_batch} is not divisible by the data-parallel size {n} "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
+    return global_batch // n
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """Splits the largest dimension divisible by the fsdp size; replicates small tensors."""
+    if fsdp_size == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_tree, mesh: Mesh):
+    """NamedShardings for a pytree of (abstract) arrays: parameters, optimizer state, EMA.
+
+    The rule reads shapes only, so Adam's moments are laid out like their parameters.
+    """
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp)), abstract_tree
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ("data", "fsdp"); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -1,0 +1,261 @@
+"""The training job: `python main.py --mode train --config ... --workdir W`.
+
+Builds the mesh, data, state and step; resumes from the latest checkpoint in W; trains with
+periodic metrics, sample grids and checkpoints; saves on SIGTERM (preemption) and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from uvit_jax import checkpoints
+from uvit_jax.models.uvit import build_uvit
+from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
+from uvit_jax.train import flops
+from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from uvit_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    model_graphdef,
+)
+from uvit_jax.train.step import compile_train_step, make_train_step
+
+# Model fields that change the parameters; the others (dtype, attention, remat) may change
+# between runs of one workdir.
+ARCHITECTURE_FIELDS = (
+    "kind", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "mlp_time_embed", "num_classes", "conv", "skip", "clip_dim",
+    "num_clip_token",
+)  # fmt: skip
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+# ---- checks before anything compiles ---------------------------------------------------------
+
+
+def check_config(config, mesh) -> None:
+    """Fails early, naming the fields, on configs that cannot work."""
+    nnx.eval_shape(lambda: build_uvit(config.model))  # patch size / heads / remat checks
+    accum = int(config.train.accum_steps)
+    if accum < 1 or config.train.batch_size % accum:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by "
+            f"config.train.accum_steps={accum}"
+        )
+    batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; "
+                         "expected 'stop' or 'skip'")
+
+
+def check_same_model(saved: Mapping, config, workdir: str) -> None:
+    """Refuses to resume a workdir whose checkpoint holds another model."""
+    saved_model = saved.get("model", {})
+    diffs = [
+        f"model.{k}: checkpoint {saved_model.get(k)!r}, config {config.model[k]!r}"
+        for k in ARCHITECTURE_FIELDS
+        if k in saved_model and saved_model[k] != config.model[k]
+    ]
+    if diffs:
+        raise checkpoints.CheckpointError(
+            f"{workdir} holds a checkpoint of another model; use a new --workdir or the "
+            "matching config:\n  " + "\n  ".join(diffs)
+        )
+
+
+# ---- preemption ------------------------------------------------------------------------------
+
+
+class PreemptionFlag:
+    """Set by SIGTERM; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def is_set(self) -> bool:
+        if jax.process_count() == 1:
+            return self._event.is_set()
+        from jax.experimental import multihost_utils
+
+        # Every process must stop at the same step: any process's signal stops all.
+        flags = multihost_utils.process_allgather(np.array(self._event.is_set()))
+        return bool(np.any(flags))
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def ensure_dataset(config, workdir: str) -> str:
+    """The extracted dataset's directory, extracting it first if it is not complete."""
+    from input_pipeline import extract, latent_dataset
+
+    directory = extract.resolve_latent_dir(config, workdir)
+    if not latent_dataset.is_finalized(directory):
+        logging.info("dataset %s is not extracted yet: extracting it now", directory)
+        directory = extract.run_extraction(config, workdir)
+    return directory
+
+
+def abstract_batch(config, sample: Mapping[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global-batch shapes from one host batch."""
+    scale = jax.process_count()
+    return {
+        k: jax.ShapeDtypeStruct((v.shape[0] * scale, *v.shape[1:]), v.dtype)
+        for k, v in sample.items()
+    }
+
+
+def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The keys the step reads (the pipeline may add bookkeeping keys)."""
+    return {k: v for k, v in batch.items() if k in ("x", "label", "context")}
+
+
+# ---- sample grids ------------------------------------------------------------------------
+
+
+def write_sample_grid(config, graphdef, ema, step: int, workdir: str, writer) -> None:
+    """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image."""
+    from uvit_jax import images
+    from uvit_jax.sampling.generate import sample_images
+
+    n = int(config.sample.num_samples)
+    labels = None
+    if config.model.kind == "uvit" and config.model.num_classes > 0:
+        real = config.model.num_classes - (1 if config.diffusion.p_uncond > 0 else 0)
+        labels = np.arange(n) % real
+    x = sample_images(graphdef, ema, config, jax.random.key(config.seed + 1), labels=labels, num=n)
+    x = np.asarray(jax.device_get(x))
+    grid = images.make_grid(images.to_uint8(x), ncol=10 if labels is not None else None)
+    if jax.process_index() == 0:
+        images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
+        writer.write_images(step, {"samples": grid[None]})
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+    from clu import metric_writers, periodic_actions
+
+    from input_pipeline.train_input import make_train_iterator
+
+    workdir = os.fspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    check_config(config, mesh)
+    manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
+    latest = manager.latest_step()
+    if latest is not None:
+        check_same_model(checkpoints.read_config(manager, latest), config, workdir)
+
+    data_dir = ensure_dataset(config, workdir)
+    data_iter = make_train_iterator(config, seed=config.seed, data_dir=data_dir)
+
+    num_steps = int(config.train.num_steps)
+    tx = make_optimizer(config.optim, num_steps)
+    schedule = learning_rate_schedule(config.optim, num_steps)
+    graphdef = model_graphdef(config.model)
+    abstract_state, shardings = abstract_train_state(config.model, tx, mesh)
+
+    if latest is not None:
+        item, ema_target = abstract_state.checkpoint_items()
+        restored = checkpoints.restore(
+            manager, latest, ema_target=ema_target, state_target=item, data_iter=data_iter
+        )
+        state = TrainState.from_checkpoint_items(restored["state"], restored["ema"])
+        logging.info("resumed from step %d in %s", int(state.step), workdir)
+    else:
+        state = create_train_state(config.model, tx, mesh, config.seed)
+
+    first = _model_inputs(next(data_iter))
+    batch_spec = abstract_batch(config, first)
+    step_fn = make_train_step(graphdef, tx, config, schedule)
+    compiled, compile_s = compile_train_step(step_fn, abstract_state, shardings, batch_spec, mesh)
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    start = int(state.step)
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "convert"})
+    writer.write_scalars(start, {"compile_seconds": compile_s})
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
+    )
+    step_flops = flops.train_step_flops(config.model, config.train.batch_size)
+    n_dev = jax.device_count()
+    peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(jax.devices()[0].device_kind)
+
+    key = jax.random.key_data(jax.random.key(config.seed))
+    preempt = PreemptionFlag()
+    preempt.install()
+    t_last, step_last = time.perf_counter(), start
+    batch = first
+    try:
+        for step in range(start, num_steps):
+            gbatch = global_batch(batch, mesh)
+            state, metrics = compiled(state, gbatch, key)
+            done = step + 1
+            progress(done)
+            if done % config.train.log_every == 0 or done == num_steps:
+                m = jax.device_get(metrics)
+                bad, first_bad = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+                now = time.perf_counter()
+                steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                scalars = {k: float(v) for k, v in m.items()}
+                scalars.update(
+                    steps_per_s=steps_per_s,
+                    images_per_s=steps_per_s * config.train.batch_size,
+                    tflops_per_device=steps_per_s * step_flops / n_dev / 1e12,
+                    nonfinite_steps=int(bad),
+                )
+                if peak:
+                    scalars["mfu"] = scalars["tflops_per_device"] / peak
+                writer.write_scalars(done, scalars)
+                if bad and config.train.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {int(first_bad)} (not applied); "
+                        f"the last good checkpoint is step {manager.latest_step()}. Lower "
+                        "optim.lr or set train.on_nonfinite='skip' to skip such steps."
+                    )
+            if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set():
+                item, ema = state.checkpoint_items()
+                checkpoints.save(manager, done, ema=ema, config=config, state=item,
+                                 data_iter=data_iter)
+            if config.train.sample_every and done % config.train.sample_every == 0:
+                write_sample_grid(config, graphdef, state.ema, done, workdir, writer)
+            if preempt.is_set():
+                logging.warning("SIGTERM: saved step %d, exiting", done)
+                break
+            if done < num_steps:
+                batch = _model_inputs(next(data_iter))
+    finally:
+        preempt.uninstall()
+        manager.wait_until_finished()
+        writer.flush()
+    return state
+

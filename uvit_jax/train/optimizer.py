@@ -1,0 +1,59 @@
+"""optax AdamW with the paper's schedule, and the EMA of the weights.
+
+Official U-ViT: AdamW (decoupled weight decay on every parameter), learning rate
+`lr * min(step / warmup, 1)`, no clipping, EMA `e <- r e + (1 - r) p` after every update from a
+copy of the initial weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim: Mapping, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `optim.lr`, then constant (paper) or cosine to 0."""
+    lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
+    kind = optim["schedule"]
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1))
+    else:
+        raise ValueError(f"optim.schedule={kind!r}; expected 'constant' or 'cosine'")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _decay_mask(mask: str):
+    if mask == "all":
+        return None
+    if mask == "no_bias_norm":
+        # Matrices and conv kernels decay; biases, LayerNorm gains and pos_embed-like 1-D
+        # vectors do not.
+        return lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+    raise ValueError(f"optim.decay_mask={mask!r}; expected 'all' or 'no_bias_norm'")
+
+
+def make_optimizer(optim: Mapping, num_steps: int) -> optax.GradientTransformation:
+    """AdamW (+ optional global-norm clipping) from the `config.optim` section."""
+    tx = optax.adamw(
+        learning_rate=learning_rate_schedule(optim, num_steps),
+        b1=float(optim["b1"]),
+        b2=float(optim["b2"]),
+        eps=float(optim["eps"]),
+        weight_decay=float(optim["weight_decay"]),
+        mask=_decay_mask(optim["decay_mask"]),
+    )
+    if float(optim["grad_clip"]) > 0:
+        tx = optax.chain(optax.clip_by_global_norm(float(optim["grad_clip"])), tx)
+    return tx
+
+
+def ema_update(ema, params, rate: float):
+    """e <- rate * e + (1 - rate) * p, leaf by leaf (float32)."""
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)

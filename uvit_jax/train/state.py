@@ -1,0 +1,96 @@
+"""The train state: a pytree created already sharded over the mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from uvit_jax.models.uvit import build_uvit
+from uvit_jax.parallel.mesh import replicated, state_shardings
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes.
+
+    step: int32 scalar, number of updates applied.
+    params: nnx.State of float32 U-ViT parameters.
+    opt_state: optax state of `params`.
+    ema: nnx.State, EMA of `params`.
+    nonfinite_steps: int32 scalar, steps whose loss or gradient was not finite (not applied).
+    first_nonfinite_step: int32 scalar, the first such step, -1 if none.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: Any
+    nonfinite_steps: jax.Array
+    first_nonfinite_step: jax.Array
+
+    def checkpoint_items(self) -> tuple[dict, Any]:
+        """(the `state` item, the `ema` item) as saved by `uvit_jax.checkpoints`."""
+        item = dict(
+            step=self.step,
+            params=self.params,
+            opt_state=self.opt_state,
+            nonfinite_steps=self.nonfinite_steps,
+            first_nonfinite_step=self.first_nonfinite_step,
+        )
+        return item, self.ema
+
+    @classmethod
+    def from_checkpoint_items(cls, item: Mapping, ema: Any) -> TrainState:
+        return cls(ema=ema, **item)
+
+
+def model_graphdef(model_config) -> nnx.GraphDef:
+    """The static structure of the model (no arrays are allocated)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_uvit(model_config)))
+    return graphdef
+
+
+def init_train_state(model_config, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state (call under `jax.jit` with `out_shardings` to create it sharded)."""
+    _, params = nnx.split(build_uvit(model_config, seed=seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, params),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def abstract_train_state(
+    model_config, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, the shardings themselves) for `mesh`.
+
+    Parameters, EMA and optimizer moments follow the FSDP rule; scalars are replicated.
+    """
+    shapes = jax.eval_shape(lambda: init_train_state(model_config, tx, 0))
+    shardings = state_shardings(shapes, mesh)
+    rep = replicated(mesh)
+    shardings = shardings.replace(
+        step=rep, nonfinite_steps=rep, first_nonfinite_step=rep
+    )
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return abstract, shardings
+
+
+def create_train_state(
+    model_config, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> TrainState:
+    """A fresh state, each array created directly in its shards (never whole on one device)."""
+    _, shardings = abstract_train_state(model_config, tx, mesh)
+    return jax.jit(lambda: init_train_state(model_config, tx, seed), out_shardings=shardings)()

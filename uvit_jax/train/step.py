@@ -1,0 +1,163 @@
+"""One training update as a pure function, and its ahead-of-time compilation over a mesh.
+
+The step draws every random number from `fold_in(key, state.step)`, so a run resumed from a
+checkpoint continues bit for bit, and its data order depends only on the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from uvit_jax.diffusion.objective import (
+    drop_contexts,
+    drop_labels,
+    latent_from_moments,
+    noise_prediction_loss,
+)
+from uvit_jax.parallel.activations import constrain_batch
+from uvit_jax.parallel.mesh import batch_sharding, replicated
+from uvit_jax.train.optimizer import ema_update
+from uvit_jax.train.state import TrainState
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, Array], Array]:
+    """loss(params, batch, key) -> scalar float32 for the config's objective.
+
+    batch["x"]: [B, h, w, C] pixels in [-1, 1], or [B, h, w, 2C] autoencoder moments for latent
+    models; batch["label"]: [B] int32 (class models); batch["context"]: [B, L, D] (text models)
+    and batch["empty_context"]: [L, D] (CLIP of "").
+    """
+    formulation = config.diffusion.formulation
+    p_uncond = float(config.diffusion.p_uncond)
+    num_classes = int(config.model.num_classes)
+    text = config.model.kind == "uvit_t2i"
+    latent = config.autoencoder.kind != "identity"
+    scale = float(config.autoencoder.scale_factor)
+
+    def loss_fn(params: nnx.State, batch: Batch, key: Array) -> Array:
+        model = nnx.merge(graphdef, params)
+        k_z, k_drop, k_noise = jax.random.split(key, 3)
+        x0 = latent_from_moments(k_z, batch["x"], scale) if latent else batch["x"]
+        cond = {}
+        if text:
+            ctx = batch["context"]
+            if p_uncond > 0:
+                ctx = drop_contexts(k_drop, ctx, p_uncond, batch["empty_context"])
+            cond["context"] = ctx
+        elif num_classes > 0:
+            y = batch["label"]
+            if p_uncond > 0:  # the last class index is the null class (1000 of 1001)
+                y = drop_labels(k_drop, y, p_uncond, num_classes - 1)
+            cond["y"] = y
+        return noise_prediction_loss(
+            lambda x_t, t: model(x_t, t, **cond), k_noise, x0, formulation
+        )
+
+    return loss_fn
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ... (even over the batch shards)."""
+
+    def split(x: Array) -> Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+    return {k: (v if k == "empty_context" else split(v)) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    config,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
+    """step(state, batch, key) -> (state, metrics): loss, grad_norm, lr (float32 scalars)."""
+    loss_fn = make_loss_fn(graphdef, config)
+    accum = int(config.train.accum_steps)
+    ema_rate = float(config.train.ema_rate)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def gradients(params, batch, key):
+        if accum == 1:
+            return grad_fn(params, batch, key)
+
+        def micro(carry, xs):
+            i, mb = xs
+            mb = {k: (v if k == "empty_context" else constrain_batch(v)) for k, v in mb.items()}
+            loss, g = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, g)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, g), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), _microbatches(batch, accum)))
+        return jax.tree.map(lambda x: x / accum, (loss, g))
+
+    def step(state: TrainState, batch: Batch, key: Array):
+        key = jax.random.fold_in(key, state.step)
+        loss, grads = gradients(state.params, batch, key)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(s: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, s.opt_state, s.params)
+            params = optax.apply_updates(s.params, updates)
+            return s.replace(
+                step=s.step + 1,
+                params=params,
+                opt_state=opt_state,
+                ema=ema_update(s.ema, params, ema_rate),
+            )
+
+        def reject(s: TrainState) -> TrainState:
+            # The update is not applied; the step counter moves on so the next step sees new
+            # data and noise instead of repeating the failing ones.
+            return s.replace(
+                step=s.step + 1,
+                nonfinite_steps=s.nonfinite_steps + 1,
+                first_nonfinite_step=jnp.where(
+                    s.first_nonfinite_step < 0, s.step, s.first_nonfinite_step
+                ),
+            )
+
+        new_state = jax.lax.cond(finite, apply, reject, state)
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
+        return new_state, metrics
+
+    return step
+
+
+def compile_train_step(
+    step_fn: Callable,
+    abstract_state: TrainState,
+    state_shardings: TrainState,
+    abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+) -> tuple[Callable, float]:
+    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds)."""
+    bs = batch_sharding(mesh)
+    batch_shardings = {
+        k: (replicated(mesh) if k == "empty_context" else bs) for k in abstract_batch
+    }
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, replicated(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(abstract_state, dict(abstract_batch), key).compile()
+    seconds = time.perf_counter() - t0
+    logging.info("compiled the train step in %.1f s", seconds)
+    return compiled, seconds
