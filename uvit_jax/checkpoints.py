@@ -161,7 +161,9 @@ def load_ema_and_config(
     )
     try:
         config = read_config(manager, step)
-        ema = manager.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target)))
+        ema = manager.restore(
+            step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target))
+        )
         return ema["ema"], config, step
     finally:
         manager.close()
@@ -181,4 +183,3 @@ def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tu
 
 def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
     return (epath.Path(manager.directory) / str(step) / item).exists()
-

@@ -56,6 +56,11 @@ def run(mode: str, config, workdir: str) -> None:
     """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
-    logging.info("%s on %d devices (%s), workdir %s", mode, jax.device_count(),
-                 jax.devices()[0].device_kind, os.path.abspath(workdir))
+    logging.info(
+        "%s on %d devices (%s), workdir %s",
+        mode,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        os.path.abspath(workdir),
+    )
     MODES[mode](config, workdir)

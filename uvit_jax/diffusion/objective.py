@@ -69,10 +69,3 @@ def drop_contexts(key: Array, contexts: Array, p_uncond: float, empty_context: A
     """contexts [B, L, D]; each becomes `empty_context` [L, D] (CLIP of "") with prob. p_uncond."""
     drop = jax.random.uniform(key, contexts.shape[:1]) < p_uncond
     return jnp.where(drop[:, None, None], empty_context[None].astype(contexts.dtype), contexts)
-
-
-def latent_from_moments(key: Array, moments: Array, scale_factor: float) -> Array:
-    """z = scale * (mean + exp(0.5 clip(logvar, -30, 20)) * n); moments [B, h, w, 2C] float."""
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-    return scale_factor * (mean + std * jax.random.normal(key, mean.shape, jnp.float32))

@@ -58,8 +58,9 @@ def check_config(config, mesh) -> None:
         )
     batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
     if config.train.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; "
-                         "expected 'stop' or 'skip'")
+        raise ValueError(
+            f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected 'stop' or 'skip'"
+        )
 
 
 def check_same_model(saved: Mapping, config, workdir: str) -> None:
@@ -244,8 +245,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     )
             if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set():
                 item, ema = state.checkpoint_items()
-                checkpoints.save(manager, done, ema=ema, config=config, state=item,
-                                 data_iter=data_iter)
+                checkpoints.save(
+                    manager, done, ema=ema, config=config, state=item, data_iter=data_iter
+                )
             if config.train.sample_every and done % config.train.sample_every == 0:
                 write_sample_grid(config, graphdef, state.ema, done, workdir, writer)
             if preempt.is_set():
@@ -258,4 +260,3 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         manager.wait_until_finished()
         writer.flush()
     return state
-

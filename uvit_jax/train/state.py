@@ -79,9 +79,7 @@ def abstract_train_state(
     shapes = jax.eval_shape(lambda: init_train_state(model_config, tx, 0))
     shardings = state_shardings(shapes, mesh)
     rep = replicated(mesh)
-    shardings = shardings.replace(
-        step=rep, nonfinite_steps=rep, first_nonfinite_step=rep
-    )
+    shardings = shardings.replace(step=rep, nonfinite_steps=rep, first_nonfinite_step=rep)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )

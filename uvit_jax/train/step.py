@@ -16,12 +16,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from uvit_jax.diffusion.objective import (
-    drop_contexts,
-    drop_labels,
-    latent_from_moments,
-    noise_prediction_loss,
-)
+from uvit_jax.diffusion.objective import drop_contexts, drop_labels, noise_prediction_loss
+from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
 from uvit_jax.train.optimizer import ema_update
@@ -48,7 +44,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
     def loss_fn(params: nnx.State, batch: Batch, key: Array) -> Array:
         model = nnx.merge(graphdef, params)
         k_z, k_drop, k_noise = jax.random.split(key, 3)
-        x0 = latent_from_moments(k_z, batch["x"], scale) if latent else batch["x"]
+        x0 = sample_latent(batch["x"], k_z, scale) if latent else batch["x"]
         cond = {}
         if text:
             ctx = batch["context"]
@@ -60,9 +56,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
             if p_uncond > 0:  # the last class index is the null class (1000 of 1001)
                 y = drop_labels(k_drop, y, p_uncond, num_classes - 1)
             cond["y"] = y
-        return noise_prediction_loss(
-            lambda x_t, t: model(x_t, t, **cond), k_noise, x0, formulation
-        )
+        return noise_prediction_loss(lambda x_t, t: model(x_t, t, **cond), k_noise, x0, formulation)
 
     return loss_fn
 
@@ -105,7 +99,7 @@ def make_train_step(
     def step(state: TrainState, batch: Batch, key: Array):
         key = jax.random.fold_in(key, state.step)
         loss, grads = gradients(state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(s: TrainState) -> TrainState:

@@ -1,0 +1,295 @@
+"""Training: sharded = unsharded, topology-changing restores, exact resume after kill -9,
+non-finite losses, configs that cannot work, and kills during asynchronous saves."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.fashion_mnist_uvit import get_config
+from uvit_jax import checkpoints
+from uvit_jax.parallel.mesh import global_batch, make_mesh
+from uvit_jax.train import loop
+from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from uvit_jax.train.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    model_graphdef,
+)
+from uvit_jax.train.step import compile_train_step, make_train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def small_config():
+    """The default's runlocal variant, wide enough (D=64) for FSDP to split some weights."""
+    c = get_config("runlocal")
+    c.model.update(embed_dim=64, depth=2, num_heads=2)
+    c.train.update(batch_size=16, sample_every=0)
+    c.data.num_workers = 0
+    return c
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory):
+    """256 real Fashion-MNIST training images, extracted once for the whole session."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({FMNIST})")
+    from input_pipeline.extract import run_extraction
+    from input_pipeline.sources import FashionMnistFilesSource, Subset
+
+    out = tmp_path_factory.mktemp("fmnist") / "data"
+    c = small_config()
+    c.data.latent_dir = str(out)
+    return run_extraction(c, None, source=Subset(FashionMnistFilesSource(FMNIST, "train"), 256))
+
+
+# ---- sharding ----------------------------------------------------------------------------------
+
+
+def run_steps(config, data: int, fsdp: int, n: int = 4):
+    mesh = make_mesh(dict(data=data, fsdp=fsdp), jax.devices()[: data * fsdp])
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    abstract, shardings = abstract_train_state(config.model, tx, mesh)
+    state = create_train_state(config.model, tx, mesh, config.seed)
+    step = make_train_step(
+        model_graphdef(config.model), tx, config, learning_rate_schedule(config.optim, 10)
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        dict(
+            x=rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32),
+            label=rng.integers(0, 10, 16).astype(np.int32),
+        )
+        for _ in range(n)
+    ]
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
+    compiled, _ = compile_train_step(step, abstract, shardings, spec, mesh)
+    key = jax.random.key_data(jax.random.key(0))
+    losses = []
+    for b in batches:
+        state, m = compiled(state, global_batch(b, mesh), key)
+        losses.append(float(m["loss"]))
+    return state, np.array(losses), mesh
+
+
+def test_sharded_training_matches_one_device():
+    config = small_config()
+    state8, losses8, mesh = run_steps(config, data=2, fsdp=4)
+    state1, losses1, _ = run_steps(config, data=1, fsdp=1)
+    fc1 = state8.params["in_blocks"][0]["mlp"]["fc1"]["kernel"][...]
+    assert "fsdp" in str(fc1.sharding.spec), "FSDP should split the [64, 256] fc1 kernel"
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    assert losses1[-1] < losses1[0]
+
+
+def test_checkpoint_restores_on_other_meshes(tmp_path):
+    config = small_config()
+    state, _, mesh = run_steps(config, data=2, fsdp=4, n=2)
+    manager = checkpoints.open_manager(tmp_path)
+    item, ema = state.checkpoint_items()
+    checkpoints.save(manager, 2, ema=ema, config=config, state=item)
+    manager.wait_until_finished()
+    want = jax.device_get(item)
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    for data, fsdp in [(8, 1), (1, 1)]:
+        other = make_mesh(dict(data=data, fsdp=fsdp), jax.devices()[: data * fsdp])
+        abstract, _ = abstract_train_state(config.model, tx, other)
+        item_t, ema_t = abstract.checkpoint_items()
+        got = checkpoints.restore(manager, 2, ema_target=ema_t, state_target=item_t)
+        leaves = jax.tree.leaves(got["state"])
+        assert {d for x in leaves for d in x.sharding.device_set} == set(other.devices.flat)
+        for a, b in zip(
+            jax.tree.leaves(want), jax.tree.leaves(jax.device_get(got["state"])), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---- the loop in a subprocess ------------------------------------------------------------------
+
+
+def train_cmd(workdir, data_dir, *overrides):
+    return [
+        sys.executable, str(REPO / "main.py"),
+        "--config", str(REPO / "configs/fashion_mnist_uvit.py") + ":runlocal",
+        "--workdir", str(workdir),
+        f"--config.data.latent_dir={data_dir}",
+        "--config.data.num_workers=0",
+        "--config.train.sample_every=0",
+        *overrides,
+    ]  # fmt: skip
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a laptop user has
+    env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+    return env
+
+
+def restored_params(workdir, step):
+    config = get_config("runlocal")
+    graph_state = nnx.state(nnx.eval_shape(lambda: loop.build_uvit(config.model)), nnx.Param)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), graph_state)
+    manager = checkpoints.open_manager(workdir, read_only=True)
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    mesh = make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
+    abstract, _ = abstract_train_state(config.model, tx, mesh)
+    item_t, _ = abstract.checkpoint_items()
+    got = checkpoints.restore(manager, step, ema_target=target, state_target=item_t)
+    return jax.device_get(got["state"]["params"]), jax.device_get(got["ema"])
+
+
+def test_resume_after_kill_is_bitwise_exact(fmnist_dir, tmp_path):
+    common = ["--config.train.num_steps=16", "--config.train.ckpt_every=4",
+              "--config.train.keep_ckpts=10"]  # fmt: skip
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(straight, fmnist_dir, *common), env=subprocess_env(), check=True,
+                   capture_output=True)  # fmt: skip
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, fmnist_dir, *common), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while not (killed / "checkpoints" / "4").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 4 <= latest_committed(killed) < 16, "the kill came after the run had finished"
+
+    subprocess.run(train_cmd(killed, fmnist_dir, *common), env=subprocess_env(), check=True,
+                   capture_output=True)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(restored_params(straight, 16)),
+                    jax.tree.leaves(restored_params(killed, 16)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+
+
+def latest_committed(workdir) -> int:
+    """The newest step folder orbax has committed (renamed from its temporary name), or 0."""
+    folder = pathlib.Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
+    return max(steps, default=0)
+
+
+def test_kill_during_async_saves_never_leaves_a_broken_checkpoint(fmnist_dir, tmp_path):
+    workdir = tmp_path / "w"
+    args = ["--config.train.num_steps=100000", "--config.train.ckpt_every=1",
+            "--config.train.keep_ckpts=2", "--config.train.log_every=1000"]  # fmt: skip
+    for delay in (0.3, 0.7):
+        proc = subprocess.Popen(train_cmd(workdir, fmnist_dir, *args), env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        start = latest_committed(workdir)
+        while latest_committed(workdir) < start + 3:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(delay)  # somewhere inside the next saves and deletions
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        manager = checkpoints.open_manager(workdir)  # cleans temporary folders and the trash
+        steps = manager.all_steps()
+        assert steps
+        for step in steps:
+            params, ema = restored_params(workdir, step)
+            assert all(np.isfinite(x).all() for x in jax.tree.leaves((params, ema)))
+
+
+# ---- failures inside the loop ------------------------------------------------------------------
+
+
+def poison_step(monkeypatch, at: int):
+    """Makes the batch of step `at` NaN (as a corrupt record or an overflow would)."""
+    calls = {"n": 0}
+    real = loop._model_inputs
+
+    def poisoned(batch):
+        out = real(batch)
+        if calls["n"] == at:
+            out = dict(out, x=np.full_like(out["x"], np.nan))
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(loop, "_model_inputs", poisoned)
+
+
+def loop_config(data_dir, **train):
+    c = small_config()
+    c.model.update(embed_dim=32)
+    c.data.latent_dir = data_dir
+    c.mesh.update(data=1, fsdp=1)
+    c.train.update(dict(dict(num_steps=15, log_every=5, ckpt_every=5), **train))
+    return c
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    monkeypatch.setattr(loop, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch,
+                                                             one_device):  # fmt: skip
+    poison_step(monkeypatch, at=7)
+    with pytest.raises(
+        loop.NonFiniteLossError, match=r"at step 7 .*last good checkpoint is step 5"
+    ):
+        loop.train_and_evaluate(loop_config(fmnist_dir), tmp_path)
+    assert checkpoints.open_manager(tmp_path, read_only=True).all_steps() == [5]
+
+
+def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_device):
+    poison_step(monkeypatch, at=7)
+    state = loop.train_and_evaluate(loop_config(fmnist_dir, on_nonfinite="skip"), tmp_path)
+    assert int(state.step) == 15 and int(state.nonfinite_steps) == 1
+    assert int(state.first_nonfinite_step) == 7
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model.patch_size", 3, r"model.patch_size=3 does not divide img_size=32"),
+        ("model.num_heads", 3, r"model.num_heads=3 does not divide embed_dim=32"),
+        ("train.batch_size", 12, r"config.train.batch_size=12 is not divisible by the "
+                                 r"data-parallel size 8"),
+        ("mesh.fsdp", 3, r"config.mesh: 8 devices are not divisible by the fixed axis size 3"),
+    ],
+)  # fmt: skip
+def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, field, value,
+                                                        message):  # fmt: skip
+    c = get_config("runlocal")
+    section, name = field.split(".")
+    c[section][name] = value
+    monkeypatch.setattr(loop, "compile_train_step", pytest.fail)
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(c, tmp_path)
+
+
+def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, one_device):
+    loop.train_and_evaluate(loop_config(fmnist_dir, num_steps=5), tmp_path)
+    other = loop_config(fmnist_dir)
+    other.model.update(embed_dim=64, depth=4)
+    monkeypatch.setattr(loop, "compile_train_step", pytest.fail)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"another model(.|\n)*model.embed_dim: checkpoint 32, config 64"
+                             r"(.|\n)*model.depth: checkpoint 2, config 4"):  # fmt: skip
+        loop.train_and_evaluate(other, tmp_path)
+
+
+def test_state_items_round_trip():
+    config = small_config()
+    mesh = make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
+    tx = make_optimizer(config.optim, 10)
+    state = create_train_state(config.model, tx, mesh, 0)
+    item, ema = state.checkpoint_items()
+    again = TrainState.from_checkpoint_items(item, ema)
+    assert jax.tree.structure(again) == jax.tree.structure(state)
+    assert jnp.array_equal(again.first_nonfinite_step, -1)
