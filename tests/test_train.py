@@ -293,3 +293,37 @@ def test_state_items_round_trip():
     again = TrainState.from_checkpoint_items(item, ema)
     assert jax.tree.structure(again) == jax.tree.structure(state)
     assert jnp.array_equal(again.first_nonfinite_step, -1)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+    config = small_config()
+    config.train.accum_steps = 2
+    tx = make_optimizer(config.optim, 10)
+    graphdef = model_graphdef(config.model)
+    mesh = make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
+    state = create_train_state(config.model, tx, mesh, 0)
+    rng = np.random.default_rng(1)
+    batch = dict(
+        x=jnp.asarray(rng.uniform(-1, 1, (16, 32, 32, 1)), jnp.float32),
+        label=jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+    )
+    key = jax.random.key_data(jax.random.key(3))
+    step = make_train_step(graphdef, tx, config, learning_rate_schedule(config.optim, 10))
+    new_state, metrics = jax.jit(step)(state, batch, key)
+
+    # By hand: micro-batch i holds rows i, i+2, ...; its key is fold_in(fold_in(key, step), i).
+    from uvit_jax.train.step import make_loss_fn
+
+    loss_fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config)))
+    k = jax.random.fold_in(key, 0)
+    parts = [
+        loss_fn(state.params, {n: v[i::2] for n, v in batch.items()}, jax.random.fold_in(k, i))
+        for i in range(2)
+    ]
+    loss = (parts[0][0] + parts[1][0]) / 2
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
+    want = jax.jit(lambda p, u: jax.tree.map(jnp.add, p, u))(state.params, updates)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
