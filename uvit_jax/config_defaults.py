@@ -138,6 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
             ref_stats="",  # .npz with mu, sigma (pytorch-fid / ADM reference batch)
             inception_path="",  # converted Inception weights (see --mode convert_inception)
             train_num_samples=1000,  # FID during training
+            min_samples=2048,  # fewer samples than feature dimensions give a singular covariance
+            ref_num_images=0,  # --mode fid_stats: images of the dataset to use (0: all)
         )
     )
 

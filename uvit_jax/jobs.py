@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from collections.abc import Callable
 
 import jax
 from flax import nnx
 
-
-def train(config, workdir: str) -> None:
-    from uvit_jax.train.loop import train_and_evaluate
-
-    train_and_evaluate(config, workdir)
+from uvit_jax.parallel.distributed import initialize_distributed
 
 
 def convert(config, workdir: str) -> None:
@@ -43,19 +39,37 @@ def convert(config, workdir: str) -> None:
     logging.info("converted %s -> %s (step 0)", source, checkpoints.checkpoint_dir(workdir))
 
 
-def extract(config, workdir: str) -> None:
-    from input_pipeline.extract import run_extraction
+def convert_autoencoder(config, workdir: str) -> None:
+    """LDM / Stable Diffusion / diffusers autoencoder file -> config.autoencoder.pretrained_path."""
+    from uvit_jax.convert.autoencoder import convert_file
 
-    run_extraction(config, workdir)
+    if not config.convert.source or not config.autoencoder.pretrained_path:
+        raise ValueError(
+            "--mode convert_autoencoder needs --config.convert.source=<autoencoder file> and "
+            "--config.autoencoder.pretrained_path=<output folder>"
+        )
+    del workdir
+    convert_file(config.convert.source, config.autoencoder.pretrained_path)
 
 
-MODES: dict[str, Callable] = {"train": train, "convert": convert, "extract": extract}
+# mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
+# TensorFlow (clu) and `--mode train` never loads torch.
+MODES: dict[str, str] = {
+    "train": "uvit_jax.train.loop:train_and_evaluate",
+    "extract": "input_pipeline.extract:run_extraction",
+    "convert": "uvit_jax.jobs:convert",
+    "convert_autoencoder": "uvit_jax.jobs:convert_autoencoder",
+    "convert_inception": "uvit_jax.evaluation.job:convert_inception",
+    "fid_stats": "uvit_jax.evaluation.job:fid_stats",
+    "eval": "uvit_jax.evaluation.job:evaluate",
+}
 
 
 def run(mode: str, config, workdir: str) -> None:
     """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
+    initialize_distributed()  # before any device use; a no-op for one process
     logging.info(
         "%s on %d devices (%s), workdir %s",
         mode,
@@ -63,4 +77,5 @@ def run(mode: str, config, workdir: str) -> None:
         jax.devices()[0].device_kind,
         os.path.abspath(workdir),
     )
-    MODES[mode](config, workdir)
+    module, function = MODES[mode].split(":")
+    getattr(importlib.import_module(module), function)(config, workdir)

@@ -168,6 +168,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
+    # FID during training: its weights and reference must be there before anything compiles.
+    fid_every = int(config.train.fid_every)
+    if fid_every:
+        from uvit_jax.evaluation.job import fid_of_samples, inception_features
+        from uvit_jax.evaluation.reference import load_stats
+
+        feature_fn = inception_features(config, mesh)
+        ref = load_stats(config.eval.ref_stats)
+
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
     latest = manager.latest_step()
     if latest is not None:
@@ -250,6 +259,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 )
             if config.train.sample_every and done % config.train.sample_every == 0:
                 write_sample_grid(config, graphdef, state.ema, done, workdir, writer)
+            if fid_every and done % fid_every == 0:
+                result = fid_of_samples(
+                    config,
+                    graphdef,
+                    state.ema,
+                    mesh,
+                    feature_fn,
+                    ref,
+                    int(config.eval.train_num_samples),
+                )
+                writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
             if preempt.is_set():
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break

@@ -1,0 +1,331 @@
+"""FID/IS arithmetic: preprocessing vs pytorch, streaming statistics, distance vs pytorch-fid,
+Inception Score, reference-statistics files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from numerics import relative_error
+
+from uvit_jax.evaluation.fid import fid_and_inception_score
+from uvit_jax.evaluation.preprocess import preprocess_uint8, quantize_samples
+from uvit_jax.evaluation.reference import load_reference_images, load_stats, save_stats
+from uvit_jax.evaluation.statistics import (
+    FeatureMoments,
+    allgather_moments,
+    frechet_distance,
+    inception_score,
+    merge_all,
+)
+
+# ---- preprocessing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 48), (299, 299), (512, 400)])
+def test_preprocess_matches_pytorch_fid(size):
+    torch = pytest.importorskip("torch", reason="the reference resize is torch's F.interpolate")
+    import torch.nn.functional as F
+
+    images = np.random.default_rng(0).integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # pytorch-fid: ToTensor
+    ref = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    ours = np.asarray(jax.jit(preprocess_uint8)(images))
+    assert ours.shape == (2, 299, 299, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-5)
+
+
+def test_quantize_matches_uvit_save_image():
+    torch = pytest.importorskip("torch", reason="the reference is torchvision's save_image maths")
+    edges = np.array([-2.0, -1.0, -0.5, 0.0, 1 / 255, 0.5, 1.0, 3.0], np.float32)
+    x = np.concatenate([edges, np.random.default_rng(0).uniform(-1.1, 1.1, 992)]).astype(np.float32)
+    # U-ViT: unpreprocess (x+1)/2 clamped to [0, 1], then save_image's mul(255).add_(0.5) to uint8
+    t = torch.from_numpy(x).add(1).mul(0.5).clamp(0, 1)
+    ref = t.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    ours = np.asarray(quantize_samples(x))
+    assert ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(ours[:4], [0, 0, 64, 128])
+
+
+# ---- streaming statistics ----------------------------------------------------------------------
+
+
+def _mesh8():
+    return jax.make_mesh((8, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def test_streaming_moments_over_8_devices_equal_numpy():
+    mesh = _mesh8()
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    dim, per_device = 96, 20
+    w = jax.random.normal(jax.random.key(0), (32, dim))
+
+    @jax.jit
+    def fake_features(key):
+        # Rectified, far-from-zero-mean features like pool3's, so cancellation would show.
+        x = jax.random.normal(key, (8 * per_device, 32))
+        f = jax.nn.relu(x @ w) + 50.0
+        return jax.lax.with_sharding_constraint(f, sharding)
+
+    per_process = [FeatureMoments.empty(dim), FeatureMoments.empty(dim)]  # devices 0-3, 4-7
+    gathered = []
+    for step in range(3):
+        feats = fake_features(jax.random.key(step + 1))
+        assert len(feats.addressable_shards) == 8
+        for shard in feats.addressable_shards:
+            local = np.asarray(shard.data)
+            proc = shard.index[0].start // (4 * per_device)
+            per_process[proc] = per_process[proc].update(local)
+        gathered.append(np.asarray(feats))
+    everything = np.concatenate(gathered).astype(np.float64)
+    mu_ref, sigma_ref = everything.mean(0), np.cov(everything, rowvar=False)
+
+    # Each simulated process merges everyone's moments through an allgather that stacks the
+    # processes' arrays (float64 as uint32 bits), as process_allgather does on 2 hosts.
+    def stacking_allgather(rank):
+        names = iter(("n", "mean", "m2"))
+
+        def gather(x):
+            name = next(names)
+            theirs = per_process[1 - rank]
+            value = {"n": np.asarray([float(theirs.n)]), "mean": theirs.mean, "m2": theirs.m2}
+            other = np.ascontiguousarray(value[name], np.float64).view(np.uint32)
+            assert x.dtype == np.uint32 and x.shape == other.shape
+            return np.stack([x, other] if rank == 0 else [other, x])
+
+        return gather
+
+    for rank in range(2):
+        combined = allgather_moments(per_process[rank], allgather=stacking_allgather(rank))
+        mu, sigma = combined.mean_cov()
+        assert combined.n == everything.shape[0]
+        assert relative_error(mu, mu_ref) < 1e-10
+        assert relative_error(sigma, sigma_ref) < 1e-10
+
+    # The real collective on this single process, and a plain merge, agree too.
+    total = merge_all(per_process)
+    real = allgather_moments(total, allgather=multihost_utils.process_allgather)
+    assert real.n == total.n
+    np.testing.assert_array_equal(real.m2, total.m2)  # bit-exact: float64 sent as uint32 bits
+    assert relative_error(total.mean_cov()[1], sigma_ref) < 1e-10
+
+
+def test_moments_round_trip_and_refuse_too_few_samples():
+    x = np.random.default_rng(0).normal(size=(10, 16))
+    m = FeatureMoments.of(x)
+    again = FeatureMoments.from_arrays(m.to_arrays())
+    assert again.n == 10 and np.array_equal(again.m2, m.m2)
+    with pytest.raises(ValueError, match="at least 16 samples, got 10.*singular"):
+        m.mean_cov()
+    mu, sigma = m.mean_cov(min_samples=2)
+    assert relative_error(sigma, np.cov(x, rowvar=False)) < 1e-12
+    with pytest.raises(ValueError, match="cannot merge"):
+        m.merge(FeatureMoments.empty(8))
+
+
+# ---- Frechet distance --------------------------------------------------------------------------
+
+
+def _stats(rng, n, d):
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+# pytorch-fid passes scipy's deprecated `disp=`; that is the reference's business, not ours.
+_REFERENCE_WARNINGS = pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_distance():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score", reason="reference is pytorch-fid")
+    return fid_score.calculate_frechet_distance
+
+
+@_REFERENCE_WARNINGS
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_distance_matches_pytorch_fid_on_spd_pairs(seed, pytorch_fid_distance):
+    rng = np.random.default_rng(seed)
+    mu1, s1 = _stats(rng, 500, 64)
+    mu2, s2 = _stats(rng, 500, 64)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert abs(ours - pytorch_fid_distance(mu1, s1, mu2, s2)) < 1e-10 * abs(ours)
+
+
+@_REFERENCE_WARNINGS
+@pytest.mark.parametrize("case", ["rank_deficient", "spectrum_1e-12", "spectrum_1e-16"])
+def test_distance_matches_pytorch_fid_near_singular(case, pytorch_fid_distance):
+    rng = np.random.default_rng(3)
+    d = 64
+    if case == "rank_deficient":  # 40 samples in 64 dimensions: rank 39
+        mu1, s1 = _stats(rng, 40, d)
+        mu2, s2 = _stats(rng, 40, d)
+    else:
+        low = float(case.split("_")[1])
+        spectrum = np.logspace(0, np.log10(low), d)
+        q1, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        q2, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        s1, s2 = (q1 * spectrum) @ q1.T, (q2 * spectrum) @ q2.T
+        s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert abs(ours - pytorch_fid_distance(mu1, s1, mu2, s2)) < 1e-7 * abs(ours)
+
+
+def test_distance_properties_and_errors():
+    rng = np.random.default_rng(4)
+    mu, s = _stats(rng, 300, 32)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-9 * np.trace(s)
+    # Gaussians differing only in the mean: the distance is the squared mean difference.
+    assert frechet_distance(mu, s, mu + 1.0, s) == pytest.approx(32.0, rel=1e-9)
+    with pytest.raises(ValueError, match="different shapes"):
+        frechet_distance(mu, s, mu[:16], s[:16, :16])
+    with pytest.raises(ValueError, match="sigma2 is not symmetric"):
+        frechet_distance(mu, s, mu, s + np.triu(np.ones_like(s)))
+    with pytest.raises(ValueError, match="Imaginary component"):
+        frechet_distance(mu, s, mu, -s)  # a negative-definite "covariance"
+
+
+# ---- Inception Score ---------------------------------------------------------------------------
+
+
+def test_inception_score_known_values():
+    n, classes = 1000, 1008
+    confident = np.full((n, classes), -1e4)
+    confident[np.arange(n), np.arange(n) % 10] = 0.0  # sure of one class, 10 classes balanced
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+    uniform = np.zeros((n, classes))
+    assert inception_score(uniform) == pytest.approx((1.0, 0.0))
+    # Shift invariance of the softmax, and the splits are consecutive rows.
+    logits = np.random.default_rng(0).normal(size=(200, classes)) * 3
+    assert inception_score(logits + 7.0, 4) == pytest.approx(inception_score(logits, 4))
+    parts = [inception_score(logits[i * 50 : (i + 1) * 50], 1)[0] for i in range(4)]
+    assert inception_score(logits, 4) == pytest.approx((np.mean(parts), np.std(parts)))
+    with pytest.raises(ValueError, match="splits=10"):
+        inception_score(logits[:5])
+
+
+def test_fid_and_inception_score_from_moments():
+    rng = np.random.default_rng(5)
+    feats = rng.normal(size=(100, 16))
+    moments = FeatureMoments.of(feats[:60]).update(feats[60:])
+    ref_mu, ref_sigma = _stats(rng, 80, 16)
+    logits = jnp.zeros((100, 1008))
+    result = fid_and_inception_score(moments, np.asarray(logits), ref_mu, ref_sigma)
+    expected = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
+    assert result["fid"] == pytest.approx(expected, rel=1e-10)
+    assert result["num_samples"] == 100 and result["inception_score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 200 samples"):
+        fid_and_inception_score(moments, None, ref_mu, ref_sigma, min_samples=200)
+
+
+# ---- reference statistics files ----------------------------------------------------------------
+
+
+def test_reference_files_round_trip_and_adm_format(tmp_path):
+    rng = np.random.default_rng(6)
+    mu, sigma = _stats(rng, 50, 8)
+    path = save_stats(tmp_path / "stats", mu, sigma, num_samples=np.asarray(50))
+    assert path.endswith("stats.npz")
+    got_mu, got_sigma = load_stats(path, dim=8)
+    assert np.array_equal(got_mu, mu) and np.array_equal(got_sigma, sigma)
+    # An ADM reference batch: images plus mu/sigma and spatial statistics.
+    images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    adm = tmp_path / "VIRTUAL_test_labeled.npz"
+    np.savez(adm, arr_0=images, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu, sigma_s=sigma)
+    got_mu, _ = load_stats(adm, dim=8)
+    assert got_mu.dtype == np.float64 and np.allclose(got_mu, mu, rtol=1e-6)
+    assert np.array_equal(load_reference_images(adm), images)
+
+
+def test_reference_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        load_stats(tmp_path / "absent.npz")
+    with pytest.raises(FileNotFoundError, match="--mode fid_stats"):
+        load_stats("")
+    only_images = tmp_path / "images_only.npz"
+    np.savez(only_images, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(KeyError, match=r"images_only.npz: missing key\(s\) mu, sigma.*arr_0"):
+        load_stats(only_images)
+    no_sigma = tmp_path / "no_sigma.npz"
+    np.savez(no_sigma, mu=np.zeros(2048))
+    with pytest.raises(KeyError, match=r"no_sigma.npz: missing key\(s\) sigma"):
+        load_stats(no_sigma)
+    small = tmp_path / "small.npz"
+    np.savez(small, mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"small.npz: mu has shape \(64,\).*expected \(2048,\)"):
+        load_stats(small)
+    with pytest.raises(KeyError, match="no_sigma.npz: missing key arr_0"):
+        load_reference_images(no_sigma)
+
+
+# ---- two real processes ------------------------------------------------------------------------
+
+_TWO_PROCESS_SCRIPT = """
+import sys
+import jax
+import numpy as np
+
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from uvit_jax.evaluation.fid import compute_activation_statistics, gather_statistics
+
+rank = jax.process_index()
+rng = np.random.default_rng(rank)
+# Unequal shares: 3 batches of 30 rows on process 0, 3 batches of 20 on process 1.
+batches = [rng.normal(size=(30 - 10 * rank, 12)) + 5.0 for _ in range(3)]
+fake_features = lambda x, pad_to: (x, np.tile(x, (1, 84)))
+# A resumed job: local statistics of the first batch, continued, then gathered.
+first, first_logits = compute_activation_statistics(batches[:1], fake_features, gather=False)
+moments, logits = compute_activation_statistics(
+    batches[1:], fake_features, pad_to=32, moments=first, gather=False
+)
+moments, logits = gather_statistics(moments, np.concatenate([first_logits, logits]))
+np.savez(sys.argv[3], n=moments.n, mean=moments.mean, m2=moments.m2, logits=logits,
+         data=np.concatenate(batches))
+"""
+
+
+def test_statistics_combine_across_two_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    outs = [tmp_path / f"rank{r}.npz" for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(port), str(r), str(outs[r])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-3000:]
+    results = [np.load(o) for o in outs]
+    everything = np.concatenate([r["data"] for r in results])
+    for r in results:
+        assert int(r["n"]) == 150
+        moments = FeatureMoments(int(r["n"]), r["mean"], r["m2"])
+        mu, sigma = moments.mean_cov(min_samples=2)
+        assert relative_error(mu, everything.mean(0)) < 1e-10
+        assert relative_error(sigma, np.cov(everything, rowvar=False)) < 1e-10
+        # logits of both processes, in process order (float32 through the collective)
+        np.testing.assert_allclose(r["logits"][:, :12], everything, rtol=1e-6)
