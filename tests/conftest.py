@@ -31,3 +31,19 @@ def golden_dir() -> pathlib.Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"golden files absent: {GOLDEN} does not exist (they live in ../shared/golden)")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> str:
+    """256 real Fashion-MNIST training images, extracted once for the whole session."""
+    from runs import FMNIST, small_config
+
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({FMNIST})")
+    from input_pipeline.extract import run_extraction
+    from input_pipeline.sources import FashionMnistFilesSource, Subset
+
+    out = tmp_path_factory.mktemp("fmnist") / "data"
+    c = small_config()
+    c.data.latent_dir = str(out)
+    return run_extraction(c, None, source=Subset(FashionMnistFilesSource(FMNIST, "train"), 256))

@@ -1,11 +1,9 @@
 """Training: sharded = unsharded, topology-changing restores, exact resume after kill -9,
 non-finite losses, configs that cannot work, and kills during asynchronous saves."""
 
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import small_config, subprocess_env, train_cmd
 
 from configs.fashion_mnist_uvit import get_config
 from uvit_jax import checkpoints
@@ -26,33 +25,6 @@ from uvit_jax.train.state import (
     model_graphdef,
 )
 from uvit_jax.train.step import compile_train_step, make_train_step
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
-
-
-def small_config():
-    """The default's runlocal variant, wide enough (D=64) for FSDP to split some weights."""
-    c = get_config("runlocal")
-    c.model.update(embed_dim=64, depth=2, num_heads=2)
-    c.train.update(batch_size=16, sample_every=0)
-    c.data.num_workers = 0
-    return c
-
-
-@pytest.fixture(scope="session")
-def fmnist_dir(tmp_path_factory):
-    """256 real Fashion-MNIST training images, extracted once for the whole session."""
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({FMNIST})")
-    from input_pipeline.extract import run_extraction
-    from input_pipeline.sources import FashionMnistFilesSource, Subset
-
-    out = tmp_path_factory.mktemp("fmnist") / "data"
-    c = small_config()
-    c.data.latent_dir = str(out)
-    return run_extraction(c, None, source=Subset(FashionMnistFilesSource(FMNIST, "train"), 256))
-
 
 # ---- sharding ----------------------------------------------------------------------------------
 
@@ -116,25 +88,6 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
 
 
 # ---- the loop in a subprocess ------------------------------------------------------------------
-
-
-def train_cmd(workdir, data_dir, *overrides):
-    return [
-        sys.executable, str(REPO / "main.py"),
-        "--config", str(REPO / "configs/fashion_mnist_uvit.py") + ":runlocal",
-        "--workdir", str(workdir),
-        f"--config.data.latent_dir={data_dir}",
-        "--config.data.num_workers=0",
-        "--config.train.sample_every=0",
-        *overrides,
-    ]  # fmt: skip
-
-
-def subprocess_env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a laptop user has
-    env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
-    return env
 
 
 def restored_params(workdir, step):

@@ -145,7 +145,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     moments, logits, first = None, np.zeros((0, 1008), np.float32), 0
     if partial.exists():
         with np.load(os.fspath(partial)) as f:
-            moments = FeatureMoments.from_arrays(*(f[k] for k in ("n", "mean", "m2")))
+            moments = FeatureMoments.from_arrays(f)
             logits, first = f["logits"], int(f["batches"])
         logging.info("eval: resuming after %d of %d batches", first, n_batches)
     start = time.perf_counter()
@@ -154,9 +154,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
             [images(i)], feature_fn, moments=moments, gather=False
         )
         logits = np.concatenate([logits, batch_logits])
-        n, mean, m2 = moments.to_arrays()
         tmp = out / f"moments_process{jax.process_index()}.tmp.npz"
-        np.savez(os.fspath(tmp), n=n, mean=mean, m2=m2, logits=logits, batches=i + 1)
+        np.savez(os.fspath(tmp), **moments.to_arrays(), logits=logits, batches=i + 1)
         os.replace(os.fspath(tmp), os.fspath(partial))
         _progress(i + 1, n_batches, start, first)
     moments, logits = gather_statistics(moments, logits)

@@ -1,1 +1,10 @@
+"""Samplers, all jittable (SPEC section 4).
 
+- `dpm_solver`: DPM-Solver / DPM-Solver++ (orders 1-3, singlestep incl. the fast schedule,
+  multistep) as one `lax.scan` over a precomputed coefficient table.
+- `euler_maruyama`: reverse-SDE Euler-Maruyama and the probability-flow ODE.
+- `guidance`: U-ViT apply function -> `noise_fn(x, t_continuous)` with the time map and
+  classifier-free guidance in one batched forward pass.
+- `generate`: `generate(model_fn, config, key, ...)` runs a config's sampler end to end, and
+  `sample_images(graphdef, params, config, key, ...)` adds decoding for previews.
+"""

@@ -1,0 +1,320 @@
+"""The extraction job: images -> preprocessing -> (autoencoder moments | pixels) -> dataset.
+
+`run_extraction(config, workdir)` reads `config.data`'s source, preprocesses every image
+(`config.data.preprocess` at `config.data.resolution`), encodes it and its horizontal flip, and
+writes the TFDS array_record dataset of `latent_dataset` to `config.data.latent_dir` (default
+`<workdir>/latent_dataset`).
+
+Resumable: the source order is cut into fixed shards of `shard_size` source examples; a shard is
+written atomically with a done-marker, so after a crash (even kill -9) a rerun skips the shards
+with markers and rewrites the rest: no duplicates, no gaps. The TFDS metadata is written last,
+when every shard is done. Multi-host: process p of P writes the shards s with s % P == p, and
+process 0 writes the metadata after a barrier.
+
+Pixel configs (`config.autoencoder.kind == "identity"`) store the preprocessed pixels as uint8
+(lossless; read back as `x / 127.5 - 1`), with flip copies like latent configs: every paper
+pixel model trains with random horizontal flips too, and one layout keeps one reader.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from input_pipeline import latent_dataset, preprocess, sources
+
+EncodeFn = Callable[[np.ndarray], Any]
+DEFAULT_SHARD_SIZE = 4096
+
+
+def resolve_latent_dir(config: Any, workdir: str | os.PathLike | None = None) -> str:
+    """`config.data.latent_dir`, or `<workdir>/latent_dataset` when that is empty."""
+    if config.data.latent_dir:
+        return os.fspath(config.data.latent_dir)
+    if not workdir:
+        raise ValueError("config.data.latent_dir is empty and no workdir was given")
+    return os.path.join(os.fspath(workdir), "latent_dataset")
+
+
+def default_encode_fn(config: Any) -> EncodeFn | None:
+    """The config's autoencoder, jitted on one device; None (store pixels) for "identity".
+
+    For data-parallel extraction over a mesh pass `JittedAutoencoder(model, mesh)
+    .encode_moments_local` as `encode_fn` instead.
+    """
+    if config.autoencoder.kind == "identity":
+        return None
+    from uvit_jax.models.autoencoder import JittedAutoencoder, make_autoencoder
+
+    return JittedAutoencoder(make_autoencoder(config.autoencoder)).encode_moments_local
+
+
+def image_channels(config: Any) -> int:
+    """Channels of the preprocessed images: RGB for autoencoders, the model's for pixels."""
+    return config.model.in_chans if config.autoencoder.kind == "identity" else 3
+
+
+def make_spec(
+    config: Any, source: sources.ImageSource, shard_size: int
+) -> latent_dataset.DatasetSpec:
+    """The dataset an extraction of `config` from `source` writes."""
+    if config.model.kind == "uvit_t2i":
+        raise NotImplementedError(
+            "config.model.kind='uvit_t2i': extraction of CLIP text contexts (MS-COCO) is not "
+            "implemented yet; only class labels or unconditional data are written"
+        )
+    identity = config.autoencoder.kind == "identity"
+    if identity and config.data.resolution != config.model.img_size:
+        raise ValueError(
+            f"pixel config: config.data.resolution={config.data.resolution} must equal "
+            f"config.model.img_size={config.model.img_size}"
+        )
+    return latent_dataset.DatasetSpec(
+        shape=latent_dataset.expected_shape(config),
+        dtype="uint8" if identity else config.data.latent_dtype,
+        autoencoder=config.autoencoder.kind,
+        scale_factor=float(config.autoencoder.scale_factor),
+        source=source.description,
+        split=config.data.split,
+        num_source_examples=len(source),
+        shard_size=shard_size,
+        num_classes=source.num_classes,
+        preprocess=config.data.preprocess,
+        resolution=config.data.resolution,
+    )
+
+
+def _load_one(source: sources.ImageSource, index: int, fn: Callable) -> tuple[Any, ...]:
+    example = source[index]
+    try:
+        image = fn(sources.load_image(example))
+    except (sources.CorruptImageError, OSError, ValueError) as e:
+        return None, example.label, index, {"key": example.key, "reason": str(e)}
+    return image, example.label, index, None
+
+
+def _load_shard(
+    source: sources.ImageSource,
+    spec: latent_dataset.DatasetSpec,
+    fn: Callable,
+    channels: int,
+    shard: int,
+    pool: concurrent.futures.Executor,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Decodes and preprocesses one shard's images (PIL releases the GIL: threads help).
+
+    Returns uint8 images [n, res, res, C], labels [n], source indices [n] and the skipped images.
+    """
+    loaded = list(pool.map(lambda i: _load_one(source, i, fn), spec.shard_range(shard)))
+    kept = [r for r in loaded if r[3] is None]
+    skipped = [r[3] for r in loaded if r[3] is not None]
+    for s in skipped:
+        logging.warning("skipping unreadable image %s: %s", s["key"], s["reason"])
+    res = spec.resolution
+    images = np.stack([r[0] for r in kept]) if kept else np.zeros((0, res, res, channels), np.uint8)
+    labels = np.asarray([r[1] for r in kept], np.int32)
+    indices = np.asarray([r[2] for r in kept], np.int64)
+    return images, labels, indices, skipped
+
+
+def _encode(
+    images: np.ndarray,
+    encode_fn: EncodeFn | None,
+    batch_size: int,
+    spec: latent_dataset.DatasetSpec,
+) -> np.ndarray:
+    """uint8 [n, res, res, C] -> records' x [n, *spec.shape] in `spec.dtype`.
+
+    Batches are padded to `batch_size` so a jitted `encode_fn` compiles once.
+    """
+    if encode_fn is None:
+        return images
+    out = np.empty((len(images), *spec.shape), spec.dtype)
+    for start in range(0, len(images), batch_size):
+        chunk = preprocess.to_model_range(images[start : start + batch_size])
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate(
+                [chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)]
+            )
+        moments = np.asarray(encode_fn(chunk))[:n]
+        if moments.shape[1:] != spec.shape:
+            raise latent_dataset.DatasetMismatchError(
+                f"the encoder gives moments of shape {list(moments.shape[1:])} per image, but "
+                f"the config (model.img_size, 2 * model.in_chans) needs {list(spec.shape)}"
+            )
+        out[start : start + n] = moments
+    return out
+
+
+def run_extraction(
+    config: Any,
+    workdir: str | os.PathLike | None = None,
+    encode_fn: EncodeFn | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shard_size: int | None = None,
+    source: sources.ImageSource | None = None,
+) -> str:
+    """Extracts the config's dataset (resuming a partial one); returns its directory.
+
+    Args:
+      config: the training config (`data`, `autoencoder`, `model.img_size/in_chans`).
+      workdir: used for the default output directory when `config.data.latent_dir` is empty.
+      encode_fn: images float32 [B, res, res, 3] in [-1, 1] -> moments [B, h, w, 2 C]; default:
+        the config's autoencoder. Ignored for pixel configs (pixels are stored). It must be
+        process-local (no cross-process collectives, e.g. a mesh over `jax.local_devices()`):
+        processes write different numbers of shards, more so when resuming.
+      process_index, process_count: this process's shards (default: jax's process index and
+        count); pass them to simulate several hosts.
+      shard_size: source examples per shard (default `config.data.extract_shard_size` or 4096);
+        must stay the same when resuming.
+      source: an image source instead of `make_source(config.data)`; either is cut to its
+        first `config.data.max_examples` examples when that is set (smoke runs, tests).
+    Returns:
+      The dataset directory; finalized when all shards are written (always in a real
+      multi-host run, after the barrier).
+    """
+    import jax
+
+    distributed = process_count is None and jax.process_count() > 1
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    out_dir = pathlib.Path(resolve_latent_dir(config, workdir))
+    shard_size = shard_size or config.data.get("extract_shard_size", DEFAULT_SHARD_SIZE)
+    source = source if source is not None else sources.make_source(config.data)
+    if 0 < config.data.get("max_examples", 0) < len(source):
+        source = sources.Subset(source, config.data.max_examples)
+    spec = make_spec(config, source, shard_size)
+
+    if latent_dataset.is_finalized(out_dir):
+        dataset = latent_dataset.open_dataset(out_dir, spec.split)
+        latent_dataset.check_compatible(dataset, config)
+        logging.info(
+            "dataset %s is complete (%d examples): nothing to do", out_dir, dataset.num_examples
+        )
+        return os.fspath(out_dir)
+
+    latent_dataset.prepare_directory(out_dir, spec)
+    if config.autoencoder.kind != "identity" and encode_fn is None:
+        encode_fn = default_encode_fn(config)
+    if config.autoencoder.kind == "identity":
+        encode_fn = None
+    fn = preprocess.make_preprocessor(
+        config.data.preprocess, config.data.resolution, image_channels(config)
+    )
+    batch_size = config.data.get("extract_batch_size", 64)
+
+    done = latent_dataset.completed_shards(out_dir)
+    mine = [s for s in range(spec.num_shards) if s % process_count == process_index]
+    todo = [s for s in mine if s not in done]
+    logging.info(
+        "extracting %s -> %s: %d shards of %d images, process %d/%d: %d to write (%d done)",
+        spec.source,
+        out_dir,
+        spec.num_shards,
+        shard_size,
+        process_index,
+        process_count,
+        len(todo),
+        len(mine) - len(todo),
+    )
+    _write_shards(out_dir, spec, source, fn, image_channels(config), encode_fn, batch_size, todo)
+
+    if distributed:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("uvit_extract_shards_written")
+    if process_index == 0 or not distributed:
+        done = latent_dataset.completed_shards(out_dir)
+        missing = spec.num_shards - sum(s in done for s in range(spec.num_shards))
+        if missing:
+            logging.info(
+                "%d shards of other processes are not written yet; the last process "
+                "to finish writes the metadata",
+                missing,
+            )
+        elif not latent_dataset.is_finalized(out_dir):
+            meta = latent_dataset.finalize(out_dir, spec)
+            _report(out_dir, meta)
+    if distributed:
+        multihost_utils.sync_global_devices("uvit_extract_finalized")
+    return os.fspath(out_dir)
+
+
+def _write_shards(
+    out_dir: pathlib.Path,
+    spec: latent_dataset.DatasetSpec,
+    source: sources.ImageSource,
+    fn: Callable,
+    channels: int,
+    encode_fn: EncodeFn | None,
+    batch_size: int,
+    todo: Sequence[int],
+) -> None:
+    """Writes `todo`, decoding the next shard's images while the current one encodes."""
+    if not todo:
+        return
+    start = time.time()
+    images_done = 0
+    total = sum(len(spec.shard_range(s)) for s in todo)
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool,
+        concurrent.futures.ThreadPoolExecutor(1) as prefetch,
+    ):
+        pending = prefetch.submit(_load_shard, source, spec, fn, channels, todo[0], pool)
+        for k, shard in enumerate(todo):
+            images, labels, indices, skipped = pending.result()
+            if k + 1 < len(todo):
+                pending = prefetch.submit(
+                    _load_shard, source, spec, fn, channels, todo[k + 1], pool
+                )
+            # Originals and flips interleaved: records 2k and 2k + 1 are one example's pair.
+            both = np.stack([images, preprocess.flip(images)], axis=1)
+            both = both.reshape(-1, *images.shape[1:])
+            xs = _encode(both, encode_fn, batch_size, spec)
+            records = (
+                {"x": xs[r], "label": labels[r // 2], "index": indices[r // 2], "flip": r % 2}
+                for r in range(len(xs))
+            )
+            latent_dataset.write_shard(out_dir, spec, shard, records, skipped)
+            images_done += len(spec.shard_range(shard))
+            elapsed = time.time() - start
+            rate = images_done / max(elapsed, 1e-9)
+            logging.info(
+                "shard %d (%d/%d of this process): %d images, %d skipped; %.1f images/s, ETA %s",
+                shard,
+                k + 1,
+                len(todo),
+                len(indices),
+                len(skipped),
+                rate,
+                _hms((total - images_done) / max(rate, 1e-9)),
+            )
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _report(out_dir: pathlib.Path, meta: dict[str, Any]) -> None:
+    logging.info(
+        "dataset %s complete: %d examples (%d records with flips), %d images skipped",
+        out_dir,
+        meta["num_examples"],
+        meta["num_records"],
+        meta["num_skipped"],
+    )
+    if meta["num_skipped"]:
+        for m in latent_dataset.completed_shards(out_dir).values():
+            for s in m["skipped"]:
+                logging.warning("skipped %s: %s", s["key"], s["reason"])

@@ -1,0 +1,286 @@
+"""Random-access image sources for latent extraction.
+
+Every source is a sequence of `RawExample`s in a fixed order: extraction splits that order into
+fixed-size shards, so a crashed or multi-host extraction knows exactly which source examples each
+shard holds. Images stay encoded (file bytes) or raw (uint8 arrays) until `load_image` turns them
+into a PIL image; a corrupt or unreadable image raises `CorruptImageError` there, which the
+extraction counts and reports by its `key` (a file path or a dataset id) instead of stopping.
+
+Sources (`make_source(config.data)`):
+  * `"tfds"`: a TFDS image dataset by name (`imagenet2012` from its manual download dir,
+    `cifar10`, `celeb_a`, `fashion_mnist`, `coco_captions`), prepared in array_record format.
+  * `"image_folder"`: class sub-folders (ImageNet's train layout); sorted folder names give the
+    labels 0..K-1. A folder with images and no sub-folders is one unlabelled class.
+  * `"fashion_mnist_files"`: the gzipped idx files of Debian's `dataset-fashion-mnist`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import pathlib
+import struct
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+# Feature names of the image, label and caption in the TFDS datasets this project reads.
+_TFDS_KEYS: dict[str, dict[str, str | None]] = {
+    "imagenet2012": dict(image="image", label="label", captions=None),
+    "cifar10": dict(image="image", label="label", captions=None),
+    "celeb_a": dict(image="image", label=None, captions=None),
+    "fashion_mnist": dict(image="image", label="label", captions=None),
+    "coco_captions": dict(image="image", label=None, captions="captions"),
+}
+
+
+class CorruptImageError(ValueError):
+    """An image that cannot be decoded; `key` names its file or dataset id."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"cannot read image {key}: {reason}")
+        self.key = key
+
+
+@dataclasses.dataclass(frozen=True)
+class RawExample:
+    """One source example, not yet decoded.
+
+    image: a file path, encoded file bytes, or a uint8 array [H, W] / [H, W, C].
+    label: class index, or -1 for unlabelled sources.
+    key: the file path or dataset id used in reports about this example.
+    captions: the captions of a text-image pair (MS-COCO), else empty.
+    """
+
+    image: pathlib.Path | bytes | np.ndarray
+    label: int
+    key: str
+    captions: tuple[str, ...] = ()
+
+
+class ImageSource(Protocol):
+    """A fixed-order, random-access sequence of `RawExample`s."""
+
+    num_classes: int  # 0 for unlabelled sources
+    description: str  # recorded in the dataset metadata
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> RawExample: ...
+
+
+def load_image(example: RawExample) -> Image.Image:
+    """Decodes `example.image` into a fully loaded PIL image.
+
+    Raises:
+      CorruptImageError: the bytes are not a readable image (names `example.key`).
+    """
+    if isinstance(example.image, np.ndarray):
+        return Image.fromarray(example.image)
+    try:
+        if isinstance(example.image, pathlib.Path):
+            image = Image.open(example.image)
+        else:
+            image = Image.open(io.BytesIO(example.image))
+        image.load()  # decode now, so truncated files fail here and not in a resize
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(example.key, f"{type(e).__name__}: {e}") from e
+    return image
+
+
+class ImageFolderSource:
+    """Images under `root`, labelled by their sorted class sub-folder names.
+
+    Files are listed recursively inside each class folder and sorted, so the order (and therefore
+    the shard contents of an extraction) does not depend on the filesystem.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if classes:
+            self.class_names = classes
+            self._files: list[tuple[pathlib.Path, int]] = [
+                (f, label)
+                for label, name in enumerate(classes)
+                for f in _list_images(self.root / name)
+            ]
+            self.num_classes = len(classes)
+        else:
+            self.class_names = []
+            self._files = [(f, -1) for f in _list_images(self.root)]
+            self.num_classes = 0
+        if not self._files:
+            raise ValueError(
+                f"image folder {self.root} holds no images (extensions {IMAGE_EXTENSIONS})"
+            )
+        self.description = f"image_folder:{self.root}"
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> RawExample:
+        path, label = self._files[index]
+        return RawExample(image=path, label=label, key=str(path))
+
+
+def _list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+class FashionMnistFilesSource:
+    """Fashion-MNIST from the idx files of Debian's `dataset-fashion-mnist`.
+
+    split "train" reads `train-{images-idx3,labels-idx1}-ubyte.gz` (60,000 images), "test"
+    reads the `t10k-` files (10,000). Images are uint8 [28, 28], labels 0..9.
+    """
+
+    num_classes = 10
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        directory = pathlib.Path(directory)
+        images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
+        labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
+        self.images = read_idx(images_path, expected_magic=2051)
+        self.labels = read_idx(labels_path, expected_magic=2049)
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"{images_path} holds {len(self.images)} images but {labels_path} holds "
+                f"{len(self.labels)} labels"
+            )
+        self.description = f"fashion_mnist_files:{directory}:{split}"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> RawExample:
+        return RawExample(
+            image=self.images[index], label=int(self.labels[index]), key=f"fashion_mnist:{index}"
+        )
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
+    """Reads a (gzipped) idx file of unsigned bytes: 2049 = labels [N], 2051 = images [N, H, W]."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist (Debian: apt-get install dataset-fashion-mnist)"
+        )
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path} is too short for an idx file ({len(data)} bytes)")
+    magic = struct.unpack(">i", data[:4])[0]
+    if magic != expected_magic:
+        raise ValueError(f"{path}: idx magic number {magic}, expected {expected_magic}")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}i", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(
+            f"{path}: {body.size} data bytes, expected {int(np.prod(shape))} for shape {shape}"
+        )
+    return body.reshape(shape)
+
+
+class TfdsSource:
+    """A TFDS image dataset read by random access (`as_data_source`, array_record format).
+
+    The dataset is prepared on first use in array_record format (ImageNet from
+    `manual_dir`: TFDS's `imagenet2012` expects `ILSVRC2012_img_train.tar` there). Images are
+    kept encoded so that a corrupt one is skipped and reported rather than failing the job.
+    """
+
+    def __init__(
+        self, name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None
+    ):
+        import tensorflow_datasets as tfds
+
+        if name not in _TFDS_KEYS:
+            raise ValueError(f"TFDS dataset {name!r} unsupported; known: {sorted(_TFDS_KEYS)}")
+        self._keys = _TFDS_KEYS[name]
+        builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+            )
+        self._source = builder.as_data_source(
+            split=split, decoders={self._keys["image"]: tfds.decode.SkipDecoding()}
+        )
+        label = self._keys["label"]
+        self.num_classes = builder.info.features[label].num_classes if label else 0
+        self.description = f"tfds:{name}:{split}"
+        self._name = name
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> RawExample:
+        ex = self._source[index]
+        label = int(ex[self._keys["label"]]) if self._keys["label"] else -1
+        captions: tuple[str, ...] = ()
+        if self._keys["captions"]:
+            texts = ex[self._keys["captions"]]["text"]
+            captions = tuple(_to_str(t) for t in texts)
+        return RawExample(
+            image=bytes(ex[self._keys["image"]]),
+            label=label,
+            key=f"{self._name}:{index}",
+            captions=captions,
+        )
+
+
+def _to_str(text: Any) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+class Subset:
+    """The first `n` examples of a source."""
+
+    def __init__(self, source: ImageSource, n: int):
+        self._source = source
+        self._n = min(int(n), len(source))
+        self.num_classes = source.num_classes
+        self.description = f"{source.description}[:{self._n}]"
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> RawExample:
+        if not 0 <= index < self._n:
+            raise IndexError(index)
+        return self._source[index]
+
+
+def make_source(data_config: Any) -> ImageSource:
+    """The source named by `config.data` (`source`, `name`, `source_dir`, `split`)."""
+    kind = data_config.source
+    if kind == "fashion_mnist_files":
+        return FashionMnistFilesSource(data_config.source_dir, data_config.split)
+    if kind == "image_folder":
+        return ImageFolderSource(data_config.source_dir)
+    if kind == "tfds":
+        if not data_config.name:
+            raise ValueError("config.data.name must name a TFDS dataset for source='tfds'")
+        return TfdsSource(
+            data_config.name,
+            data_config.split,
+            data_dir=data_config.get("tfds_data_dir", "") or None,
+            manual_dir=data_config.source_dir or None,
+        )
+    raise ValueError(
+        f"config.data.source={kind!r}; expected 'tfds', 'image_folder' or 'fashion_mnist_files'"
+    )

@@ -1,0 +1,42 @@
+"""Shared pieces of the tests that train: a small config, and the training command line."""
+
+import os
+import pathlib
+import sys
+
+import jax
+
+from configs.fashion_mnist_uvit import get_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def small_config():
+    """The default's runlocal variant, wide enough (D=64) for FSDP to split some weights."""
+    c = get_config("runlocal")
+    c.model.update(embed_dim=64, depth=2, num_heads=2)
+    c.train.update(batch_size=16, sample_every=0)
+    c.data.num_workers = 0
+    return c
+
+
+def train_cmd(workdir, data_dir, *overrides) -> list[str]:
+    """`python main.py` training the runlocal default on an extracted dataset, one CPU device."""
+    return [
+        sys.executable, str(REPO / "main.py"),
+        "--config", str(REPO / "configs/fashion_mnist_uvit.py") + ":runlocal",
+        "--workdir", str(workdir),
+        f"--config.data.latent_dir={data_dir}",
+        "--config.data.num_workers=0",
+        "--config.train.sample_every=0",
+        *overrides,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a subprocess: one CPU device, the tests' compilation cache."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a laptop user has
+    env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+    return env

@@ -1,0 +1,793 @@
+"""Samplers: parity with the official DPM-Solver algorithm, Gaussian-data accuracy and
+convergence order, compile-once behaviour, classifier-free guidance and `generate`.
+
+The parity reference below is a compact float64 numpy rewrite of the official DPM-Solver
+(LuChengTHU/dpm-solver `dpm_solver_pytorch.py`, and the older copies U-ViT bundles:
+`dpm_solver_pytorch.py` with `fast_version=True` for VP models, `dpm_solver_pp.py` for discrete
+ones), step by step in the official formulas' own form. It shares no code with the jitted
+implementation, which expands the same formulas into a per-NFE coefficient table.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numerics import relative_error
+
+from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
+from uvit_jax.sampling import dpm_solver, euler_maruyama
+from uvit_jax.sampling.generate import (
+    SamplerSpec,
+    dpm_solver_kwargs,
+    generate,
+    make_generate_fn,
+    sample_images,
+)
+from uvit_jax.sampling.guidance import guided_noise_fn
+
+# ------------------------------------------------------------------------------------------
+# Reference: the official algorithm in float64 numpy.
+# ------------------------------------------------------------------------------------------
+
+
+class RefVP:
+    """Official NoiseScheduleVP('linear')."""
+
+    b0, b1 = 0.1, 20.0
+
+    def log_alpha(self, t):
+        return -0.25 * t**2 * (self.b1 - self.b0) - 0.5 * t * self.b0
+
+    def std(self, t):
+        return np.sqrt(1.0 - np.exp(2.0 * self.log_alpha(t)))
+
+    def lam(self, t):
+        la = self.log_alpha(t)
+        return la - 0.5 * np.log(1.0 - np.exp(2.0 * la))
+
+    def inv_lam(self, lamb):
+        tmp = 2.0 * (self.b1 - self.b0) * np.logaddexp(-2.0 * lamb, 0.0)
+        delta = self.b0**2 + tmp
+        return tmp / (np.sqrt(delta) + self.b0) / (self.b1 - self.b0)
+
+
+class RefDiscrete(RefVP):
+    """Official NoiseScheduleVP('discrete', betas=SD betas) (inside [1/N, 1]: plain interp)."""
+
+    def __init__(self):
+        betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+        self.log_alphas = 0.5 * np.cumsum(np.log(1.0 - betas))
+        self.ts = np.linspace(0.0, 1.0, 1001)[1:]
+
+    def log_alpha(self, t):
+        return np.interp(t, self.ts, self.log_alphas)
+
+    def inv_lam(self, lamb):
+        log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lamb)
+        return np.interp(log_alpha, self.log_alphas[::-1], self.ts[::-1])
+
+
+class RefDPMSolver:
+    def __init__(self, eps_fn, ns, predict_x0, thresholding=False):
+        self.eps_fn, self.ns = eps_fn, ns
+        self.predict_x0, self.thresholding = predict_x0, thresholding
+
+    def model(self, x, t):
+        eps = self.eps_fn(x, np.full(x.shape[0], t))
+        if not self.predict_x0:
+            return eps
+        x0 = (x - self.ns.std(t) * eps) / np.exp(self.ns.log_alpha(t))
+        if self.thresholding:
+            s = np.quantile(np.abs(x0).reshape(x0.shape[0], -1), 0.995, axis=1)
+            s = np.maximum(s, 1.0)[:, None]
+            x0 = np.clip(x0, -s, s) / s
+        return x0
+
+    def time_steps(self, skip, t_T, t_0, n):
+        if skip == "logSNR":
+            return self.ns.inv_lam(np.linspace(self.ns.lam(t_T), self.ns.lam(t_0), n + 1))
+        if skip == "time_uniform":
+            return np.linspace(t_T, t_0, n + 1)
+        return np.linspace(t_T**0.5, t_0**0.5, n + 1) ** 2
+
+    def first(self, x, s, t, m_s=None):
+        ns = self.ns
+        h = ns.lam(t) - ns.lam(s)
+        m_s = self.model(x, s) if m_s is None else m_s
+        if self.predict_x0:
+            return ns.std(t) / ns.std(s) * x - np.exp(ns.log_alpha(t)) * np.expm1(-h) * m_s
+        return np.exp(ns.log_alpha(t) - ns.log_alpha(s)) * x - ns.std(t) * np.expm1(h) * m_s
+
+    def second(self, x, s, t, r1=0.5):
+        ns = self.ns
+        lam_s = ns.lam(s)
+        h = ns.lam(t) - lam_s
+        s1 = ns.inv_lam(lam_s + r1 * h)
+        a_s1, a_t = np.exp(ns.log_alpha(s1)), np.exp(ns.log_alpha(t))
+        m_s = self.model(x, s)
+        if self.predict_x0:
+            phi_11, phi_1 = np.expm1(-r1 * h), np.expm1(-h)
+            x_s1 = ns.std(s1) / ns.std(s) * x - a_s1 * phi_11 * m_s
+            m_s1 = self.model(x_s1, s1)
+            return (
+                ns.std(t) / ns.std(s) * x
+                - a_t * phi_1 * m_s
+                - (0.5 / r1) * (a_t * phi_1) * (m_s1 - m_s)
+            )
+        phi_11, phi_1 = np.expm1(r1 * h), np.expm1(h)
+        x_s1 = np.exp(ns.log_alpha(s1) - ns.log_alpha(s)) * x - ns.std(s1) * phi_11 * m_s
+        m_s1 = self.model(x_s1, s1)
+        return (
+            np.exp(ns.log_alpha(t) - ns.log_alpha(s)) * x
+            - ns.std(t) * phi_1 * m_s
+            - (0.5 / r1) * (ns.std(t) * phi_1) * (m_s1 - m_s)
+        )
+
+    def third(self, x, s, t, r1=1.0 / 3.0, r2=2.0 / 3.0):
+        ns = self.ns
+        lam_s = ns.lam(s)
+        h = ns.lam(t) - lam_s
+        s1, s2 = ns.inv_lam(lam_s + r1 * h), ns.inv_lam(lam_s + r2 * h)
+        sig_s, sig_s1, sig_s2, sig_t = ns.std(s), ns.std(s1), ns.std(s2), ns.std(t)
+        la_s, la_s1, la_s2, la_t = (ns.log_alpha(u) for u in (s, s1, s2, t))
+        a_s1, a_s2, a_t = np.exp(la_s1), np.exp(la_s2), np.exp(la_t)
+        m_s = self.model(x, s)
+        if self.predict_x0:
+            phi_11, phi_12, phi_1 = np.expm1(-r1 * h), np.expm1(-r2 * h), np.expm1(-h)
+            phi_22 = np.expm1(-r2 * h) / (r2 * h) + 1.0
+            phi_2 = phi_1 / h + 1.0
+            x_s1 = sig_s1 / sig_s * x - a_s1 * phi_11 * m_s
+            m_s1 = self.model(x_s1, s1)
+            x_s2 = (
+                sig_s2 / sig_s * x - a_s2 * phi_12 * m_s + r2 / r1 * (a_s2 * phi_22) * (m_s1 - m_s)
+            )
+            m_s2 = self.model(x_s2, s2)
+            return sig_t / sig_s * x - a_t * phi_1 * m_s + (1.0 / r2) * (a_t * phi_2) * (m_s2 - m_s)
+        phi_11, phi_12, phi_1 = np.expm1(r1 * h), np.expm1(r2 * h), np.expm1(h)
+        phi_22 = np.expm1(r2 * h) / (r2 * h) - 1.0
+        phi_2 = np.expm1(h) / h - 1.0
+        x_s1 = np.exp(la_s1 - la_s) * x - sig_s1 * phi_11 * m_s
+        m_s1 = self.model(x_s1, s1)
+        x_s2 = (
+            np.exp(la_s2 - la_s) * x
+            - sig_s2 * phi_12 * m_s
+            - r2 / r1 * (sig_s2 * phi_22) * (m_s1 - m_s)
+        )
+        m_s2 = self.model(x_s2, s2)
+        return (
+            np.exp(la_t - la_s) * x
+            - sig_t * phi_1 * m_s
+            - (1.0 / r2) * (sig_t * phi_2) * (m_s2 - m_s)
+        )
+
+    def multistep2(self, x, ms, ts, t):
+        ns = self.ns
+        lam_1, lam_0, lam_t = ns.lam(ts[-2]), ns.lam(ts[-1]), ns.lam(t)
+        h = lam_t - lam_0
+        d1_0 = (1.0 / ((lam_0 - lam_1) / h)) * (ms[-1] - ms[-2])
+        if self.predict_x0:
+            phi_1 = np.expm1(-h)
+            a_t = np.exp(ns.log_alpha(t))
+            return ns.std(t) / ns.std(ts[-1]) * x - a_t * phi_1 * ms[-1] - 0.5 * a_t * phi_1 * d1_0
+        phi_1 = np.expm1(h)
+        sig_t = ns.std(t)
+        lin = np.exp(ns.log_alpha(t) - ns.log_alpha(ts[-1]))
+        return lin * x - sig_t * phi_1 * ms[-1] - 0.5 * sig_t * phi_1 * d1_0
+
+    def multistep3(self, x, ms, ts, t):
+        ns = self.ns
+        lam_2, lam_1, lam_0, lam_t = (ns.lam(u) for u in (ts[-3], ts[-2], ts[-1], t))
+        h_1, h_0, h = lam_1 - lam_2, lam_0 - lam_1, lam_t - lam_0
+        r0, r1 = h_0 / h, h_1 / h
+        d1_0 = (1.0 / r0) * (ms[-1] - ms[-2])
+        d1_1 = (1.0 / r1) * (ms[-2] - ms[-3])
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        if self.predict_x0:
+            phi_1 = np.expm1(-h)
+            phi_2 = phi_1 / h + 1.0
+            phi_3 = phi_2 / h - 0.5
+            a_t = np.exp(ns.log_alpha(t))
+            return (
+                ns.std(t) / ns.std(ts[-1]) * x
+                - a_t * phi_1 * ms[-1]
+                + a_t * phi_2 * d1
+                - a_t * phi_3 * d2
+            )
+        phi_1 = np.expm1(h)
+        phi_2 = phi_1 / h - 1.0
+        phi_3 = phi_2 / h - 0.5
+        sig_t = ns.std(t)
+        return (
+            np.exp(ns.log_alpha(t) - ns.log_alpha(ts[-1])) * x
+            - sig_t * phi_1 * ms[-1]
+            - sig_t * phi_2 * d1
+            - sig_t * phi_3 * d2
+        )
+
+    def singlestep_update(self, x, s, t, order, r1=None, r2=None):
+        if order == 1:
+            return self.first(x, s, t)
+        if order == 2:
+            return self.second(x, s, t, 0.5 if r1 is None else r1)
+        return self.third(x, s, t, 1 / 3 if r1 is None else r1, 2 / 3 if r2 is None else r2)
+
+    @staticmethod
+    def orders(steps, order):
+        if order == 3:
+            k = steps // 3 + 1
+            if steps % 3 == 0:
+                return [3] * (k - 2) + [2, 1]
+            return [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
+        if order == 2:
+            return [2] * (steps // 2) + ([1] if steps % 2 else [])
+        return [1] * steps
+
+    def sample_fast_uvit(self, x, steps, t_T, t_0):
+        """U-ViT's bundled dpm_solver_pytorch: sample(..., fast_version=True) (logSNR grid)."""
+        orders = self.orders(steps, 3)
+        ts = self.time_steps("logSNR", t_T, t_0, len(orders))
+        for i, order in enumerate(orders):
+            x = self.singlestep_update(x, ts[i], ts[i + 1], order)
+        return x
+
+    def sample_singlestep(self, x, steps, order, skip, t_T, t_0):
+        """Official sample(method='singlestep')."""
+        orders = self.orders(steps, order)
+        if skip == "logSNR":
+            outer = self.time_steps(skip, t_T, t_0, len(orders))
+        else:
+            outer = self.time_steps(skip, t_T, t_0, steps)[np.cumsum([0] + orders)]
+        for i, order in enumerate(orders):
+            s, t = outer[i], outer[i + 1]
+            lam_inner = self.ns.lam(self.time_steps(skip, s, t, order))
+            h = lam_inner[-1] - lam_inner[0]
+            r1 = None if order <= 1 else (lam_inner[1] - lam_inner[0]) / h
+            r2 = None if order <= 2 else (lam_inner[2] - lam_inner[0]) / h
+            x = self.singlestep_update(x, s, t, order, r1, r2)
+        return x
+
+    def sample_multistep(self, x, steps, order, skip, t_T, t_0, lower_order_final=True):
+        """Official sample(method='multistep')."""
+        ts_all = self.time_steps(skip, t_T, t_0, steps)
+        t_prev, m_prev = [ts_all[0]], [self.model(x, ts_all[0])]
+        update = {1: lambda x, m, ts, t: self.first(x, ts[-1], t, m[-1])}
+        update.update({2: self.multistep2, 3: self.multistep3})
+        for step in range(1, order):
+            x = update[step](x, m_prev, t_prev, ts_all[step])
+            t_prev.append(ts_all[step])
+            m_prev.append(self.model(x, ts_all[step]))
+        for step in range(order, steps + 1):
+            k = min(order, steps + 1 - step) if (lower_order_final and steps < 10) else order
+            x = update[k](x, m_prev, t_prev, ts_all[step])
+            t_prev, m_prev = t_prev[1:] + [ts_all[step]], m_prev[1:] + [None]
+            if step < steps:
+                m_prev[-1] = self.model(x, ts_all[step])
+        return x
+
+
+# A nonlinear noise function, as numpy (reference) and jax (solver) twins.
+_rng = np.random.RandomState(0)
+_W = _rng.randn(6, 6) / np.sqrt(6)
+_C = _rng.randn(6)
+
+
+def eps_np(x, t):
+    return 1.5 * np.tanh(x @ _W + np.outer(t, _C)) + 0.1 * x
+
+
+def eps_jax(x, t):
+    return 1.5 * jnp.tanh(x @ jnp.asarray(_W, x.dtype) + t[:, None] * jnp.asarray(_C, x.dtype)) + (
+        0.1 * x
+    )
+
+
+X_T = np.random.RandomState(1).randn(5, 6)
+
+
+def run_jitted_f64(schedule, **kwargs):
+    with jax.enable_x64(True):
+        fn = jax.jit(lambda x: dpm_solver.sample(eps_jax, x, schedule, **kwargs))
+        return np.asarray(fn(jnp.asarray(X_T, jnp.float64)))
+
+
+@pytest.mark.parametrize("steps", [50, 20, 10])
+def test_uvit_continuous_path_matches_official_dpm_solver_fast(steps):
+    ref = RefDPMSolver(eps_np, RefVP(), predict_x0=False).sample_fast_uvit(X_T, steps, 1.0, 1e-4)
+    got = run_jitted_f64(
+        LinearVPSchedule(),
+        steps=steps,
+        order=3,
+        method="singlestep_fast",
+        skip_type="logSNR",
+        predict_x0=False,
+        t_end=1e-4,
+    )
+    assert relative_error(got, ref) < 1e-9
+
+
+@pytest.mark.parametrize("steps", [50, 20, 10])
+def test_uvit_discrete_path_matches_official_dpm_solver_pp_3s(steps):
+    ref = RefDPMSolver(eps_np, RefDiscrete(), predict_x0=True).sample_singlestep(
+        X_T, steps, 3, "time_uniform", 1.0, 1e-3
+    )
+    got = run_jitted_f64(
+        DiscreteSchedule(),
+        steps=steps,
+        order=3,
+        method="singlestep",
+        skip_type="time_uniform",
+        predict_x0=True,
+    )
+    assert relative_error(got, ref) < 1e-9
+
+
+# Other official variants: (schedule, method, order, skip_type, predict_x0, steps).
+OTHER_CASES = [
+    ("discrete", "multistep", 2, "time_uniform", True, 20),
+    ("discrete", "multistep", 2, "time_uniform", True, 7),
+    ("vp", "multistep", 3, "logSNR", False, 12),
+    ("vp", "multistep", 3, "time_quadratic", True, 6),
+    ("vp", "singlestep", 2, "logSNR", False, 11),
+    ("discrete", "singlestep", 3, "time_quadratic", True, 20),
+    ("discrete", "singlestep", 3, "logSNR", False, 13),
+    ("vp", "singlestep", 1, "time_uniform", True, 8),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_other_variants_match_official(case):
+    kind, method, order, skip, px0, steps = case
+    ref_ns, ns = (
+        (RefVP(), LinearVPSchedule()) if kind == "vp" else (RefDiscrete(), DiscreteSchedule())
+    )
+    t_end = 1e-3
+    ref_solver = RefDPMSolver(eps_np, ref_ns, predict_x0=px0)
+    if method == "multistep":
+        ref = ref_solver.sample_multistep(X_T, steps, order, skip, 1.0, t_end)
+    else:
+        ref = ref_solver.sample_singlestep(X_T, steps, order, skip, 1.0, t_end)
+    got = run_jitted_f64(
+        ns, steps=steps, order=order, method=method, skip_type=skip, predict_x0=px0, t_end=t_end
+    )
+    assert relative_error(got, ref) < 1e-9
+
+
+def test_thresholding_and_denoise_to_zero_match_official():
+    ref_solver = RefDPMSolver(eps_np, RefDiscrete(), predict_x0=True, thresholding=True)
+    x = ref_solver.sample_multistep(X_T, 9, 2, "time_uniform", 1.0, 1e-3)
+    ref = ref_solver.model(x, 1e-3)  # denoise_to_zero: the data prediction at t_end
+    got = run_jitted_f64(
+        DiscreteSchedule(),
+        steps=9,
+        order=2,
+        method="multistep",
+        predict_x0=True,
+        thresholding=True,
+        denoise_to_zero=True,
+    )
+    assert np.abs(ref).max() <= 1.0 + 1e-12  # thresholding was active and clipped
+    assert relative_error(got, ref) < 1e-9
+
+
+def test_program_sizes_and_argument_errors():
+    ns = LinearVPSchedule()
+    for method in ("singlestep_fast", "singlestep", "multistep"):
+        for steps in (10, 20, 50):
+            p = dpm_solver.build_program(ns, steps=steps, method=method, predict_x0=False)
+            assert p.nfe == steps and p.end[-1]
+    p = dpm_solver.build_program(ns, steps=10, predict_x0=True, denoise_to_zero=True)
+    assert p.nfe == 11
+    with pytest.raises(ValueError, match="method must be one of"):
+        dpm_solver.build_program(ns, steps=10, method="adaptive", predict_x0=False)
+    with pytest.raises(ValueError, match="skip_type"):
+        dpm_solver.build_program(ns, steps=10, skip_type="uniform", predict_x0=False)
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+        dpm_solver.build_program(ns, steps=10, order=4, predict_x0=False)
+    with pytest.raises(ValueError, match="t_end"):
+        dpm_solver.build_program(ns, steps=10, predict_x0=False, t_end=2.0)
+    with pytest.raises(ValueError, match="thresholding needs predict_x0"):
+        dpm_solver.sample(
+            eps_jax, jnp.zeros((1, 6)), ns, steps=3, predict_x0=False, thresholding=True
+        )
+
+
+def test_sampler_compiles_once_across_batches():
+    ns = DiscreteSchedule()
+    traces = []
+
+    def noise_fn(x, t):
+        traces.append(x.shape)
+        return eps_jax(x, t)
+
+    fn = jax.jit(
+        lambda x: dpm_solver.sample(noise_fn, x, ns, steps=50, method="singlestep", predict_x0=True)
+    )
+    for seed in range(3):
+        fn(jax.random.normal(jax.random.key(seed), (4, 6)))
+    assert fn._cache_size() == 1
+    assert len(traces) == 1, "the network must be traced once (one call inside lax.scan)"
+
+
+# ------------------------------------------------------------------------------------------
+# Gaussian data: exact noise predictor, analytic ODE solution.
+# ------------------------------------------------------------------------------------------
+
+MU = np.array([0.5, -0.3, 0.0, 1.0])
+SD = np.array([0.5, 0.8, 0.6, 1.0])  # unit-ish scale, like scaled latents
+
+
+def gaussian_eps(ns):
+    """E[eps | x_t] for data N(MU, SD^2): sigma (x - alpha mu) / (alpha^2 sd^2 + sigma^2)."""
+
+    def noise_fn(x, t):
+        a = ns.marginal_alpha(t)[:, None]
+        s = ns.marginal_std(t)[:, None]
+        mu, sd = jnp.asarray(MU, x.dtype), jnp.asarray(SD, x.dtype)
+        return s * (x - a * mu) / (a**2 * sd**2 + s**2)
+
+    return noise_fn
+
+
+def exact_ode(ns, x_T, t_end, t_start=1.0):
+    """The probability-flow ODE keeps (x - alpha mu) / sqrt(alpha^2 sd^2 + sigma^2) fixed."""
+
+    def scale(t):
+        a, s = ns.marginal_alpha(np.float64(t)), ns.marginal_std(np.float64(t))
+        return a, np.sqrt(a**2 * SD**2 + s**2)
+
+    (a0, s0), (a1, s1) = scale(t_end), scale(t_start)
+    return a0 * MU + s0 * (x_T - a1 * MU) / s1
+
+
+N_GAUSS = 8192
+
+
+def marginal(ns, t):
+    """Mean and std of x_t for data N(MU, SD^2)."""
+    a, s = ns.marginal_alpha(np.float64(t)), ns.marginal_std(np.float64(t))
+    return a * MU, np.sqrt(a**2 * SD**2 + s**2)
+
+
+def gaussian_noise(ns):
+    """x_T drawn from the data's exact marginal at t = 1 (SD's schedule keeps alpha_1 = 0.068,
+    so N(0, I) would shift every mean by 0.068 mu: the prior mismatch, not the solver's error)."""
+    mean, std = marginal(ns, 1.0)
+    z = jax.random.normal(jax.random.key(0), (N_GAUSS, 4), jnp.float32)
+    return z * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+
+
+def assert_gaussian_moments(x, ns, t_end, extra_tol=0.0):
+    """Mean and std per dim within 5 standard errors of the marginal at t_end (the data's moments
+    up to sigma(t_end) <= 0.03), plus an allowance for a solver's bias."""
+    mean, std = marginal(ns, t_end)
+    x = np.asarray(x, np.float64)
+    se_mean = std / np.sqrt(N_GAUSS)
+    se_std = std / np.sqrt(2 * N_GAUSS)
+    np.testing.assert_array_less(np.abs(x.mean(0) - mean), 5 * se_mean + extra_tol)
+    np.testing.assert_array_less(np.abs(x.std(0) - std), 5 * se_std + extra_tol)
+
+
+@pytest.mark.parametrize("sampler", ["dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m"])
+@pytest.mark.parametrize("formulation", ["vp_continuous", "sd_discrete"])
+def test_dpm_solvers_sample_gaussian_data(sampler, formulation):
+    """The samplers as `generate` configures them, 50 steps, float32."""
+    kwargs = dpm_solver_kwargs(sampler, formulation)
+    ns = schedule_for(formulation)
+    x_T = gaussian_noise(ns)
+    fn = jax.jit(lambda x: dpm_solver.sample(gaussian_eps(ns), x, ns, steps=50, **kwargs))
+    x = fn(x_T)
+    assert x.dtype == jnp.float32
+    # 2M on the time-uniform grid keeps a ~0.02 std bias at 50 steps (second order, see
+    # test_multistep_converges); the others are within sampling error.
+    slow = sampler == "dpm_solver++_2m" and formulation == "sd_discrete"
+    assert_gaussian_moments(x, ns, ns.t_end, extra_tol=0.01 if slow else 0.0)
+    # The 50-step solution is close to the exact ODE map of the same noise (max over 32k values;
+    # the time-uniform grid of the discrete models is the coarsest near t = 0).
+    exact = exact_ode(ns, np.asarray(x_T, np.float64), ns.t_end)
+    tol = {"dpm_solver++_3s": 0.05, "dpm_solver++_2m": 0.12} if formulation == "sd_discrete" else {}
+    assert np.abs(np.asarray(x) - exact).max() < tol.get(sampler, 0.02)
+
+
+@pytest.mark.parametrize("probability_flow,steps", [(False, 1000), (True, 500)])
+def test_euler_maruyama_samples_gaussian_data(probability_flow, steps):
+    ns = LinearVPSchedule()
+    fn = jax.jit(
+        lambda x, k: euler_maruyama.sample(
+            gaussian_eps(ns), x, ns, steps=steps, key=k, probability_flow=probability_flow
+        )
+    )
+    x = fn(gaussian_noise(ns), jax.random.key(7))
+    # Euler's O(1/steps) bias on top of the sampling error.
+    assert_gaussian_moments(x, ns, 0.0, extra_tol=0.01)
+
+
+def observed_order(errors, sizes):
+    return np.log(errors[-2] / errors[-1]) / np.log(sizes[-1] / sizes[-2])
+
+
+def dpm_errors(ns, step_list, **kwargs):
+    x_T = np.random.RandomState(3).randn(16, 4)
+    errs = []
+    with jax.enable_x64(True):
+        for steps in step_list:
+            fn = jax.jit(
+                lambda x, steps=steps: dpm_solver.sample(
+                    gaussian_eps(ns), x, ns, steps=steps, **kwargs
+                )
+            )
+            got = np.asarray(fn(jnp.asarray(x_T)))
+            errs.append(np.abs(got - exact_ode(ns, x_T, ns.t_end)).max())
+    return np.array(errs)
+
+
+@pytest.mark.parametrize("predict_x0", [False, True])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_singlestep_converges_at_its_order(order, predict_x0):
+    ns = LinearVPSchedule()
+    k = np.array([24, 48, 96])  # solver steps
+    errs = dpm_errors(
+        ns,
+        list(k * order),
+        order=order,
+        method="singlestep_fixed",
+        skip_type="logSNR",
+        predict_x0=predict_x0,
+    )
+    assert np.all(np.diff(errs) < 0)
+    assert order - 0.3 < observed_order(errs, k) < order + 0.7, errs
+
+
+def test_dpm_solver_fast_converges_at_third_order():
+    ns = LinearVPSchedule()
+    steps = [26, 50, 98]  # steps % 3 == 2: orders [3, ..., 3, 2], K = 9, 17, 33 steps
+    errs = dpm_errors(ns, steps, method="singlestep_fast", skip_type="logSNR", predict_x0=False)
+    assert np.all(np.diff(errs) < 0)
+    assert 2.7 < observed_order(errs, np.array([9, 17, 33])) < 3.7, errs
+
+
+@pytest.mark.parametrize("order,expected", [(2, 2.0), (3, 2.0)])
+def test_multistep_converges(order, expected):
+    # 3M's first-order warm-up step (as in the official solver) limits its global order to 2.
+    ns = LinearVPSchedule()
+    k = np.array([25, 50, 100])
+    errs = dpm_errors(
+        ns, list(k), order=order, method="multistep", skip_type="logSNR", predict_x0=True
+    )
+    assert np.all(np.diff(errs) < 0)
+    assert expected - 0.3 < observed_order(errs, k) < expected + 0.7, errs
+
+
+def test_probability_flow_converges_at_first_order():
+    ns = LinearVPSchedule()
+    x_T = np.random.RandomState(3).randn(16, 4)
+    k = np.array([100, 200, 400])
+    errs = []
+    with jax.enable_x64(True):
+        for steps in k:
+            fn = jax.jit(
+                lambda x, steps=steps: euler_maruyama.sample(
+                    gaussian_eps(ns), x, ns, steps=steps, probability_flow=True
+                )
+            )
+            got = np.asarray(fn(jnp.asarray(x_T)))
+            # The grid ends at t = 0 exactly.
+            errs.append(np.abs(got - exact_ode(ns, x_T, 1e-12)).max())
+    errs = np.array(errs)
+    assert 0.8 < observed_order(errs, k) < 1.3, errs
+
+
+def test_euler_maruyama_needs_a_key():
+    with pytest.raises(ValueError, match="PRNG key"):
+        euler_maruyama.sample(eps_jax, jnp.zeros((1, 6)), LinearVPSchedule(), steps=3)
+
+
+# ------------------------------------------------------------------------------------------
+# Guidance wrappers.
+# ------------------------------------------------------------------------------------------
+
+
+class RecordingModel:
+    """A stand-in U-ViT: eps depends on x, t_net, y and context; records each traced call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t_net, y, context):
+        self.calls.append((x.shape[0], y is not None, context is not None))
+        out = jnp.tanh(x) * (1.0 + t_net[:, None, None, None] / 1000.0)
+        if y is not None:
+            out = out + 0.1 * y[:, None, None, None].astype(x.dtype)
+        if context is not None:
+            out = out + context.mean(axis=(1, 2))[:, None, None, None]
+        return out
+
+
+@pytest.mark.parametrize("formulation,scale", [("vp_continuous", 999.0), ("sd_discrete", 1000.0)])
+def test_cfg_is_one_batched_forward_with_uvit_convention(formulation, scale):
+    ns = schedule_for(formulation)
+    model = RecordingModel()
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    t = jnp.asarray([0.1, 0.5, 0.9])
+    y = jnp.asarray([1, 2, 3], jnp.int32)
+    fn = guided_noise_fn(model, ns, y=y, cfg_scale=0.7, null_class=9)
+    got = jax.jit(fn)(x, t)
+    assert model.calls == [(6, True, False)], "guidance must be one forward pass of 2B"
+    t_net = scale * t
+    eps_c, eps_u = jax.jit(
+        lambda: (model(x, t_net, y, None), model(x, t_net, jnp.full_like(y, 9), None))
+    )()
+    np.testing.assert_allclose(got, eps_c + 0.7 * (eps_c - eps_u), rtol=1e-6, atol=1e-6)
+    # Unguided: the plain conditional model at the network time.
+    model.calls.clear()
+    plain = jax.jit(guided_noise_fn(model, ns, y=y))(x, t)
+    assert model.calls == [(3, True, False)]
+    np.testing.assert_allclose(plain, eps_c, rtol=1e-6)
+
+
+def test_cfg_text_to_image_uses_the_empty_context():
+    ns = DiscreteSchedule()
+    model = RecordingModel()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    t = jnp.asarray([0.3, 0.6])
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    null = jax.random.normal(jax.random.key(2), (5, 8))
+    fn = guided_noise_fn(model, ns, context=ctx, cfg_scale=1.0, null_context=null)
+    got = jax.jit(fn)(x, t)
+    assert model.calls == [(4, False, True)]
+    eps_c, eps_u = jax.jit(
+        lambda: (model(x, 1000 * t, None, ctx), model(x, 1000 * t, None, jnp.stack([null] * 2)))
+    )()
+    np.testing.assert_allclose(got, 2 * eps_c - eps_u, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="null_context"):
+        guided_noise_fn(model, ns, context=ctx, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="null_class"):
+        guided_noise_fn(model, ns, y=jnp.zeros(2, jnp.int32), cfg_scale=1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# generate: config -> samples.
+# ------------------------------------------------------------------------------------------
+
+
+def small_config(**sample):
+    from configs.fashion_mnist_uvit import get_config
+
+    c = get_config("runlocal")
+    c.sample.update(steps=6, **sample)
+    return c
+
+
+def params_model(params, x, t_net, y, context):
+    """A stand-in model taking its weights as an argument (like `apply_fn(graphdef)`)."""
+    h = jnp.tanh(x * params["w"] + t_net[:, None, None, None] / 1000.0)
+    return h + params["emb"][y][:, None, None, None]
+
+
+PARAMS = {"w": jnp.float32(0.8), "emb": jnp.linspace(-0.5, 0.5, 11)}
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    ["dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m", "euler_maruyama", "probability_flow"],
+)
+def test_generate_every_sampler(sampler):
+    c = small_config(sampler=sampler)
+    x = generate(params_model, c, jax.random.key(0), num=8, params=PARAMS)
+    assert x.shape == (8, 32, 32, 1) and x.dtype == jnp.float32
+    assert np.isfinite(np.asarray(x)).all()
+
+
+def test_generate_matches_the_direct_sampler_and_draws_real_labels():
+    c = small_config(sampler="dpm_solver_fast", cfg_scale=1.5)
+    key = jax.random.key(3)
+    labels = jnp.asarray([0, 3, 9, 5], jnp.int32)
+    got = generate(params_model, c, key, labels=labels, params=PARAMS)
+    k_x, _, _ = jax.random.split(key, 3)
+    x_T = jax.random.normal(k_x, (4, 32, 32, 1), jnp.float32)
+    ns = LinearVPSchedule()
+    noise_fn = guided_noise_fn(
+        functools.partial(params_model, PARAMS), ns, y=labels, cfg_scale=1.5, null_class=10
+    )
+    want = jax.jit(
+        lambda x: dpm_solver.sample(
+            noise_fn,
+            x,
+            ns,
+            steps=6,
+            method="singlestep_fast",
+            skip_type="logSNR",
+            predict_x0=False,
+        )
+    )(x_T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    spec = SamplerSpec.from_config(c)
+    assert spec.null_class == 10 and spec.num_classes == 10  # null class never drawn
+
+
+def test_generate_text_to_image_guides_with_the_empty_context():
+    c = small_config(sampler="dpm_solver++_2m", cfg_scale=2.0)
+    c.model.kind = "uvit_t2i"
+    c.diffusion.formulation = "sd_discrete"
+
+    def t2i_model(params, x, t_net, y, context):
+        assert y is None
+        return jnp.tanh(x * params["w"]) + context.mean(axis=(1, 2))[:, None, None, None]
+
+    ctx = jax.random.normal(jax.random.key(1), (3, 5, 8))
+    null = jax.random.normal(jax.random.key(2), (5, 8))
+    key = jax.random.key(5)
+    got = generate(t2i_model, c, key, contexts=ctx, null_context=null, params=PARAMS)
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (3, 32, 32, 1), jnp.float32)
+    ns = DiscreteSchedule()
+    noise_fn = guided_noise_fn(
+        functools.partial(t2i_model, PARAMS), ns, context=ctx, cfg_scale=2.0, null_context=null
+    )
+    kwargs = dpm_solver_kwargs("dpm_solver++_2m", "sd_discrete")
+    want = jax.jit(lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, **kwargs))(x_T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs null_context"):
+        generate(t2i_model, c, key, contexts=ctx, params=PARAMS)
+
+
+def test_generate_same_seed_same_images_on_any_device_count():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    c = small_config(sampler="euler_maruyama", cfg_scale=1.0)
+    key = jax.random.key(11)
+    one = generate(params_model, c, key, num=16, params=PARAMS)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    eight = generate(params_model, c, key, num=16, params=PARAMS, sharding=sharding)
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(eight), np.asarray(one), rtol=1e-6, atol=1e-6)
+    again = generate(params_model, c, key, num=16, params=PARAMS)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(one))
+
+
+def test_generate_compiles_once_across_batches():
+    c = small_config(sampler="dpm_solver++_2m", cfg_scale=1.0)
+    spec = SamplerSpec.from_config(c)
+    fn = make_generate_fn(params_model, spec, 4, True, None)
+    for seed in range(3):
+        labels = jax.random.randint(jax.random.key(seed), (4,), 0, 10)
+        generate(params_model, c, jax.random.key(seed), labels=labels, params=PARAMS)
+    assert fn._cache_size() == 1
+
+
+def test_generate_config_errors():
+    with pytest.raises(ValueError, match="config.sample.sampler"):
+        SamplerSpec.from_config(small_config(sampler="ddim"))
+    c = small_config(cfg_scale=1.0)
+    c.model.num_classes = -1
+    with pytest.raises(ValueError, match="cfg_scale != 0 needs a conditional model"):
+        SamplerSpec.from_config(c)
+    c = small_config(cfg_scale=1.0)
+    c.diffusion.p_uncond = 0.0
+    with pytest.raises(ValueError, match="p_uncond > 0"):
+        SamplerSpec.from_config(c)
+    c = small_config()
+    c.diffusion.formulation = "edm"
+    with pytest.raises(ValueError, match="config.diffusion.formulation"):
+        SamplerSpec.from_config(c)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, config.model.num_classes=11\)"):
+        generate(
+            params_model, small_config(), jax.random.key(0), labels=jnp.asarray([11]), params=PARAMS
+        )
+    t2i = small_config()
+    t2i.model.kind = "uvit_t2i"
+    with pytest.raises(ValueError, match="needs contexts"):
+        generate(params_model, t2i, jax.random.key(0), num=2, params=PARAMS)
+
+
+def test_sample_images_with_the_default_uvit():
+    uvit = pytest.importorskip("uvit_jax.models.uvit", reason="the U-ViT model is not there yet")
+    from flax import nnx
+
+    c = small_config(sampler="dpm_solver_fast", cfg_scale=1.0)
+    graphdef, params = nnx.split(uvit.build_uvit(c.model))
+    labels = np.arange(4) % 10
+    x = sample_images(graphdef, params, c, jax.random.key(0), labels=labels)
+    assert x.shape == (4, 32, 32, 1) and np.isfinite(np.asarray(x)).all()

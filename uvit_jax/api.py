@@ -1,0 +1,334 @@
+"""The notebook API: load a checkpoint, sample, decode and look, in three lines.
+
+    import uvit_jax
+    m = uvit_jax.load("workdirs/fashion_mnist")        # EMA weights of the latest step
+    plt.imshow(uvit_jax.grid(uvit_jax.sample(m, labels=range(10))))
+
+`load` reads only the `ema` (or `state`) item and the saved config of a checkpoint written by
+training or by `--mode convert`: no optimizer, no data pipeline, no trainer. It restores onto the
+devices at hand, whatever topology wrote the checkpoint: one device by default, or a ("data",
+"fsdp") mesh with the training FSDP layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from uvit_jax import checkpoints
+from uvit_jax import images as image_utils
+from uvit_jax.checkpoints import CheckpointError
+from uvit_jax.config_defaults import default_config
+from uvit_jax.models.autoencoder import JittedAutoencoder, make_autoencoder
+from uvit_jax.models.uvit import abstract_uvit
+from uvit_jax.parallel.mesh import batch_sharding, state_shardings
+from uvit_jax.sampling.generate import sample_images
+
+__all__ = ["CheckpointError", "Loaded", "decode", "grid", "load", "sample"]
+
+
+@dataclasses.dataclass(repr=False)
+class Loaded:
+    """A restored U-ViT and what it needs to sample.
+
+    model: the `nnx` module with the weights merged in: `model(x, t, y=..., context=...)`.
+    graphdef, params: the same model split for pure functions (`nnx.merge(graphdef, params)`);
+        params are float32 arrays on the devices `load` was given.
+    config: the resolved run config (an `ml_collections.ConfigDict`) saved with the checkpoint.
+    step: the checkpoint's training step (0 for a converted official checkpoint).
+    path: the checkpoint folder (`<workdir>/checkpoints/<step>`).
+    ema: whether params are the EMA weights (True) or the raw training weights.
+    mesh: the mesh the params are laid out on, None for one device.
+    """
+
+    model: nnx.Module
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: ml_collections.ConfigDict
+    step: int
+    path: str
+    ema: bool = True
+    mesh: jax.sharding.Mesh | None = None
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        where = "1 device" if self.mesh is None else f"mesh {dict(self.mesh.shape)}"
+        return (
+            f"Loaded({self.config.get('name') or 'U-ViT'!r}, step={self.step}, "
+            f"{'EMA' if self.ema else 'raw'} weights, {n / 1e6:.2f}M parameters on {where}, "
+            f"path={self.path!r})"
+        )
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def load(
+    workdir_or_checkpoint: str | os.PathLike,
+    step: int | None = None,
+    *,
+    ema: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Loaded:
+    """Restores a U-ViT checkpoint for sampling and inspection.
+
+    Args:
+      workdir_or_checkpoint: a run's workdir, its `checkpoints` folder, or one step's folder
+          (`<workdir>/checkpoints/<step>`).
+      step: the training step to load; default the latest (or the folder's step).
+      ema: True: the EMA weights (what sampling and FID use); False: the raw training weights
+          from the `state` item (training checkpoints only).
+      mesh: None: everything on the first device (`jax.devices()[0]`). A ("data", "fsdp") mesh
+          (`uvit_jax.parallel.mesh.make_mesh`): weights laid out by the training FSDP rule
+          (replicated where fsdp=1), and `sample` shards its batch over the mesh.
+    Returns:
+      A `Loaded` (model, graphdef, params, config, step).
+    Raises:
+      CheckpointError: no checkpoint there, no such step (the message lists the steps there
+          are), a checkpoint format newer than this uvit_jax, or ema=False on a checkpoint
+          without raw weights.
+    """
+    with _quiet_orbax():
+        root, step = _locate(workdir_or_checkpoint, step)
+        saved, step = checkpoints.read_saved_config(root, step)
+        config = config_from_dict(saved)
+        graphdef, abstract = nnx.split(abstract_uvit(config.model))
+        target = _placed(abstract, mesh)
+        if ema:
+            params, _, _ = checkpoints.load_ema_and_config(root, step, target)
+        else:
+            params = _restore_raw_params(root, step, target)
+    return Loaded(
+        model=nnx.merge(graphdef, params),
+        graphdef=graphdef,
+        params=params,
+        config=config,
+        step=step,
+        path=os.fspath(root / str(step)),
+        ema=ema,
+        mesh=mesh,
+    )
+
+
+def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The ConfigDict of a checkpoint's saved config.
+
+    Fields this version has but the checkpoint's writer did not get their defaults, so code that
+    reads a newer field still works on an older checkpoint.
+    """
+    config = ml_collections.ConfigDict(dict(saved))
+    _fill_missing(config, default_config())
+    return config
+
+
+def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+            config[key], ml_collections.ConfigDict
+        ):
+            _fill_missing(config[key], value)
+
+
+def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
+    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder."""
+    p = epath.Path(path)
+    if p.is_file():
+        raise CheckpointError(
+            f"{p} is a file; uvit_jax.load reads a workdir's orbax checkpoints. Import an official "
+            f"checkpoint first: python main.py --config configs/<model>.py --mode convert "
+            f"--config.convert.source={p} --workdir <new workdir>"
+        )
+    if p.name.isdigit() and (p / "config").exists():
+        if step is not None and step != int(p.name):
+            raise CheckpointError(f"{p} is the checkpoint of step {p.name}, but step={step} given")
+        return p.parent, int(p.name)
+    return checkpoints.find_step(p, step)
+
+
+def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
+    """ShapeDtypeStructs carrying the shardings to restore onto (orbax needs them to restore a
+    checkpoint written on another topology)."""
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract)
+    else:
+        shardings = state_shardings(abstract, mesh)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+
+
+def _restore_raw_params(root: epath.Path, step: int, target: nnx.State) -> nnx.State:
+    """The `params` of the `state` item alone (a partial restore: no optimizer state is read)."""
+    folder = root / str(step)
+    if not (folder / "state").exists():
+        raise CheckpointError(
+            f"{folder} has no `state` item, so no raw training weights (a converted official "
+            "checkpoint holds only EMA weights): load it with ema=True"
+        )
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=checkpoints.ITEMS
+    )
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    args = ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+    )
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    finally:
+        manager.close()
+
+
+class _DropOrbaxWarnings(logging.Filter):
+    """Read-only managers warn about every item they were not asked to restore: noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    logger, drop = logging.getLogger("absl"), _DropOrbaxWarnings()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+def sample(
+    loaded: Loaded,
+    *,
+    labels: Sequence[int] | np.ndarray | jax.Array | None = None,
+    contexts: np.ndarray | jax.Array | None = None,
+    null_context: np.ndarray | jax.Array | None = None,
+    num: int | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    decode: bool = True,
+) -> jax.Array:
+    """Draws samples with the checkpoint config's sampler and guidance.
+
+    Args:
+      loaded: from `load`.
+      labels: [B] class labels in [0, num_classes) for class-conditional models (a list or
+          `range` works); random classes if None.
+      contexts: [B, L, clip_dim] float32 text encodings (text-to-image models).
+      null_context: [L, clip_dim] encoding of the empty prompt (guided text-to-image only).
+      num: batch size B when neither labels nor contexts give it (default
+          config.sample.num_samples).
+      steps, cfg_scale, sampler: override config.sample.{steps, cfg_scale, sampler} for this
+          call (cfg_scale=0 samples without guidance); `loaded.config` is left unchanged.
+      seed: the PRNG seed: x_T, random labels and SDE noise come from `jax.random.key(seed)`,
+          so a seed gives the same samples on any number of devices.
+      decode: True: images through the config's autoencoder; False: the model's raw output
+          (scaled latents for latent models).
+    Returns:
+      decode=True: [B, H, W, C] float32 images clipped to [-1, 1]; decode=False: [B, h, w, c]
+      float32 samples in the model's space.
+    """
+    config = loaded.config.copy_and_resolve_references()
+    overrides = dict(steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    for (field, value), cast in zip(overrides.items(), (int, float, str), strict=True):
+        if value is not None:
+            config.sample[field] = cast(value)
+    if labels is not None:
+        labels = jnp.asarray(np.asarray(labels, np.int32).reshape(-1))
+    sharding = None if loaded.mesh is None else batch_sharding(loaded.mesh)
+    x = sample_images(
+        loaded.graphdef,
+        loaded.params,
+        config,
+        jax.random.key(seed),
+        labels=labels,
+        contexts=None if contexts is None else jnp.asarray(contexts, jnp.float32),
+        null_context=None if null_context is None else jnp.asarray(null_context, jnp.float32),
+        num=num,
+        sharding=sharding,
+        decode=_decoder_of(loaded) if decode else _identity,
+    )
+    return jnp.clip(x, -1.0, 1.0) if decode else x
+
+
+def _identity(z: jax.Array) -> jax.Array:
+    return z
+
+
+def _decoder_of(loaded: Loaded) -> functools.partial:
+    return functools.partial(decode, loaded)
+
+
+def decode(
+    loaded_or_config: Loaded | ml_collections.ConfigDict, z: np.ndarray | jax.Array
+) -> jax.Array:
+    """Scaled latents -> images with the config's autoencoder.
+
+    Args:
+      loaded_or_config: a `Loaded`, or a run config (its `autoencoder` and `model.in_chans`).
+      z: [B, h, w, c] float32 scaled latents (what `sample(..., decode=False)` returns).
+    Returns:
+      [B, H, W, C] float32 images, nominally in [-1, 1] (not clipped). Pixel-space models
+      (autoencoder.kind "identity") return z divided by the scale factor (1: unchanged).
+    Raises:
+      FileNotFoundError: config.autoencoder.pretrained_path does not exist on this machine
+          (set `loaded.config.autoencoder.pretrained_path` to where the weights are here).
+    """
+    if isinstance(loaded_or_config, Loaded):
+        config, mesh = loaded_or_config.config, loaded_or_config.mesh
+    else:
+        config, mesh = loaded_or_config, None
+    ae = config.autoencoder
+    ae = ae.to_dict() if hasattr(ae, "to_dict") else dict(ae)
+    key = json.dumps(ae, sort_keys=True, default=str)
+    return _autoencoder(key, int(config.model.in_chans), mesh).decode(jnp.asarray(z, jnp.float32))
+
+
+@functools.lru_cache(maxsize=4)
+def _autoencoder(ae_json: str, channels: int, mesh: jax.sharding.Mesh | None):
+    """One jitted autoencoder per (config.autoencoder, mesh): the KL-f8 is 84M parameters, read
+    from disk once, not per call."""
+    model = make_autoencoder(json.loads(ae_json), image_channels=channels)
+    return JittedAutoencoder(model, mesh)
+
+
+# ---- display -------------------------------------------------------------------------------
+
+
+def grid(images: np.ndarray | jax.Array, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """Images -> one uint8 picture for `plt.imshow` or PIL.
+
+    Args:
+      images: [N, H, W, C] float images in [-1, 1] (clipped), or uint8; C = 1 or 3.
+      ncol: images per row (default: a square-ish grid). Rows fill left to right.
+      pad: white pixels between and around images.
+    Returns:
+      [rows*(H+pad)+pad, ncol*(W+pad)+pad, 3] uint8; grey images are repeated on the three
+      channels so every image viewer takes the array as it is.
+    """
+    x = np.asarray(jax.device_get(images))
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"grid expects images [N, H, W, C] with C = 1 or 3, got shape {x.shape}")
+    x = x if x.dtype == np.uint8 else image_utils.to_uint8(x)
+    g = image_utils.make_grid(x, ncol=ncol, pad=pad)
+    return np.repeat(g, 3, axis=-1) if g.shape[-1] == 1 else g

@@ -1,0 +1,85 @@
+"""Euler-Maruyama for the reverse VP-SDE, and Euler for the probability-flow ODE (U-ViT `sde.py`).
+
+Forward SDE dx = f dt + g dw with f = -0.5 beta(t) x, g = sqrt(beta(t)); score = -eps / sigma_t.
+Reverse SDE drift f - g^2 score; probability-flow ODE drift f - 0.5 g^2 score. The grid is
+[0] + linspace(t_min, t_max, steps), walked downward: from t to s < t,
+x <- x + drift(x, t) (s - t) + g(t) sqrt(t - s) z, with no noise on the last step (s = 0).
+Each step is x <- A x + B eps + C z with A, B, C precomputed in float64; one `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uvit_jax.diffusion.schedules import Schedule
+from uvit_jax.sampling.dpm_solver import NoiseFn
+
+
+def coefficients(
+    schedule: Schedule,
+    *,
+    steps: int,
+    probability_flow: bool,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+) -> tuple[np.ndarray, ...]:
+    """Per-step float64 (t, A, B, C), each [steps], in sampling order (t decreasing)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = np.append(0.0, np.linspace(t_min, t_max, steps, dtype=np.float64))
+    s, t = grid[:-1][::-1], grid[1:][::-1]
+    beta = np.asarray(schedule.beta(t), np.float64)
+    sigma = np.asarray(schedule.marginal_std(t), np.float64)
+    dt = s - t  # negative
+    a = 1.0 - 0.5 * beta * dt
+    # -g^2 score = beta eps / sigma (reverse SDE); half of it for the probability-flow ODE.
+    b = (0.5 if probability_flow else 1.0) * beta / sigma * dt
+    c = np.zeros_like(t) if probability_flow else np.sqrt(beta * -dt) * (s != 0.0)
+    return t, a, b, c
+
+
+def sample(
+    noise_fn: NoiseFn,
+    x_T: jax.Array,
+    schedule: Schedule,
+    *,
+    steps: int,
+    key: jax.Array | None = None,
+    probability_flow: bool = False,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+) -> jax.Array:
+    """Integrates the reverse SDE (or the probability-flow ODE) from t_max to 0. Jittable.
+
+    Args:
+      noise_fn: noise_fn(x [B, ...], t_continuous [B]) -> eps [B, ...].
+      x_T: [B, ...] noise at t_max; its dtype is the state dtype.
+      schedule: a `uvit_jax.diffusion.schedules` schedule (needs `beta` and `marginal_std`).
+      steps: network evaluations (U-ViT: 1000 for the SDE, 50 for ODE previews).
+      key: PRNG key for the SDE noise (step i uses fold_in(key, i)); unused for the ODE.
+      probability_flow: integrate the probability-flow ODE instead of the SDE.
+      t_min, t_max: the grid is [0] + linspace(t_min, t_max, steps).
+    Returns:
+      x at t = 0, shape and dtype of x_T.
+    """
+    if not probability_flow and key is None:
+        raise ValueError("the reverse SDE needs a PRNG key (key=...)")
+    dtype = x_T.dtype
+    t, a, b, c = coefficients(
+        schedule, steps=steps, probability_flow=probability_flow, t_min=t_min, t_max=t_max
+    )
+    xs = tuple(jnp.asarray(v, dtype) for v in (t, a, b, c)) + (jnp.arange(steps),)
+    batch = x_T.shape[0]
+
+    def body(x, row):
+        t_i, a_i, b_i, c_i, i = row
+        eps = noise_fn(x, jnp.full((batch,), t_i, dtype)).astype(dtype)
+        x = a_i * x + b_i * eps
+        if not probability_flow:
+            x = x + c_i * jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype)
+        return x, None
+
+    x, _ = jax.lax.scan(body, x_T, xs)
+    return x

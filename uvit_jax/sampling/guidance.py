@@ -1,0 +1,81 @@
+"""Wrappers turning a U-ViT apply function into the samplers' `noise_fn(x, t_continuous)`.
+
+The model apply signature assumed throughout:
+
+    model_fn(x [B, H, W, C] float32, t_net [B] float32, y [B] int32 | None,
+             context [B, L, D] | None) -> eps [B, H, W, C]
+
+`t_net` is the network's time input (999 t for VP-continuous models, 1000 t for discrete ones,
+via `schedule.network_time`). Classifier-free guidance uses U-ViT's convention
+eps = eps_c + s (eps_c - eps_u) (so s = 0 is unguided, and U-ViT's s is the usual scale minus 1),
+with the conditional and unconditional halves computed in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from uvit_jax.diffusion.schedules import Schedule
+from uvit_jax.sampling.dpm_solver import NoiseFn
+
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
+
+
+def _is_zero(scale) -> bool:
+    """True for a concrete scale of 0 (then no unconditional pass is traced at all)."""
+    return isinstance(scale, (int, float)) and scale == 0
+
+
+def guided_noise_fn(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    *,
+    y: jax.Array | None = None,
+    context: jax.Array | None = None,
+    cfg_scale: float | jax.Array = 0.0,
+    null_class: int | None = None,
+    null_context: jax.Array | None = None,
+) -> NoiseFn:
+    """The noise function of a (possibly guided) U-ViT for DPM-Solver / Euler-Maruyama.
+
+    Args:
+      model_fn: the U-ViT apply function (signature in the module docstring).
+      schedule: maps continuous t to the network's time input (`schedule.network_time`).
+      y: [B] int32 class labels (class-conditional models) or None.
+      context: [B, L, D] text context (text-to-image models) or None.
+      cfg_scale: U-ViT's guidance scale s; a Python 0 skips the unconditional pass.
+      null_class: the label of the unconditional class (U-ViT: the last one, e.g. 1000 of 1001).
+      null_context: [L, D] (or [B, L, D]) encoding of the empty prompt.
+    Returns:
+      noise_fn(x [B, H, W, C], t_continuous [B]) -> eps [B, H, W, C].
+    """
+    guided = not _is_zero(cfg_scale)
+    if guided:
+        if y is None and context is None:
+            raise ValueError(
+                "classifier-free guidance (cfg_scale != 0) needs labels (y) or a context to guide"
+            )
+        if y is not None and null_class is None:
+            raise ValueError("classifier-free guidance with labels needs null_class")
+        if context is not None and null_context is None:
+            raise ValueError("classifier-free guidance with a context needs null_context")
+
+    def noise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        t_net = schedule.network_time(t).astype(jnp.float32)
+        if not guided:
+            return model_fn(x, t_net, y, context)
+        b = x.shape[0]
+        y2 = ctx2 = None
+        if y is not None:
+            y2 = jnp.concatenate([y, jnp.full_like(y, null_class)])
+        if context is not None:
+            null = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
+            ctx2 = jnp.concatenate([context, null])
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_net, t_net]), y2, ctx2)
+        eps_c, eps_u = out[:b], out[b:]
+        return eps_c + cfg_scale * (eps_c - eps_u)
+
+    return noise_fn
