@@ -60,7 +60,7 @@ def saved8(tmp_path_factory):
         model_graphdef(config.model),
         ema,
         config,
-        jax.random.key(SEED),
+        jax.random.fold_in(jax.random.key(SEED), 0),
         labels=jnp.asarray(LABELS),
         sharding=batch_sharding(mesh),
     )
@@ -134,7 +134,7 @@ def test_step_folder_overrides_and_model(saved8):
         m.graphdef,
         m.params,
         _with(m.config, cfg_scale=0.0, steps=3),
-        jax.random.key(SEED),
+        jax.random.fold_in(jax.random.key(SEED), 0),
         labels=jnp.asarray(LABELS[:4]),
     )
     np.testing.assert_array_equal(np.asarray(unguided), np.clip(np.asarray(want), -1, 1))

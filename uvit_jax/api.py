@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
@@ -111,7 +110,7 @@ def load(
         if ema:
             params, _, _ = checkpoints.load_ema_and_config(root, step, target)
         else:
-            params = _restore_raw_params(root, step, target)
+            params = checkpoints.load_raw_params(root, step, target)
     return Loaded(
         model=nnx.merge(graphdef, params),
         graphdef=graphdef,
@@ -174,27 +173,6 @@ def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
     )
 
 
-def _restore_raw_params(root: epath.Path, step: int, target: nnx.State) -> nnx.State:
-    """The `params` of the `state` item alone (a partial restore: no optimizer state is read)."""
-    folder = root / str(step)
-    if not (folder / "state").exists():
-        raise CheckpointError(
-            f"{folder} has no `state` item, so no raw training weights (a converted official "
-            "checkpoint holds only EMA weights): load it with ema=True"
-        )
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=checkpoints.ITEMS
-    )
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-    args = ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-    )
-    try:
-        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
-    finally:
-        manager.close()
-
-
 class _DropOrbaxWarnings(logging.Filter):
     """Read-only managers warn about every item they were not asked to restore: noise here."""
 
@@ -226,6 +204,7 @@ def sample(
     cfg_scale: float | None = None,
     sampler: str | None = None,
     seed: int = 0,
+    batch: int = 0,
     decode: bool = True,
 ) -> jax.Array:
     """Draws samples with the checkpoint config's sampler and guidance.
@@ -240,8 +219,9 @@ def sample(
           config.sample.num_samples).
       steps, cfg_scale, sampler: override config.sample.{steps, cfg_scale, sampler} for this
           call (cfg_scale=0 samples without guidance); `loaded.config` is left unchanged.
-      seed: the PRNG seed: x_T, random labels and SDE noise come from `jax.random.key(seed)`,
-          so a seed gives the same samples on any number of devices.
+      seed, batch: x_T, random labels and SDE noise come from
+          `fold_in(jax.random.key(seed), batch)`, so a seed gives the same samples on any number
+          of devices, and batch i equals batch i of `main.py --mode sample` with that seed.
       decode: True: images through the config's autoencoder; False: the model's raw output
           (scaled latents for latent models).
     Returns:
@@ -260,7 +240,7 @@ def sample(
         loaded.graphdef,
         loaded.params,
         config,
-        jax.random.key(seed),
+        jax.random.fold_in(jax.random.key(seed), batch),
         labels=labels,
         contexts=None if contexts is None else jnp.asarray(contexts, jnp.float32),
         null_context=None if null_context is None else jnp.asarray(null_context, jnp.float32),

@@ -14,10 +14,11 @@ first moved into `checkpoints/trash/`, emptied at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -134,6 +135,17 @@ def restore(
     return dict(manager.restore(step, args=ocp.args.Composite(**items)))
 
 
+@contextlib.contextmanager
+def _read_only(root: epath.Path) -> Iterator[ocp.CheckpointManager]:
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
+    )
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
 def find_step(workdir: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
     """(checkpoint directory, step) for `workdir` or a `.../checkpoints` folder; latest if None."""
     path = epath.Path(workdir)
@@ -142,13 +154,8 @@ def find_step(workdir: str | os.PathLike, step: int | None = None) -> tuple[epat
     root = path if path.name == "checkpoints" else checkpoint_dir(path)
     if not root.exists():
         raise CheckpointError(f"no checkpoint in {path}: {root} does not exist")
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
-    try:
+    with _read_only(root) as manager:
         return root, _check_step(manager, step, os.fspath(path))
-    finally:
-        manager.close()
 
 
 def load_ema_and_config(
@@ -156,30 +163,35 @@ def load_ema_and_config(
 ) -> tuple[Any, dict, int]:
     """Restores only the EMA item (and the config): what notebooks, sampling and eval need."""
     root, step = find_step(workdir, step)
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
-    try:
+    with _read_only(root) as manager:
         config = read_config(manager, step)
         ema = manager.restore(
             step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target))
         )
         return ema["ema"], config, step
-    finally:
-        manager.close()
+
+
+def load_raw_params(root: str | os.PathLike, step: int, target: Any) -> Any:
+    """The `params` of the `state` item alone (a partial restore: the optimizer state is not
+    read). `target`: abstract params carrying the shardings to restore onto."""
+    root = epath.Path(root)
+    folder = root / str(step)
+    if not (folder / "state").exists():
+        raise CheckpointError(
+            f"{folder} has no `state` item, so no raw training weights (a converted official "
+            "checkpoint holds only EMA weights): load it with ema=True"
+        )
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    args = ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+    )
+    with _read_only(root) as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
 def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
     """(config dict, step) of the checkpoint at `step` (latest if None) without loading arrays."""
     root, step = find_step(workdir, step)
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
-    try:
+    with _read_only(root) as manager:
         return read_config(manager, step), step
-    finally:
-        manager.close()
 
-
-def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
-    return (epath.Path(manager.directory) / str(step) / item).exists()

@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
             pretrained_path="",  # LDM/diffusers file or converted orbax checkpoint
             scale_factor=1.0,  # 0.18215 ImageNet, 0.23010 MS-COCO
             dtype="float32",
+            # LDM ddconfig (ch, ch_mult, num_res_blocks, ...) and embed_dim; empty / 0: SD KL-f8.
+            ddconfig=ml_collections.ConfigDict(),
+            embed_dim=0,
         )
     )
 
@@ -79,8 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
             preprocess="center_crop",  # "adm_center_crop", "celeba", "coco", "pad", "center_crop"
             latent_dir="",  # where the extracted (latent or pixel) TFDS dataset lives
             latent_dtype="float32",  # "float16" halves the dataset
-            num_workers=2,
-            prefetch=2,
+            num_workers=2,  # grain worker processes (restore with the same number)
+            prefetch=2,  # batches each worker keeps ready
+            read_threads=2,  # array_record read threads per process
+            max_examples=0,  # extraction: use only the first N source images (0: all)
+            extract_shard_size=4096,  # source images per extracted shard (fixed for a resume)
+            extract_batch_size=64,  # images per autoencoder call during extraction
+            tfds_data_dir="",  # TFDS data_dir for source="tfds" ("" = TFDS default)
         )
     )
 

@@ -62,6 +62,7 @@ MODES: dict[str, str] = {
     "convert_inception": "uvit_jax.evaluation.job:convert_inception",
     "fid_stats": "uvit_jax.evaluation.job:fid_stats",
     "eval": "uvit_jax.evaluation.job:evaluate",
+    "sample": "uvit_jax.sampling.job:sample_job",
 }
 
 

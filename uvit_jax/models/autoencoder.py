@@ -614,7 +614,7 @@ def make_autoencoder(
     if isinstance(ddconfig, Mapping):
         ddconfig = DDConfig.from_dict(ddconfig, source="autoencoder.ddconfig")
     if embed_dim is None:
-        embed_dim = ae_config.get("embed_dim", None)
+        embed_dim = ae_config.get("embed_dim") or None  # 0 in a config: the default
 
     if not path:
         logging.warning("autoencoder.pretrained_path is empty: using a randomly initialised KL-f8")
