@@ -25,128 +25,73 @@ _REF = {
 _PIXEL = dict(kind="identity", scale_factor=1.0)
 _KL_F8 = dict(kind="kl_f8", pretrained_path="assets/stable-diffusion/autoencoder_kl_ema.pth")
 
-# name: (model, data, autoencoder, diffusion, optim, train, sample, paper FID)
+
+def _imagenet(res: int) -> dict:
+    return dict(source="tfds", name="imagenet2012", resolution=res, preprocess="adm_center_crop")
+
+
+def _row(size, img, p, chans, data, ae, formulation, lr, betas, warmup, batch, steps, p_uncond,
+         sampler, nfe, cfg, ref, fid, *, classes=-1, conv=True, kind="uvit"):  # fmt: skip
+    """One line of SPEC section 2's table."""
+    model = dict(size=size, kind=kind, img_size=img, patch_size=p, in_chans=chans, conv=conv)
+    if kind == "uvit":
+        model["num_classes"] = classes
+    return dict(
+        model=model,
+        data=data,
+        autoencoder=ae,
+        diffusion=dict(formulation=formulation, p_uncond=p_uncond),
+        optim=dict(lr=lr, b1=betas[0], b2=betas[1], warmup_steps=warmup),
+        train=dict(batch_size=batch, num_steps=steps),
+        sample=dict(sampler=sampler, steps=nfe, cfg_scale=cfg),
+        ref=ref,
+        fid=fid,
+    )
+
+
+_VP, _SD = "vp_continuous", "sd_discrete"
+_EM, _FAST, _PP3S = "euler_maruyama", "dpm_solver_fast", "dpm_solver++_3s"
+_B99 = (0.99, 0.99)
+_COCO = dict(source="tfds", name="coco_captions", resolution=256, preprocess="coco")
+
+# fmt: off
 PAPER: dict[str, dict] = {
-    "cifar10_uvit_small": dict(
-        model=dict(size="small", img_size=32, patch_size=2, in_chans=3, conv=True),
-        data=dict(source="tfds", name="cifar10", resolution=32, preprocess="center_crop"),
-        autoencoder=_PIXEL,
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.0),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.999, warmup_steps=2500),
-        train=dict(batch_size=128, num_steps=500_000),
-        sample=dict(sampler="euler_maruyama", steps=1000, cfg_scale=0.0),
-        ref="cifar10",
-        fid=3.11,
-    ),
-    "celeba64_uvit_small": dict(
-        model=dict(size="small", img_size=64, patch_size=4, in_chans=3, conv=True),
-        data=dict(source="tfds", name="celeb_a", resolution=64, preprocess="celeba"),
-        autoencoder=_PIXEL,
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.0),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=128, num_steps=500_000),
-        sample=dict(sampler="euler_maruyama", steps=1000, cfg_scale=0.0),
-        ref="celeba64",
-        fid=2.87,
-    ),
-    "imagenet64_uvit_mid": dict(
-        model=dict(size="mid", img_size=64, patch_size=4, in_chans=3, num_classes=1000, conv=True),
-        data=dict(source="tfds", name="imagenet2012", resolution=64, preprocess="adm_center_crop"),
-        autoencoder=_PIXEL,
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.0),
-        optim=dict(lr=3e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=300_000),
-        sample=dict(sampler="dpm_solver_fast", steps=50, cfg_scale=0.0),
-        ref="imagenet64",
-        fid=5.85,
-    ),
-    "imagenet64_uvit_large": dict(
-        model=dict(
-            size="large", img_size=64, patch_size=4, in_chans=3, num_classes=1000, conv=True
-        ),
-        data=dict(source="tfds", name="imagenet2012", resolution=64, preprocess="adm_center_crop"),
-        autoencoder=_PIXEL,
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.0),
-        optim=dict(lr=3e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=300_000),
-        sample=dict(sampler="dpm_solver_fast", steps=50, cfg_scale=0.0),
-        ref="imagenet64",
-        fid=4.26,
-    ),
-    "imagenet256_uvit_large": dict(
-        model=dict(
-            size="large", img_size=32, patch_size=2, in_chans=4, num_classes=1001, conv=True
-        ),
-        data=dict(source="tfds", name="imagenet2012", resolution=256, preprocess="adm_center_crop"),
-        autoencoder=dict(_KL_F8, scale_factor=0.18215),
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.15),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=300_000),
-        sample=dict(sampler="dpm_solver_fast", steps=50, cfg_scale=0.4),
-        ref="imagenet256",
-        fid=3.40,
-    ),
-    "imagenet256_uvit_huge": dict(
-        model=dict(
-            size="huge", img_size=32, patch_size=2, in_chans=4, num_classes=1001, conv=False
-        ),
-        data=dict(source="tfds", name="imagenet2012", resolution=256, preprocess="adm_center_crop"),
-        autoencoder=dict(_KL_F8, scale_factor=0.18215),
-        diffusion=dict(formulation="sd_discrete", p_uncond=0.1),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=500_000),
-        sample=dict(sampler="dpm_solver++_3s", steps=50, cfg_scale=0.4),
-        ref="imagenet256",
-        fid=2.29,
-    ),
-    "imagenet512_uvit_large": dict(
-        model=dict(
-            size="large", img_size=64, patch_size=4, in_chans=4, num_classes=1001, conv=True
-        ),
-        data=dict(source="tfds", name="imagenet2012", resolution=512, preprocess="adm_center_crop"),
-        autoencoder=dict(_KL_F8, scale_factor=0.18215),
-        diffusion=dict(formulation="vp_continuous", p_uncond=0.15),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=500_000),
-        sample=dict(sampler="dpm_solver_fast", steps=50, cfg_scale=0.7),
-        ref="imagenet512",
-        fid=4.67,
-    ),
-    "imagenet512_uvit_huge": dict(
-        model=dict(
-            size="huge", img_size=64, patch_size=4, in_chans=4, num_classes=1001, conv=False
-        ),
-        data=dict(source="tfds", name="imagenet2012", resolution=512, preprocess="adm_center_crop"),
-        autoencoder=dict(_KL_F8, scale_factor=0.18215),
-        diffusion=dict(formulation="sd_discrete", p_uncond=0.1),
-        optim=dict(lr=2e-4, b1=0.99, b2=0.99, warmup_steps=5000),
-        train=dict(batch_size=1024, num_steps=500_000),
-        sample=dict(sampler="dpm_solver++_3s", steps=50, cfg_scale=0.7),
-        ref="imagenet512",
-        fid=4.05,
-    ),
-    "mscoco_uvit_small": dict(
-        model=dict(
-            size="small",
-            kind="uvit_t2i",
-            img_size=32,
-            patch_size=2,
-            in_chans=4,
-            clip_dim=768,
-            num_clip_token=77,
-            conv=True,
-        ),
-        data=dict(source="tfds", name="coco_captions", resolution=256, preprocess="coco"),
-        autoencoder=dict(_KL_F8, scale_factor=0.23010),
-        diffusion=dict(formulation="sd_discrete", p_uncond=0.1),
-        optim=dict(lr=2e-4, b1=0.9, b2=0.9, warmup_steps=5000),
-        train=dict(batch_size=256, num_steps=1_000_000),
-        sample=dict(sampler="dpm_solver++_3s", steps=50, cfg_scale=1.0),
-        ref="mscoco",
-        fid=5.95,
-        eval_samples=30_000,
-    ),
+    # name: size, img, patch, chans, data, autoencoder, formulation, lr, betas, warmup, batch,
+    #       steps, p_uncond, sampler, NFE, CFG scale, reference statistics, paper FID
+    "cifar10_uvit_small": _row(
+        "small", 32, 2, 3, dict(source="tfds", name="cifar10", resolution=32,
+        preprocess="center_crop"), _PIXEL, _VP, 2e-4, (0.99, 0.999), 2500, 128, 500_000, 0.0,
+        _EM, 1000, 0.0, "cifar10", 3.11),
+    "celeba64_uvit_small": _row(
+        "small", 64, 4, 3, dict(source="tfds", name="celeb_a", resolution=64,
+        preprocess="celeba"), _PIXEL, _VP, 2e-4, _B99, 5000, 128, 500_000, 0.0,
+        _EM, 1000, 0.0, "celeba64", 2.87),
+    "imagenet64_uvit_mid": _row(
+        "mid", 64, 4, 3, _imagenet(64), _PIXEL, _VP, 3e-4, _B99, 5000, 1024, 300_000, 0.0,
+        _FAST, 50, 0.0, "imagenet64", 5.85, classes=1000),
+    "imagenet64_uvit_large": _row(
+        "large", 64, 4, 3, _imagenet(64), _PIXEL, _VP, 3e-4, _B99, 5000, 1024, 300_000, 0.0,
+        _FAST, 50, 0.0, "imagenet64", 4.26, classes=1000),
+    "imagenet256_uvit_large": _row(
+        "large", 32, 2, 4, _imagenet(256), dict(_KL_F8, scale_factor=0.18215), _VP, 2e-4, _B99,
+        5000, 1024, 300_000, 0.15, _FAST, 50, 0.4, "imagenet256", 3.40, classes=1001),
+    "imagenet256_uvit_huge": _row(
+        "huge", 32, 2, 4, _imagenet(256), dict(_KL_F8, scale_factor=0.18215), _SD, 2e-4, _B99,
+        5000, 1024, 500_000, 0.1, _PP3S, 50, 0.4, "imagenet256", 2.29, classes=1001,
+        conv=False),
+    "imagenet512_uvit_large": _row(
+        "large", 64, 4, 4, _imagenet(512), dict(_KL_F8, scale_factor=0.18215), _VP, 2e-4, _B99,
+        5000, 1024, 500_000, 0.15, _FAST, 50, 0.7, "imagenet512", 4.67, classes=1001),
+    "imagenet512_uvit_huge": _row(
+        "huge", 64, 4, 4, _imagenet(512), dict(_KL_F8, scale_factor=0.18215), _SD, 2e-4, _B99,
+        5000, 1024, 500_000, 0.1, _PP3S, 50, 0.7, "imagenet512", 4.05, classes=1001,
+        conv=False),
+    "mscoco_uvit_small": dict(_row(
+        "small", 32, 2, 4, _COCO, dict(_KL_F8, scale_factor=0.23010), _SD, 2e-4, (0.9, 0.9),
+        5000, 256, 1_000_000, 0.1, _PP3S, 50, 1.0, "mscoco", 5.95, kind="uvit_t2i"),
+        eval_samples=30_000),
 }
+# fmt: on
 
 
 def paper_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
