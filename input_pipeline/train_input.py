@@ -64,8 +64,9 @@ class ReadBatch(grain.transforms.MapWithIndex):
     """Global step k -> this process's batch k, decoded.
 
     Epoch e = k // steps_per_epoch uses the first E of a permutation of all examples drawn from
-    (seed, e); process p of P takes every P-th entry of it (disjoint, together complete), and
-    batch k the next b of those. Each example's flip copy is `flip_bits(seed, e, example)`.
+    (seed, e); global batch j of the epoch is the next B = P b entries, of which process p of P
+    takes the contiguous block p (disjoint, together complete, and the same global batch for any
+    P). Each example's flip copy is `flip_bits(seed, e, example)`.
     """
 
     def __init__(
@@ -107,10 +108,12 @@ class ReadBatch(grain.transforms.MapWithIndex):
     def example_ids(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, example ids [b]) of this process's batch `step`."""
         epoch, j = divmod(step, self._steps_per_epoch)
-        positions = np.arange(j * self._batch, (j + 1) * self._batch, dtype=np.int64)
-        return epoch, self._permutation(epoch)[
-            positions * self._process_count + self._process_index
-        ]
+        # Process p takes the contiguous block p of global batch j: the global array puts
+        # process p's rows at [p*b, (p+1)*b), so every row meets the same data (and noise) on
+        # any number of processes.
+        start = (j * self._process_count + self._process_index) * self._batch
+        positions = np.arange(start, start + self._batch, dtype=np.int64)
+        return epoch, self._permutation(epoch)[positions]
 
     def map_with_index(self, index: int, element: Any) -> dict[str, np.ndarray]:
         del element  # the position in the stream is all that matters
@@ -144,6 +147,7 @@ def make_train_dataset(
     process_count: int | None = None,
     data_dir: str | os.PathLike | None = None,
     include_index: bool = False,
+    start_step: int = 0,
 ) -> grain.IterDataset:
     """The per-process training `IterDataset` (see the module docstring).
 
@@ -154,6 +158,8 @@ def make_train_dataset(
       process_index, process_count: default jax's; pass them to simulate hosts.
       data_dir: the dataset directory, when `config.data.latent_dir` is empty.
       include_index: also yield the source `index` and `flip` of every example (tests).
+      start_step: begin at this global step: how a run resumes when its saved iterator state
+        was written by another number of processes (batch k is the same for any count).
     Raises:
       DatasetMismatchError: the dataset's record shape, autoencoder or scale factor differ from
         the config's (the message names both), or it is too small for one batch per process.
@@ -194,6 +200,8 @@ def make_train_dataset(
         include_index=include_index,
     )
     ds = grain.MapDataset.range(per_process // batch).repeat().map_with_index(read)
+    if start_step:  # the stream from global step `start_step` on (same batches as a restore)
+        ds = ds[start_step:]
     prefetch = max(1, int(config.data.prefetch))
     read_threads = int(config.data.get("read_threads", 2))
     it = ds.to_iter_dataset(
@@ -216,6 +224,7 @@ def make_train_iterator(
     process_count: int | None = None,
     data_dir: str | os.PathLike | None = None,
     include_index: bool = False,
+    start_step: int = 0,
 ) -> grain.DatasetIterator:
     """`iter(make_train_dataset(...))`: save/restore it with `grain.checkpoint.CheckpointSave`
     / `CheckpointRestore` (orbax); restore with the same `config.data.num_workers`."""
@@ -227,5 +236,6 @@ def make_train_iterator(
             process_count=process_count,
             data_dir=data_dir,
             include_index=include_index,
+            start_step=start_step,
         )
     )

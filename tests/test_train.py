@@ -280,3 +280,22 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tmp_path):
+    """grain keeps one iterator file per process; a run resumed on another number of processes
+    finds none for itself and restarts the stream at the step, with the same batches."""
+    common = ["--config.train.ckpt_every=4", "--config.train.keep_ckpts=10"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for workdir, steps in ((straight, 8), (resumed, 4)):
+        cmd = train_cmd(workdir, fmnist_dir, f"--config.train.num_steps={steps}", *common)
+        subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True)
+    # What a checkpoint written by 2 processes holds for a 1-process run: no file of its own.
+    (resumed / "checkpoints" / "4" / "data_iter" / "process_0-of-1.json").rename(
+        resumed / "checkpoints" / "4" / "data_iter" / "process_0-of-2.json"
+    )
+    subprocess.run(train_cmd(resumed, fmnist_dir, "--config.train.num_steps=8", *common),
+                   env=subprocess_env(), check=True, capture_output=True)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(restored_params(straight, 8)),
+                    jax.tree.leaves(restored_params(resumed, 8)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)

@@ -189,9 +189,15 @@ def load_raw_params(root: str | os.PathLike, step: int, target: Any) -> Any:
         return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
+def has_data_iter_for_this_topology(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether `step` holds this process's grain iterator state (grain keeps one file per
+    process, so a run resumed on another number of processes has none)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (epath.Path(manager.directory) / str(step) / "data_iter" / name).exists()
+
+
 def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
     """(config dict, step) of the checkpoint at `step` (latest if None) without loading arrays."""
     root, step = find_step(workdir, step)
     with _read_only(root) as manager:
         return read_config(manager, step), step
-

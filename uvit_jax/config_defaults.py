@@ -133,6 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
             # "euler_maruyama", "probability_flow"
             steps=50,
             cfg_scale=0.0,  # U-ViT's s: eps = eps_c + s (eps_c - eps_u)
+            # DPM-Solver++ only: clip the predicted x0 to the data range (dynamic thresholding,
+            # ratio 0.995), which keeps short-trained pixel models' samples from diverging.
+            thresholding=False,
             num_samples=64,
             batch_size=64,  # global
         )

@@ -58,6 +58,7 @@ class SamplerSpec:
     kind: str  # "uncond", "class" or "t2i"
     num_classes: int  # labels drawn from [0, num_classes) (the null class excluded)
     null_class: int | None
+    thresholding: bool = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel models)
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -94,6 +95,12 @@ class SamplerSpec:
                 "config.sample.cfg_scale != 0 needs a model trained for guidance "
                 "(config.diffusion.p_uncond > 0: null class / empty context)"
             )
+        thresholding = bool(config.sample.get("thresholding", False))
+        if thresholding and not _DPM_SOLVERS.get(sampler, {}).get("predict_x0", False):
+            raise ValueError(
+                "config.sample.thresholding needs a data-prediction sampler "
+                f"(dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
+            )
         return cls(
             config.diffusion.formulation,
             sampler,
@@ -103,6 +110,7 @@ class SamplerSpec:
             kind,
             num_classes,
             null_class,
+            thresholding,
         )
 
 
@@ -119,7 +127,9 @@ def sample_noise(
     schedule = schedule_for(spec.formulation)
     if spec.sampler in _DPM_SOLVERS:
         kwargs = dpm_solver_kwargs(spec.sampler, spec.formulation)
-        return dpm_solver.sample(noise_fn, x_T, schedule, steps=spec.steps, **kwargs)
+        return dpm_solver.sample(
+            noise_fn, x_T, schedule, steps=spec.steps, thresholding=spec.thresholding, **kwargs
+        )
     return euler_maruyama.sample(
         noise_fn, x_T, schedule, steps=spec.steps, key=key, probability_flow=_EULER[spec.sampler]
     )

@@ -82,28 +82,36 @@ def check_same_model(saved: Mapping, config, workdir: str) -> None:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM; the loop saves a checkpoint and exits at the next step."""
+    """Set by SIGTERM; the loop saves a checkpoint and exits at the next step.
+
+    Multi-process, JAX's preemption sync manager (started by `jax.distributed.initialize`)
+    receives the SIGTERM of any process and picks a step every process reaches; asking it is a
+    host-side lookup, not a collective, so the loop keeps dispatching steps asynchronously.
+    """
 
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
+        self._checked: tuple[int, bool] = (-1, False)
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
+        # Multi-process, JAX's notifier owns SIGTERM: a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def is_set(self) -> bool:
+    def is_set(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call it after every step)."""
         if jax.process_count() == 1:
             return self._event.is_set()
-        from jax.experimental import multihost_utils
+        if self._checked[0] != step:  # the sync manager expects one query per step
+            from jax.experimental import multihost_utils
 
-        # Every process must stop at the same step: any process's signal stops all.
-        flags = multihost_utils.process_allgather(np.array(self._event.is_set()))
-        return bool(np.any(flags))
+            self._checked = (step, multihost_utils.reached_preemption_sync_point(step))
+        return self._checked[1]
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -183,7 +191,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         check_same_model(checkpoints.read_config(manager, latest), config, workdir)
 
     data_dir = ensure_dataset(config, workdir)
-    data_iter = make_train_iterator(config, seed=config.seed, data_dir=data_dir)
+    # A saved iterator position is restored below; one written by another number of processes
+    # cannot be, and the stream is rebuilt at the step instead (the same batches either way).
+    restore_iter = latest is not None and checkpoints.has_data_iter_for_this_topology(
+        manager, latest
+    )
+    start_step = latest if latest is not None and not restore_iter else 0
+    data_iter = make_train_iterator(
+        config, seed=config.seed, data_dir=data_dir, start_step=start_step
+    )
 
     num_steps = int(config.train.num_steps)
     tx = make_optimizer(config.optim, num_steps)
@@ -194,7 +210,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     if latest is not None:
         item, ema_target = abstract_state.checkpoint_items()
         restored = checkpoints.restore(
-            manager, latest, ema_target=ema_target, state_target=item, data_iter=data_iter
+            manager,
+            latest,
+            ema_target=ema_target,
+            state_target=item,
+            data_iter=data_iter if restore_iter else None,
         )
         state = TrainState.from_checkpoint_items(restored["state"], restored["ema"])
         logging.info("resumed from step %d in %s", int(state.step), workdir)
@@ -252,7 +272,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                         f"the last good checkpoint is step {manager.latest_step()}. Lower "
                         "optim.lr or set train.on_nonfinite='skip' to skip such steps."
                     )
-            if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set():
+            if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set(done):
                 item, ema = state.checkpoint_items()
                 checkpoints.save(
                     manager, done, ema=ema, config=config, state=item, data_iter=data_iter
@@ -270,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     int(config.eval.train_num_samples),
                 )
                 writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
-            if preempt.is_set():
+            if preempt.is_set(done):
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break
             if done < num_steps:

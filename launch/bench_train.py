@@ -1,0 +1,378 @@
+"""Benchmark: the real train step (or the guided sampling forward) of any config.
+
+  python launch/bench_train.py --config configs/fashion_mnist_uvit.py
+  python launch/bench_train.py --config configs/imagenet256_uvit_large.py --batch 128 \
+      --measure_peak                                    # one H100/H200: MFU vs a bf16 matmul
+  python launch/bench_train.py --config configs/imagenet256_uvit_huge.py --what sample
+  python launch/bench_train.py --config configs/cifar10_uvit_small.py --config.model.remat=full
+
+`--what train` builds the state and step of `uvit_jax.train` (created sharded over the config's
+mesh, AOT-compiled, state donated) and, beside it, a bare step of the same model: plain
+`jax.jit(value_and_grad(loss) + optax.adamw)` with the same loss and shardings, no EMA, no
+non-finite guard, no metrics; the ratio of their step times is our overhead. `--what sample`
+times one classifier-free-guided network evaluation of `--sample_batch` images (conditional and
+unconditional halves in one batch of 2x, as the samplers run it) with the EMA-shaped weights.
+
+Data are synthetic (the step's cost does not depend on their values). Printed per program:
+compile seconds, step milliseconds (median and best of `--steps` timed steps after `--warmup`;
+the programs alternate step by step, so load from other processes falls on all alike), images/s,
+model TFLOP/s per device (`uvit_jax.train.flops`: forward = 2 x matmul weights x tokens +
+4 L^2 D per block; a train step = 3 x forward), MFU against `--peak_tflops`, a measured bf16
+matmul peak (`--measure_peak`) or the device's known peak, and memory: XLA's compiled
+argument + temporary bytes, and the process peak (`memory_stats()["peak_bytes_in_use"]` on
+accelerators, max RSS on CPU).
+
+Set XLA flags (e.g. `launch/xla_gpu_flags.sh`) in the environment, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from uvit_jax.parallel.distributed import initialize_distributed  # noqa: E402
+from uvit_jax.parallel.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
+from uvit_jax.train import flops  # noqa: E402
+from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+from uvit_jax.train.state import (  # noqa: E402
+    abstract_train_state,
+    create_train_state,
+    model_graphdef,
+)
+from uvit_jax.train.step import compile_train_step, make_loss_fn, make_train_step  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/fashion_mnist_uvit.py", "configs/*.py[:arg]")
+flags.DEFINE_enum("what", "train", ["train", "sample", "both"], "Which program to time.")
+flags.DEFINE_integer("batch", 0, "Global train batch (0: the config's train.batch_size).")
+flags.DEFINE_integer("sample_batch", 256, "Images per guided sampling forward.")
+flags.DEFINE_integer("steps", 10, "Timed steps per program.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per program after compiling.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measured or known).")
+flags.DEFINE_bool("measure_peak", False, "Time a large jitted bf16 matmul for the MFU peak.")
+flags.DEFINE_integer("peak_matmul_size", 0, "N of the N x N peak matmul (0: 8192, CPU 2048).")
+flags.DEFINE_bool("bare", True, "Also time the bare value_and_grad + adamw step.")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass
+class Timing:
+    name: str
+    compile_s: float
+    run: Callable[[], object]  # one step; returns the arrays it produced
+    images: int  # per step
+    flops: float  # model FLOPs per step, all devices
+    memory_bytes: int | None  # compiled arguments + temporaries, per device
+    times: list[float] = dataclasses.field(default_factory=list)  # seconds per timed step
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best_s(self) -> float:
+        return min(self.times)
+
+
+def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Host arrays shaped like the training pipeline's global batch for `config`."""
+    m = config.model
+    rng = np.random.default_rng(seed)
+    channels = m.in_chans if config.autoencoder.kind == "identity" else 2 * m.in_chans
+    out = {"x": rng.standard_normal((batch, m.img_size, m.img_size, channels), np.float32)}
+    if m.kind == "uvit_t2i":
+        out["context"] = rng.standard_normal((batch, m.num_clip_token, m.clip_dim), np.float32)
+        out["empty_context"] = rng.standard_normal((m.num_clip_token, m.clip_dim), np.float32)
+    elif m.num_classes > 0:
+        out["label"] = rng.integers(0, m.num_classes, batch).astype(np.int32)
+    return out
+
+
+def put(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global arrays: the batch axis over the mesh's batch axes (`empty_context` replicated)."""
+    return {
+        k: jax.device_put(v, replicated(mesh) if k == "empty_context" else batch_sharding(mesh))
+        for k, v in batch.items()
+    }
+
+
+def compiled_memory(compiled) -> int | None:
+    """Per-device bytes XLA reserves for the program's arguments and temporaries."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def time_interleaved(rows: list[Timing], steps: int, warmup: int) -> None:
+    """Fills each row's `times`, alternating the programs step by step so that load from other
+    processes on a shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for r in rows:
+            jax.block_until_ready(r.run())
+    for _ in range(steps):
+        for r in rows:
+            t0 = time.perf_counter()
+            jax.block_until_ready(r.run())
+            r.times.append(time.perf_counter() - t0)
+
+
+# ---- train: our step and the bare one ----------------------------------------------------------
+
+
+def bench_our_step(config, mesh, batch: dict[str, jax.Array]) -> Timing:
+    num_steps = int(config.train.num_steps)
+    tx = make_optimizer(config.optim, num_steps)
+    graphdef = model_graphdef(config.model)
+    abstract, shardings = abstract_train_state(config.model, tx, mesh)
+    step_fn = make_train_step(graphdef, tx, config, learning_rate_schedule(config.optim, num_steps))
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    compiled, compile_s = compile_train_step(step_fn, abstract, shardings, spec, mesh)
+    holder = {"state": create_train_state(config.model, tx, mesh, config.seed)}
+    key = jax.random.key_data(jax.random.key(0))
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        return metrics["loss"]
+
+    n = batch["x"].shape[0]
+    return Timing(
+        "train step (ours)",
+        compile_s,
+        run,
+        n,
+        flops.train_step_flops(config.model, n),
+        compiled_memory(compiled),
+    )
+
+
+def bench_bare_step(config, mesh, batch: dict[str, jax.Array]) -> Timing:
+    """value_and_grad + optax.adamw under one plain jax.jit, same model, loss and shardings."""
+    num_steps = int(config.train.num_steps)
+    o = config.optim
+    tx = optax.adamw(
+        learning_rate_schedule(o, num_steps),
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+    )
+    graphdef = model_graphdef(config.model)
+    abstract, shardings = abstract_train_state(config.model, tx, mesh)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, config))
+
+    def step(params, opt_state, batch, key):
+        loss, grads = grad_fn(params, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    b_sh = {k: (replicated(mesh) if k == "empty_context" else batch_sharding(mesh)) for k in batch}
+    jitted = jax.jit(
+        step,
+        in_shardings=(shardings.params, shardings.opt_state, b_sh, replicated(mesh)),
+        out_shardings=(shardings.params, shardings.opt_state, replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
+    key = jax.random.key_data(jax.random.key(0))
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(abstract.params, abstract.opt_state, spec, key).compile()
+    compile_s = time.perf_counter() - t0
+    state = create_train_state(config.model, tx, mesh, config.seed)
+    holder = {"params": state.params, "opt": state.opt_state}
+    del state  # its EMA copy is not part of the bare step
+    key = jax.random.key_data(jax.random.key(0))
+
+    def run():
+        # The bare step has no step counter: a fixed key (the cost does not depend on it).
+        holder["params"], holder["opt"], loss = compiled(
+            holder["params"], holder["opt"], batch, key
+        )
+        return loss
+
+    n = batch["x"].shape[0]
+    return Timing(
+        "train step (bare jit)",
+        compile_s,
+        run,
+        n,
+        flops.train_step_flops(config.model, n),
+        compiled_memory(compiled),
+    )
+
+
+# ---- sampling forward --------------------------------------------------------------------------
+
+
+def bench_sample_forward(config, mesh, batch_size: int) -> Timing:
+    """One guided network evaluation (2 x batch_size through the network) as the samplers run it."""
+    from uvit_jax.diffusion.schedules import schedule_for
+    from uvit_jax.models.uvit import apply_fn
+    from uvit_jax.sampling.guidance import guided_noise_fn
+
+    tx = make_optimizer(config.optim, 1)
+    graphdef = model_graphdef(config.model)
+    abstract, shardings = abstract_train_state(config.model, tx, mesh)
+    data = synthetic_batch(config, batch_size, seed=1)
+    m = config.model
+    text = m.kind == "uvit_t2i"
+    guided = text or m.num_classes > 0
+    shape = (batch_size, m.img_size, m.img_size, m.in_chans)
+    inputs = {
+        "x": np.random.default_rng(2).standard_normal(shape, np.float32),
+        "t": np.full((batch_size,), 0.5, np.float32),  # continuous time in (0, 1]
+    }
+    null = None
+    if text:
+        inputs["context"], null = data["context"], data["empty_context"]
+    elif guided:
+        inputs["y"] = np.asarray(data["label"] % (m.num_classes - 1), np.int32)  # real classes
+    schedule = schedule_for(config.diffusion.formulation)
+    apply = apply_fn(graphdef)
+
+    cond_name = "context" if text else ("y" if guided else None)
+
+    def forward(params, x, t, cond=None):
+        noise_fn = guided_noise_fn(
+            lambda *a: apply(params, *a),
+            schedule,
+            **({cond_name: cond} if cond_name else {}),
+            cfg_scale=1.0 if guided else 0,  # any non-zero scale runs both halves
+            null_class=m.num_classes - 1 if (guided and not text) else None,
+            null_context=null if text else None,
+        )
+        return noise_fn(x, t)
+
+    args = [inputs["x"], inputs["t"]] + ([inputs[cond_name]] if cond_name else [])
+    bs = batch_sharding(mesh)
+    jitted = jax.jit(forward, in_shardings=(shardings.ema, *[bs] * len(args)), out_shardings=bs)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        abstract_args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+        compiled = jitted.lower(abstract.ema, *abstract_args).compile()
+    compile_s = time.perf_counter() - t0
+    ema = create_train_state(config.model, tx, mesh, config.seed).ema
+    dev_args = [jax.device_put(a, bs) for a in args]
+
+    evaluated = batch_size * (2 if guided else 1)
+    return Timing(
+        "sample forward (guided, 2B)" if guided else "sample forward",
+        compile_s,
+        lambda: compiled(ema, *dev_args),
+        batch_size,
+        flops.forward_flops(m) * evaluated,
+        compiled_memory(compiled),
+    )
+
+
+# ---- the peak ----------------------------------------------------------------------------------
+
+
+def measured_matmul_peak(size: int, reps: int = 10) -> float:
+    """TFLOP/s of one device on N x N x N bf16 matmuls (float32 accumulation).
+
+    `reps` matmuls are queued back to back and waited for once (so launch latency does not
+    count); the best of 5 such rounds.
+    """
+    device = jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.bfloat16), device)
+    b = jax.device_put(jnp.ones((size, size), jnp.bfloat16), device)
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
+    jax.block_until_ready(mm(a, b))
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready([mm(a, b) for _ in range(reps)])
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2.0 * size**3 / best / 1e12
+
+
+def peak_memory() -> tuple[str, int | None]:
+    """(what, bytes): the largest device's peak allocation, or this process's max RSS."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s.get("peak_bytes_in_use") for s in stats if s]
+    if peaks and all(p is not None for p in peaks):
+        return "device peak_bytes_in_use", max(peaks)
+    return "process max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def print_table(rows: list[Timing], n_dev: int, peak: float | None) -> None:
+    head = f"{'program':<28}{'compile s':>10}{'step ms':>10}{'best ms':>10}{'img/s':>10}"
+    head += f"{'TFLOP/s/dev':>13}{'MFU':>8}{'XLA GiB/dev':>13}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        tflops = r.flops / r.step_s / n_dev / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+        print(
+            f"{r.name:<28}{r.compile_s:>10.1f}{1e3 * r.step_s:>10.2f}{1e3 * r.best_s:>10.2f}"
+            f"{r.images / r.step_s:>10.1f}"
+            f"{tflops:>13.4g}{mfu:>8}{_gib(r.memory_bytes):>13}"
+        )
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed()
+    config = FLAGS.config
+    if FLAGS.batch:
+        config.train.batch_size = FLAGS.batch
+    mesh = make_mesh(config.mesh)
+    n_dev = jax.device_count()
+    device = jax.devices()[0]
+    print(
+        f"{config.get('name', '?')}: {n_dev} x {device.device_kind} ({device.platform}), "
+        f"mesh {dict(mesh.shape)}, model dtype {config.model.dtype}, "
+        f"attention {config.model.attention}, remat {config.model.remat}, "
+        f"forward {flops.forward_flops(config.model) / 1e9:.3f} GFLOP/image"
+    )
+    rows = []
+    if FLAGS.what in ("train", "both"):
+        batch = put(synthetic_batch(config, config.train.batch_size), mesh)
+        if FLAGS.bare:
+            rows.append(bench_bare_step(config, mesh, batch))
+        rows.append(bench_our_step(config, mesh, batch))
+    if FLAGS.what in ("sample", "both"):
+        rows.append(bench_sample_forward(config, mesh, FLAGS.sample_batch))
+    time_interleaved(rows, FLAGS.steps, FLAGS.warmup)
+
+    peak, source = FLAGS.peak_tflops or None, "--peak_tflops"
+    if peak is None and FLAGS.measure_peak:
+        size = FLAGS.peak_matmul_size or (2048 if device.platform == "cpu" else 8192)
+        peak, source = measured_matmul_peak(size), f"measured {size}^3 bf16 matmul"
+    if peak is None:
+        peak, source = flops.peak_tflops(device.device_kind), "known peak of the device"
+    print(f"MFU against {f'{peak:.4g} TFLOP/s ({source})' if peak else 'nothing (no peak)'}")
+    print_table(rows, n_dev, peak)
+    if FLAGS.bare and FLAGS.what in ("train", "both"):
+        bare, ours = rows[0], rows[1]
+        print(
+            f"our step / bare step: median {ours.step_s / bare.step_s:.3f}, "
+            f"best {ours.best_s / bare.best_s:.3f} (timed alternately, {FLAGS.steps} steps each)"
+        )
+    what, nbytes = peak_memory()
+    print(f"peak memory ({what}): {_gib(nbytes)} GiB")
+
+
+if __name__ == "__main__":
+    app.run(main)
