@@ -3,7 +3,7 @@
 70k real 28x28 images padded to 32x32, 10 classes (+ the null class 10 for guidance). Sized to
 learn recognisable clothes in minutes on a 2-core CPU. `:runlocal` is a tiny smoke variant.
 
-  python main.py --config configs/fashion_mnist_uvit.py --workdir workdirs/fmnist
+  python main.py --config configs/fashion_mnist_uvit.py --workdir workdirs/fashion_mnist
 """
 
 from uvit_jax.config_defaults import default_config
