@@ -791,3 +791,22 @@ def test_sample_images_with_the_default_uvit():
     labels = np.arange(4) % 10
     x = sample_images(graphdef, params, c, jax.random.key(0), labels=labels)
     assert x.shape == (4, 32, 32, 1) and np.isfinite(np.asarray(x)).all()
+
+
+def test_generate_thresholding_is_dpm_solver_plus_plus_with_dynamic_thresholding():
+    c = small_config(sampler="dpm_solver++_2m", thresholding=True)
+    key = jax.random.key(5)
+    labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
+    got = generate(params_model, c, key, labels=labels, params=PARAMS)
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 32, 32, 1), jnp.float32)
+    ns = LinearVPSchedule()
+    noise_fn = guided_noise_fn(
+        functools.partial(params_model, PARAMS), ns, y=labels, cfg_scale=1.0, null_class=10
+    )
+    kwargs = dict(method="multistep", order=2, skip_type="logSNR", predict_x0=True)
+    want = jax.jit(
+        lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, thresholding=True, **kwargs)
+    )(x_T)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"config.sample.thresholding needs a data-prediction"):
+        generate(params_model, small_config(thresholding=True), key, num=4, params=PARAMS)
