@@ -69,3 +69,20 @@ def test_eval_without_inception_weights_says_how_to_import_them(eval_setup, tmp_
     c.eval.inception_path = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match=r"--mode convert_inception"):
         jobs.run("eval", c, str(root / "w"))
+
+
+def test_fid_during_training_is_written_to_tensorboard(eval_setup, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    config, root = eval_setup
+    c = config.copy_and_resolve_references()
+    c.train.update(num_steps=2, fid_every=2)
+    c.eval.train_num_samples = 16
+    loop.train_and_evaluate(c, str(tmp_path))
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    (fid,) = events.Tensors("train_fid/fid")
+    assert fid.step == 2 and np.isfinite(float(tensor_util.make_ndarray(fid.tensor_proto)))
+    (n,) = events.Tensors("train_fid/num_samples")
+    assert float(tensor_util.make_ndarray(n.tensor_proto)) == 16
