@@ -16,14 +16,17 @@ def get_config(arg: str = ""):
         img_size=32,
         patch_size=4,
         in_chans=1,
-        embed_dim=128,
+        embed_dim=96,
         depth=6,
         num_heads=4,
         num_classes=11,
         conv=True,
         dtype="float32",
     )
-    c.diffusion.update(formulation="vp_continuous", p_uncond=0.1)
+    # The SD discrete schedule ends at alpha = 0.068 rather than VP's 0.0066, so a short-trained
+    # model's noise error is amplified 10x less at the start of sampling: with VP the same run
+    # gave no recognisable samples after 1500 steps.
+    c.diffusion.update(formulation="sd_discrete", p_uncond=0.1)
     c.data.update(
         source="fashion_mnist_files",
         name="fashion_mnist",
@@ -31,17 +34,18 @@ def get_config(arg: str = ""):
         resolution=32,
         preprocess="pad",
     )
-    c.optim.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.03, warmup_steps=200)
+    # Small batches and a high learning rate: on 2 CPU cores, updates are what is scarce.
+    c.optim.update(lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.03, warmup_steps=100)
     c.train.update(
-        batch_size=128,
+        batch_size=32,
         num_steps=3000,
-        ema_rate=0.999,
-        log_every=50,
+        ema_rate=0.995,
+        log_every=100,
         ckpt_every=500,
         sample_every=1000,
     )
     c.sample.update(
-        sampler="dpm_solver_fast", steps=20, cfg_scale=1.0, num_samples=100, batch_size=100
+        sampler="dpm_solver++_3s", steps=25, cfg_scale=1.0, num_samples=100, batch_size=100
     )
     c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2048)
     if arg == "runlocal":
