@@ -40,3 +40,37 @@ def subprocess_env() -> dict[str, str]:
     env.pop("XLA_FLAGS", None)  # one CPU device, as a laptop user has
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
     return env
+
+
+def run_two_jax_processes(script: str, tmp_path, args_of, *, devices: int = 2, timeout=120):
+    """Runs `script` as 2 `jax.distributed` processes over localhost (gloo collectives).
+
+    The script gets argv [port, rank, *args_of(rank)]; a failing or hung process fails the test
+    with the end of its output.
+    """
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    path = pathlib.Path(tmp_path) / "worker.py"
+    path.write_text(script)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(path), str(port), str(rank), *args_of(rank)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out.decode()[-3000:]

@@ -289,36 +289,10 @@ np.savez(sys.argv[3], n=moments.n, mean=moments.mean, m2=moments.m2, logits=logi
 
 
 def test_statistics_combine_across_two_processes(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
+    from runs import run_two_jax_processes
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_TWO_PROCESS_SCRIPT)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
     outs = [tmp_path / f"rank{r}.npz" for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(port), str(r), str(outs[r])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode()[-3000:]
+    run_two_jax_processes(_TWO_PROCESS_SCRIPT, tmp_path, lambda r: [str(outs[r])])
     results = [np.load(o) for o in outs]
     everything = np.concatenate([r["data"] for r in results])
     for r in results:

@@ -160,41 +160,15 @@ np.savez(sys.argv[5], pool3=pool3, logits=logits, n=moments.n, mean=moments.mean
 @pytest.mark.slow
 def test_features_across_two_processes(weights, features, tmp_path):
     """Two jax processes (2 devices each) see the same features as one 8-device process."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from runs import run_two_jax_processes
 
     images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(_TWO_PROCESS_SCRIPT)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
     outs = [tmp_path / f"rank{r}.npz" for r in range(2)]
-    args = [str(port), None, str(weights[1]), str(tmp_path / "images.npy")]
-    procs = []
-    for r in range(2):
-        args[1] = str(r)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), *args, str(outs[r])],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-3000:]
+    extra = [str(weights[1]), str(tmp_path / "images.npy")]
+    run_two_jax_processes(
+        _TWO_PROCESS_SCRIPT, tmp_path, lambda r: [*extra, str(outs[r])], timeout=300
+    )
     results = [np.load(o) for o in outs]
     pool3, logits = features(images)
     np.testing.assert_allclose(np.concatenate([r["pool3"] for r in results]), pool3, atol=1e-5)
