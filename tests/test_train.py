@@ -299,3 +299,16 @@ def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tm
     for a, b in zip(jax.tree.leaves(restored_params(straight, 8)),
                     jax.tree.leaves(restored_params(resumed, 8)), strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
+
+
+def test_relative_workdir_trains_saves_and_loads(fmnist_dir, tmp_path, monkeypatch):
+    """The README's command uses a relative --workdir; orbax itself needs absolute paths."""
+    import uvit_jax
+
+    cmd = train_cmd("rel/run", fmnist_dir, "--config.train.num_steps=2",
+                    "--config.train.ckpt_every=1")  # fmt: skip
+    run = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    assert uvit_jax.load("rel/run").step == 2
+    assert uvit_jax.load("rel/run/checkpoints/1", ema=False).step == 1

@@ -146,7 +146,7 @@ def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.Co
 
 def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
     """(folder that holds the step folders, step) for a workdir, checkpoints or step folder."""
-    p = epath.Path(path)
+    p = checkpoints.absolute(path)
     if p.is_file():
         raise CheckpointError(
             f"{p} is a file; uvit_jax.load reads a workdir's orbax checkpoints. Import an official "

@@ -34,8 +34,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, of another model, or of an unknown format."""
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (orbax refuses relative ones); URLs such as gs:// unchanged."""
+    return epath.Path(path if "://" in os.fspath(path) else os.path.abspath(path))
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    return epath.Path(workdir) / "checkpoints"
+    return absolute(workdir) / "checkpoints"
 
 
 def open_manager(
@@ -148,7 +153,7 @@ def _read_only(root: epath.Path) -> Iterator[ocp.CheckpointManager]:
 
 def find_step(workdir: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
     """(checkpoint directory, step) for `workdir` or a `.../checkpoints` folder; latest if None."""
-    path = epath.Path(workdir)
+    path = absolute(workdir)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     root = path if path.name == "checkpoints" else checkpoint_dir(path)
@@ -174,7 +179,7 @@ def load_ema_and_config(
 def load_raw_params(root: str | os.PathLike, step: int, target: Any) -> Any:
     """The `params` of the `state` item alone (a partial restore: the optimizer state is not
     read). `target`: abstract params carrying the shardings to restore onto."""
-    root = epath.Path(root)
+    root = absolute(root)
     folder = root / str(step)
     if not (folder / "state").exists():
         raise CheckpointError(
