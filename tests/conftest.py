@@ -14,12 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # TensorFlow (clu's event writer) and PyTorch (the parity references) ship clashing native
-# libraries: importing torchvision after tensorflow segfaults, torch first works. Tests import
-# both, in an order that depends on which tests run, so torch goes first here.
-try:
-    import torch  # noqa: E402, F401
-except ImportError:
-    pass
+# libraries: importing torchvision (or triton, which it loads) after tensorflow segfaults, while
+# torch + torchvision first work. Tests import both, in an order that depends on which tests
+# run, so the PyTorch side goes first here.
+for _name in ("torch", "torchvision"):
+    try:
+        __import__(_name)
+    except ImportError:
+        pass
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

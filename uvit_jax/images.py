@@ -9,9 +9,10 @@ import numpy as np
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[..., C] float in [-1, 1] -> uint8, as U-ViT quantises samples (clamp, x*255 + 0.5)."""
-    x = np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-    return (x * 255.0 + 0.5).astype(np.uint8)
+    """[..., C] float in [-1, 1] -> uint8 numpy, as U-ViT quantises samples (clamp, x*255 + 0.5)."""
+    from uvit_jax.evaluation.preprocess import quantize_samples
+
+    return np.asarray(quantize_samples(x))
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:

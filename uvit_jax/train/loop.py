@@ -149,15 +149,14 @@ def write_sample_grid(config, graphdef, ema, step: int, workdir: str, writer) ->
     """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image."""
     from uvit_jax import images
     from uvit_jax.sampling.generate import sample_images
+    from uvit_jax.sampling.job import grid_labels
 
     n = int(config.sample.num_samples)
-    labels = None
-    if config.model.kind == "uvit" and config.model.num_classes > 0:
-        real = config.model.num_classes - (1 if config.diffusion.p_uncond > 0 else 0)
-        labels = np.arange(n) % real
+    labels = grid_labels(config, n)
     x = sample_images(graphdef, ema, config, jax.random.key(config.seed + 1), labels=labels, num=n)
     x = np.asarray(jax.device_get(x))
-    grid = images.make_grid(images.to_uint8(x), ncol=10 if labels is not None else None)
+    ncol = None if labels is None else int(labels.max()) + 1
+    grid = images.make_grid(images.to_uint8(x), ncol=ncol)
     if jax.process_index() == 0:
         images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
         writer.write_images(step, {"samples": grid[None]})
