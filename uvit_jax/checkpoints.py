@@ -206,3 +206,33 @@ def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tu
     root, step = find_step(workdir, step)
     with _read_only(root) as manager:
         return read_config(manager, step), step
+
+
+# ---- standalone weight folders (converted autoencoders) -----------------------------------
+
+
+def save_weights_folder(path: str | os.PathLike, params: Any, record: Mapping) -> None:
+    """Writes a pytree of weights (`params`) and a JSON `config` record into folder `path`."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            absolute(path),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(dict(record))
+            ),
+        )
+
+
+def read_weights_folder_config(path: str | os.PathLike) -> dict:
+    """The `config` record of a `save_weights_folder` folder."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            absolute(path), args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
+
+def load_weights_folder_params(path: str | os.PathLike, target: Any) -> Any:
+    """The `params` of a `save_weights_folder` folder, restored onto `target`'s structure."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        return ckptr.restore(absolute(path), args=args)["params"]

@@ -246,7 +246,7 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
 
 def save_converted(path: str | os.PathLike, model: AutoencoderKL, *, source: str = "") -> None:
     """Writes `model`'s parameters and architecture to an orbax checkpoint folder at `path`."""
-    import orbax.checkpoint as ocp
+    from uvit_jax import checkpoints
 
     params = {
         tuple(p): np.asarray(jax.device_get(v[...]))
@@ -258,13 +258,7 @@ def save_converted(path: str | os.PathLike, model: AutoencoderKL, *, source: str
         "embed_dim": model.embed_dim,
         "source": os.fspath(source),
     }
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            os.path.abspath(os.fspath(path)),
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(_nested(params)), config=ocp.args.JsonSave(config)
-            ),
-        )
+    checkpoints.save_weights_folder(path, _nested(params), config)
 
 
 def load_converted(
@@ -276,39 +270,34 @@ def load_converted(
     dtype: Any = jnp.float32,
 ) -> AutoencoderKL:
     """Reads a `save_converted` folder; `ddconfig`/`embed_dim`, if given, must match its own."""
-    import orbax.checkpoint as ocp
+    from uvit_jax import checkpoints
 
     path = os.path.abspath(os.fspath(path))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
-            config = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-                "config"
-            ]
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise ConversionError(
-                f"{path}: not a converted autoencoder folder (written by save_converted): {e}"
-            ) from e
-        stored = DDConfig.from_dict(config["ddconfig"], source=f"{path} config")
-        stored_dim = int(config["embed_dim"])
-        if isinstance(ddconfig, Mapping):
-            ddconfig = DDConfig.from_dict(ddconfig)
-        if (ddconfig is not None and ddconfig != stored) or (
-            embed_dim is not None and embed_dim != stored_dim
-        ):
-            raise ConversionError(
-                f"{path}: holds ddconfig={stored.to_dict()}, embed_dim={stored_dim}; the requested "
-                f"ddconfig={ddconfig.to_dict() if ddconfig else None}, embed_dim={embed_dim} differ"
-            )
-        model = abstract_autoencoder_kl(stored, stored_dim, scale_factor=scale_factor, dtype=dtype)
-        target = _nested(
-            {
-                tuple(p): jax.ShapeDtypeStruct(v.shape, jnp.float32)
-                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            }
+    try:
+        config = checkpoints.read_weights_folder_config(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ConversionError(
+            f"{path}: not a converted autoencoder folder (written by save_converted): {e}"
+        ) from e
+    stored = DDConfig.from_dict(config["ddconfig"], source=f"{path} config")
+    stored_dim = int(config["embed_dim"])
+    if isinstance(ddconfig, Mapping):
+        ddconfig = DDConfig.from_dict(ddconfig)
+    if (ddconfig is not None and ddconfig != stored) or (
+        embed_dim is not None and embed_dim != stored_dim
+    ):
+        raise ConversionError(
+            f"{path}: holds ddconfig={stored.to_dict()}, embed_dim={stored_dim}; the requested "
+            f"ddconfig={ddconfig.to_dict() if ddconfig else None}, embed_dim={embed_dim} differ"
         )
-        restored = ckptr.restore(
-            path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-        )["params"]
+    model = abstract_autoencoder_kl(stored, stored_dim, scale_factor=scale_factor, dtype=dtype)
+    target = _nested(
+        {
+            tuple(p): jax.ShapeDtypeStruct(v.shape, jnp.float32)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
+    )
+    restored = checkpoints.load_weights_folder_params(path, target)
     by_str = {tuple(map(str, p)): v for p, v in _flatten(restored).items()}
     params = {
         tuple(p): by_str[tuple(map(str, p))]
