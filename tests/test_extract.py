@@ -160,6 +160,22 @@ def test_failure_mid_shard_then_resume(tmp_path):
         )
 
 
+def kl_fmnist_config(tmp_path):
+    """Real Fashion-MNIST test images through a 2-channel KL autoencoder (latents 16 x 16 x 2)."""
+    c = default_config()
+    c.model.update(img_size=16, in_chans=2)
+    c.autoencoder.update(kind="kl_f8", scale_factor=0.3)
+    c.data.update(
+        source="fashion_mnist_files",
+        source_dir=str(FMNIST),
+        split="test",
+        resolution=32,
+        preprocess="pad",
+        latent_dir=str(tmp_path / "latents"),
+    )
+    return c
+
+
 def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
     """300 real images -> random test-size KL autoencoder -> dataset -> training batches."""
     ae = pytest.importorskip("uvit_jax.models.autoencoder", reason="autoencoder module")
@@ -172,19 +188,8 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
     state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), state)
     encode = ae.JittedAutoencoder(nnx.merge(graphdef, state)).encode_moments_local
 
-    c = default_config()
-    c.model.update(img_size=16, in_chans=2)  # latent side 32 / 2, embed_dim 2
-    c.autoencoder.update(kind="kl_f8", scale_factor=0.3)
-    c.data.update(
-        source="fashion_mnist_files",
-        source_dir=str(FMNIST),
-        split="test",
-        resolution=32,
-        preprocess="pad",
-        latent_dir=str(tmp_path / "latents"),
-        latent_dtype="float16",
-        num_workers=0,
-    )
+    c = kl_fmnist_config(tmp_path)  # latent side 32 / 2, embed_dim 2
+    c.data.update(latent_dtype="float16", num_workers=0)
     c.data.max_examples = 300
     c.data.extract_batch_size = 50
     c.train.batch_size = 32
@@ -212,21 +217,11 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
 def test_default_encoder_from_config(tmp_path):
     """encode_fn=None builds `config.autoencoder` (random weights: ~20 s of eager init)."""
     pytest.importorskip("uvit_jax.models.autoencoder", reason="autoencoder module")
-    c = default_config()
-    c.model.update(img_size=16, in_chans=2)
-    c.autoencoder.update(kind="kl_f8", scale_factor=0.3)
+    c = kl_fmnist_config(tmp_path)
     c.autoencoder.ddconfig = dict(
         ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=2, resolution=32
     )
     c.autoencoder.embed_dim = 2
-    c.data.update(
-        source="fashion_mnist_files",
-        source_dir=str(FMNIST),
-        split="test",
-        resolution=32,
-        preprocess="pad",
-        latent_dir=str(tmp_path / "latents"),
-    )
     c.data.max_examples = 64
     path = extract.run_extraction(c, process_index=0, process_count=1)
     ds = latent_dataset.open_dataset(path)
