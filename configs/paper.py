@@ -124,6 +124,8 @@ def paper_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
         num_samples=spec.get("eval_samples", 50_000), ref_stats=f"assets/{_REF[spec['ref']]}"
     )
     c.paper_fid = spec["fid"] if "deep" not in flags else 5.48
+    if c.model.kind == "uvit_t2i":
+        c.text_encoder.path = "assets/clip-vit-large-patch14"
     if "runlocal" in flags:
         c.model.update(embed_dim=32, depth=2, num_heads=2, dtype="float32")
         c.train.update(batch_size=8, num_steps=10, log_every=2, ckpt_every=5, sample_every=10)

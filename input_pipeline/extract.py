@@ -14,6 +14,10 @@ process 0 writes the metadata after a barrier.
 Pixel configs (`config.autoencoder.kind == "identity"`) store the preprocessed pixels as uint8
 (lossless; read back as `x / 127.5 - 1`), with flip copies like latent configs: every paper
 pixel model trains with random horizontal flips too, and one layout keeps one reader.
+
+Text-to-image configs (`config.model.kind == "uvit_t2i"`, MS-COCO) also encode every caption of
+every kept image with the CLIP text encoder (`config.text_encoder`) into the shard's context file,
+and the empty caption once (`contexts/empty_context.npy`); images without captions are skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from absl import logging
 from input_pipeline import latent_dataset, preprocess, sources
 
 EncodeFn = Callable[[np.ndarray], Any]
+# Captions -> contexts float32 [n, L, D] (any n, including 0).
+EncodeTextFn = Callable[[Sequence[str]], np.ndarray]
 DEFAULT_SHARD_SIZE = 4096
 
 
@@ -56,6 +62,23 @@ def default_encode_fn(config: Any) -> EncodeFn | None:
     return JittedAutoencoder(make_autoencoder(config.autoencoder)).encode_moments_local
 
 
+def default_encode_text_fn(config: Any) -> EncodeTextFn:
+    """The config's CLIP text encoder (`config.text_encoder`), jitted on one device."""
+    from uvit_jax.text_encoder import TextEncoder
+
+    if not config.text_encoder.path:
+        raise ValueError(
+            "config.text_encoder.path is empty: text-to-image extraction needs the CLIP text "
+            "encoder's Hugging Face folder (e.g. openai/clip-vit-large-patch14)"
+        )
+    return TextEncoder(
+        config.text_encoder.path,
+        max_length=int(config.model.num_clip_token),
+        dtype=config.text_encoder.dtype,
+        batch_size=int(config.text_encoder.batch_size),
+    ).encode
+
+
 def image_channels(config: Any) -> int:
     """Channels of the preprocessed images: RGB for autoencoders, the model's for pixels."""
     return config.model.in_chans if config.autoencoder.kind == "identity" else 3
@@ -65,11 +88,6 @@ def make_spec(
     config: Any, source: sources.ImageSource, shard_size: int
 ) -> latent_dataset.DatasetSpec:
     """The dataset an extraction of `config` from `source` writes."""
-    if config.model.kind == "uvit_t2i":
-        raise NotImplementedError(
-            "config.model.kind='uvit_t2i': extraction of CLIP text contexts (MS-COCO) is not "
-            "implemented yet; only class labels or unconditional data are written"
-        )
     identity = config.autoencoder.kind == "identity"
     if identity and config.data.resolution != config.model.img_size:
         raise ValueError(
@@ -88,16 +106,24 @@ def make_spec(
         num_classes=source.num_classes,
         preprocess=config.data.preprocess,
         resolution=config.data.resolution,
+        context_shape=latent_dataset.expected_context_shape(config),
+        context_dtype=config.data.get("context_dtype", "float32"),
+        text_encoder=f"clip:{config.text_encoder.path}" if config.model.kind == "uvit_t2i" else "",
     )
 
 
-def _load_one(source: sources.ImageSource, index: int, fn: Callable) -> tuple[Any, ...]:
+def _load_one(
+    source: sources.ImageSource, index: int, fn: Callable, need_captions: bool
+) -> tuple[Any, ...]:
+    """(image, label, index, captions, skip reason or None) of one source example."""
     example = source[index]
+    if need_captions and not example.captions:
+        return None, example.label, index, (), {"key": example.key, "reason": "no captions"}
     try:
         image = fn(sources.load_image(example))
     except (sources.CorruptImageError, OSError, ValueError) as e:
-        return None, example.label, index, {"key": example.key, "reason": str(e)}
-    return image, example.label, index, None
+        return None, example.label, index, (), {"key": example.key, "reason": str(e)}
+    return image, example.label, index, example.captions, None
 
 
 def _load_shard(
@@ -107,21 +133,23 @@ def _load_shard(
     channels: int,
     shard: int,
     pool: concurrent.futures.Executor,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, str]]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, ...]], list[dict[str, str]]]:
     """Decodes and preprocesses one shard's images (PIL releases the GIL: threads help).
 
-    Returns uint8 images [n, res, res, C], labels [n], source indices [n] and the skipped images.
+    Returns uint8 images [n, res, res, C], labels [n], source indices [n], the captions of each
+    kept image (text datasets) and the skipped images.
     """
-    loaded = list(pool.map(lambda i: _load_one(source, i, fn), spec.shard_range(shard)))
-    kept = [r for r in loaded if r[3] is None]
-    skipped = [r[3] for r in loaded if r[3] is not None]
+    need = spec.has_contexts
+    loaded = list(pool.map(lambda i: _load_one(source, i, fn, need), spec.shard_range(shard)))
+    kept = [r for r in loaded if r[4] is None]
+    skipped = [r[4] for r in loaded if r[4] is not None]
     for s in skipped:
-        logging.warning("skipping unreadable image %s: %s", s["key"], s["reason"])
+        logging.warning("skipping image %s: %s", s["key"], s["reason"])
     res = spec.resolution
     images = np.stack([r[0] for r in kept]) if kept else np.zeros((0, res, res, channels), np.uint8)
     labels = np.asarray([r[1] for r in kept], np.int32)
     indices = np.asarray([r[2] for r in kept], np.int64)
-    return images, labels, indices, skipped
+    return images, labels, indices, [r[3] for r in kept], skipped
 
 
 def _encode(
@@ -154,6 +182,35 @@ def _encode(
     return out
 
 
+def _encode_captions(
+    encode_text_fn: EncodeTextFn, texts: Sequence[str], spec: latent_dataset.DatasetSpec
+) -> np.ndarray:
+    """Captions -> contexts [n, L, D], checked against the dataset's context shape."""
+    contexts = np.asarray(encode_text_fn(list(texts)), np.float32)
+    if contexts.shape != (len(texts), *spec.context_shape):
+        raise latent_dataset.DatasetMismatchError(
+            f"the text encoder gives contexts of shape {list(contexts.shape[1:])} per caption, "
+            f"but the config (model.num_clip_token, model.clip_dim) needs "
+            f"{list(spec.context_shape)}"
+        )
+    return contexts
+
+
+def _caption_contexts(
+    encode_text_fn: EncodeTextFn,
+    captions: Sequence[Sequence[str]],
+    indices: np.ndarray,
+    spec: latent_dataset.DatasetSpec,
+) -> list[dict[str, Any]]:
+    """The context records of a shard: every caption of every kept image, in order."""
+    flat = [(int(i), c) for i, caps in zip(indices, captions, strict=True) for c in caps]
+    contexts = _encode_captions(encode_text_fn, [c for _, c in flat], spec)
+    return [
+        {"context": ctx, "index": i, "caption": c}
+        for (i, c), ctx in zip(flat, contexts, strict=True)
+    ]
+
+
 def run_extraction(
     config: Any,
     workdir: str | os.PathLike | None = None,
@@ -163,6 +220,7 @@ def run_extraction(
     process_count: int | None = None,
     shard_size: int | None = None,
     source: sources.ImageSource | None = None,
+    encode_text_fn: EncodeTextFn | None = None,
 ) -> str:
     """Extracts the config's dataset (resuming a partial one); returns its directory.
 
@@ -179,6 +237,8 @@ def run_extraction(
         must stay the same when resuming.
       source: an image source instead of `make_source(config.data)`; either is cut to its
         first `config.data.max_examples` examples when that is set (smoke runs, tests).
+      encode_text_fn: text-to-image configs: captions -> contexts [n, L, D]; default: the
+        config's CLIP text encoder.
     Returns:
       The dataset directory; finalized when all shards are written (always in a real
       multi-host run, after the barrier).
@@ -204,6 +264,12 @@ def run_extraction(
         return os.fspath(out_dir)
 
     latent_dataset.prepare_directory(out_dir, spec)
+    if spec.has_contexts:
+        encode_text_fn = encode_text_fn or default_encode_text_fn(config)
+        if not latent_dataset.has_empty_context(out_dir):
+            latent_dataset.write_empty_context(
+                out_dir, _encode_captions(encode_text_fn, [""], spec)[0]
+            )
     if config.autoencoder.kind != "identity" and encode_fn is None:
         encode_fn = default_encode_fn(config)
     if config.autoencoder.kind == "identity":
@@ -227,7 +293,17 @@ def run_extraction(
         len(todo),
         len(mine) - len(todo),
     )
-    _write_shards(out_dir, spec, source, fn, image_channels(config), encode_fn, batch_size, todo)
+    _write_shards(
+        out_dir,
+        spec,
+        source,
+        fn,
+        image_channels(config),
+        encode_fn,
+        batch_size,
+        todo,
+        encode_text_fn,
+    )
 
     if distributed:
         from jax.experimental import multihost_utils
@@ -259,6 +335,7 @@ def _write_shards(
     encode_fn: EncodeFn | None,
     batch_size: int,
     todo: Sequence[int],
+    encode_text_fn: EncodeTextFn | None,
 ) -> None:
     """Writes `todo`, decoding the next shard's images while the current one encodes."""
     if not todo:
@@ -272,7 +349,7 @@ def _write_shards(
     ):
         pending = prefetch.submit(_load_shard, source, spec, fn, channels, todo[0], pool)
         for k, shard in enumerate(todo):
-            images, labels, indices, skipped = pending.result()
+            images, labels, indices, captions, skipped = pending.result()
             if k + 1 < len(todo):
                 pending = prefetch.submit(
                     _load_shard, source, spec, fn, channels, todo[k + 1], pool
@@ -281,11 +358,18 @@ def _write_shards(
             both = np.stack([images, preprocess.flip(images)], axis=1)
             both = both.reshape(-1, *images.shape[1:])
             xs = _encode(both, encode_fn, batch_size, spec)
-            records = (
+            records = [
                 {"x": xs[r], "label": labels[r // 2], "index": indices[r // 2], "flip": r % 2}
                 for r in range(len(xs))
-            )
-            latent_dataset.write_shard(out_dir, spec, shard, records, skipped)
+            ]
+            contexts = []
+            if spec.has_contexts:
+                contexts = _caption_contexts(encode_text_fn, captions, indices, spec)
+                starts = np.cumsum([0] + [len(c) for c in captions])
+                for r, rec in enumerate(records):
+                    rec["context_start"] = int(starts[r // 2])
+                    rec["num_contexts"] = len(captions[r // 2])
+            latent_dataset.write_shard(out_dir, spec, shard, records, skipped, contexts)
             images_done += len(spec.shard_range(shard))
             elapsed = time.time() - start
             rate = images_done / max(elapsed, 1e-9)

@@ -7,6 +7,11 @@ Layout of a dataset directory (`config.data.latent_dir`):
   _extraction/plan.json                              what the extraction promises (`DatasetSpec`)
   _extraction/shard-SSSSS.json                       done-marker of shard S: records, bytes,
                                                      skipped images
+  contexts/                                          text datasets only (MS-COCO): a second
+                                                     TFDS dataset of per-caption CLIP contexts,
+                                                     one shard per image shard, and
+  contexts/empty_context.npy                         the encoding of "" (the unconditional
+                                                     context of classifier-free guidance)
 
 Records (TFDS features): `x` the posterior moments [h, w, 2 * embed_dim] (latent configs, float32
 or float16) or the preprocessed pixels [res, res, C] (pixel configs, uint8 0..255), stored as raw
@@ -14,6 +19,14 @@ bytes; `label` int32 (-1 for unlabelled sources); `index` int64, the example's p
 source; `flip` int32, 1 for the horizontally flipped copy. Every source example gives two adjacent
 records, 2k (original) and 2k + 1 (flip), where k counts the examples kept so far, so the pair of
 an example is found without an index.
+
+Text datasets add `context_start` int64 and `num_contexts` int32 to both records of an example:
+its captions are the records [context_start, context_start + num_contexts) of the same shard's
+context file (positions within the shard, because shards are written in any order and by any
+process). A context record holds `context` [L, D] (the CLIP last hidden state, float32 or
+float16, raw bytes), `index` (the source example) and `caption` (its text). Storing contexts apart
+from the image records keeps a training read at one context per example (U-ViT draws one of the
+~5 captions per step) and stores each context once rather than with both flip copies.
 
 Shards are written uncompressed (`group_size:1,uncompressed`): latents barely compress, and zstd
 decompression dominated random reads (STACK_NOTES). The directory reads with
@@ -35,8 +48,11 @@ import numpy as np
 from input_pipeline.preprocess import to_model_range
 
 DATASET_NAME = "uvit_latents"
+CONTEXTS_NAME = "uvit_contexts"
 VERSION = "1.0.0"
 EXTRACTION_DIR = "_extraction"
+CONTEXTS_DIR = "contexts"
+EMPTY_CONTEXT_FILE = "empty_context.npy"
 # Uncompressed, one record per chunk: random reads decode nothing but the record itself.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 
@@ -65,6 +81,9 @@ class DatasetSpec:
     shard_size: source examples per shard.
     num_classes: 0 for unlabelled sources.
     preprocess: the preprocessing name, and resolution of the images before encoding.
+    context_shape: [L, D] of each caption's text context; () for datasets without text.
+    context_dtype: "float32" or "float16" storage of the contexts (read back as float32).
+    text_encoder: description of the text encoder that wrote the contexts.
     """
 
     shape: tuple[int, int, int]
@@ -78,11 +97,23 @@ class DatasetSpec:
     num_classes: int
     preprocess: str
     resolution: int
+    context_shape: tuple[int, ...] = ()
+    context_dtype: str = "float32"
+    text_encoder: str = ""
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "uint8"):
             raise ValueError(f"record dtype must be float32, float16 or uint8, got {self.dtype!r}")
+        if self.context_dtype not in ("float32", "float16"):
+            raise ValueError(
+                f"context dtype must be float32 or float16, got {self.context_dtype!r}"
+            )
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "context_shape", tuple(int(s) for s in self.context_shape))
+
+    @property
+    def has_contexts(self) -> bool:
+        return bool(self.context_shape)
 
     @property
     def num_shards(self) -> int:
@@ -97,6 +128,7 @@ class DatasetSpec:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        d["context_shape"] = list(self.context_shape)
         return d
 
     @classmethod
@@ -109,23 +141,38 @@ def features(spec: DatasetSpec):
     """The TFDS `FeaturesDict` of one record."""
     import tensorflow_datasets as tfds
 
+    feats = {
+        "x": tfds.features.Tensor(shape=spec.shape, dtype=np.dtype(spec.dtype), encoding="bytes"),
+        "label": tfds.features.Scalar(dtype=np.int32),
+        "index": tfds.features.Scalar(dtype=np.int64),
+        "flip": tfds.features.Scalar(dtype=np.int32),
+    }
+    if spec.has_contexts:
+        feats["context_start"] = tfds.features.Scalar(dtype=np.int64)
+        feats["num_contexts"] = tfds.features.Scalar(dtype=np.int32)
+    return tfds.features.FeaturesDict(feats)
+
+
+def context_features(spec: DatasetSpec):
+    """The TFDS `FeaturesDict` of one caption's context record."""
+    import tensorflow_datasets as tfds
+
     return tfds.features.FeaturesDict(
         {
-            "x": tfds.features.Tensor(
-                shape=spec.shape, dtype=np.dtype(spec.dtype), encoding="bytes"
+            "context": tfds.features.Tensor(
+                shape=spec.context_shape, dtype=np.dtype(spec.context_dtype), encoding="bytes"
             ),
-            "label": tfds.features.Scalar(dtype=np.int32),
             "index": tfds.features.Scalar(dtype=np.int64),
-            "flip": tfds.features.Scalar(dtype=np.int32),
+            "caption": tfds.features.Text(),
         }
     )
 
 
-def _template(directory: pathlib.Path, split: str):
+def _template(directory: pathlib.Path, split: str, name: str = DATASET_NAME):
     from tensorflow_datasets.core import naming
 
     return naming.ShardedFileTemplate(
-        data_dir=directory, dataset_name=DATASET_NAME, split=split, filetype_suffix="array_record"
+        data_dir=directory, dataset_name=name, split=split, filetype_suffix="array_record"
     )
 
 
@@ -135,6 +182,43 @@ def shard_path(directory: str | os.PathLike, spec: DatasetSpec, shard: int) -> p
     return pathlib.Path(
         os.fspath(tmpl.sharded_filepath(shard_index=shard, num_shards=spec.num_shards))
     )
+
+
+def context_shard_path(directory: str | os.PathLike, spec: DatasetSpec, shard: int) -> pathlib.Path:
+    """The final file name of the contexts of `shard` (text datasets)."""
+    tmpl = _template(pathlib.Path(directory) / CONTEXTS_DIR, spec.split, CONTEXTS_NAME)
+    return pathlib.Path(
+        os.fspath(tmpl.sharded_filepath(shard_index=shard, num_shards=spec.num_shards))
+    )
+
+
+def write_empty_context(directory: str | os.PathLike, context: np.ndarray) -> None:
+    """Stores the encoding of "" [L, D] float32 (atomically) for a text dataset."""
+    path = pathlib.Path(directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, np.asarray(context, np.float32))
+    os.replace(tmp, path)
+
+
+def has_empty_context(directory: str | os.PathLike) -> bool:
+    return (pathlib.Path(directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE).exists()
+
+
+def read_empty_context(dataset: DatasetOnDisk) -> np.ndarray:
+    """The unconditional context [L, D] float32 of a text dataset."""
+    path = pathlib.Path(dataset.directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE
+    if not dataset.spec.has_contexts:
+        raise DatasetMismatchError(f"dataset {dataset.directory} has no text contexts")
+    if not path.exists():
+        raise CorruptShardError(f"{path} is missing (the encoding of the empty caption)")
+    context = np.load(path)
+    if context.shape != dataset.spec.context_shape:
+        raise CorruptShardError(
+            f"{path} has shape {list(context.shape)}, the dataset's contexts "
+            f"{list(dataset.spec.context_shape)}"
+        )
+    return context.astype(np.float32)
 
 
 def _marker_path(directory: pathlib.Path, shard: int) -> pathlib.Path:
@@ -186,55 +270,84 @@ def completed_shards(directory: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return done
 
 
-def write_shard(
-    directory: str | os.PathLike,
-    spec: DatasetSpec,
-    shard: int,
-    records: Iterable[dict[str, Any]],
-    skipped: Sequence[dict[str, str]] = (),
-) -> dict[str, Any]:
-    """Writes `records` as shard `shard`, atomically, then its done-marker.
-
-    The shard goes to a temporary file that is renamed into place once closed, and the marker is
-    written after the rename: a crash at any point leaves either a complete shard with its
-    marker, or no marker (the shard is then rewritten on resume, replacing any partial file).
-
-    Args:
-      records: dicts with `x` ([*spec.shape] array), `label`, `index` and `flip` (ints).
-      skipped: [{"key": file or id, "reason": message}] of the images this shard skipped.
-    Returns:
-      The marker: {"shard", "num_records", "num_bytes", "skipped"}.
-    """
-    directory = pathlib.Path(directory)
+def _write_atomic(final: pathlib.Path, serialized: Iterable[bytes]) -> tuple[int, int]:
+    """Writes serialized records to `final` through a temporary file; (records, bytes)."""
     from array_record.python import array_record_module
 
-    feats = features(spec)
-    final = shard_path(directory, spec, shard)
+    final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(final.name + ".tmp*"):  # left by a killed run
         stale.unlink(missing_ok=True)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
     count = 0
     try:
-        for rec in records:
-            x = np.asarray(rec["x"], dtype=spec.dtype)
-            if x.shape != spec.shape:
-                raise ValueError(f"record x has shape {x.shape}, the dataset {spec.shape}")
-            writer.write(
-                feats.serialize_example(
-                    {"x": x, "label": rec["label"], "index": rec["index"], "flip": rec["flip"]}
-                )
-            )
+        for record in serialized:
+            writer.write(record)
             count += 1
     finally:
         writer.close()
     os.replace(tmp, final)
-    marker = {
-        "shard": shard,
-        "num_records": count,
-        "num_bytes": final.stat().st_size,
-        "skipped": list(skipped),
-    }
+    return count, final.stat().st_size
+
+
+def write_shard(
+    directory: str | os.PathLike,
+    spec: DatasetSpec,
+    shard: int,
+    records: Iterable[dict[str, Any]],
+    skipped: Sequence[dict[str, str]] = (),
+    contexts: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Writes `records` (and, for text datasets, `contexts`) as shard `shard`, then its marker.
+
+    Each file goes to a temporary name that is renamed into place once closed, and the marker is
+    written after both renames: a crash at any point leaves either a complete shard with its
+    marker, or no marker (the shard is then rewritten on resume, replacing any partial file).
+
+    Args:
+      records: dicts with `x` ([*spec.shape] array), `label`, `index` and `flip` (ints); text
+        datasets also `context_start` and `num_contexts` (positions in this shard's contexts).
+      skipped: [{"key": file or id, "reason": message}] of the images this shard skipped.
+      contexts: text datasets: dicts with `context` ([*spec.context_shape]), `index` (source
+        example) and `caption` (str), in the order `context_start` refers to.
+    Returns:
+      The marker: {"shard", "num_records", "num_bytes", "skipped"} (+ "num_contexts",
+      "context_bytes" for text datasets).
+    """
+    directory = pathlib.Path(directory)
+    marker: dict[str, Any] = {"shard": shard}
+    if spec.has_contexts:
+        cfeats = context_features(spec)
+
+        def serialized_contexts():
+            for c in contexts:
+                context = np.asarray(c["context"], dtype=spec.context_dtype)
+                if context.shape != spec.context_shape:
+                    raise ValueError(
+                        f"context has shape {context.shape}, the dataset {spec.context_shape}"
+                    )
+                yield cfeats.serialize_example(
+                    {"context": context, "index": c["index"], "caption": c["caption"]}
+                )
+
+        marker["num_contexts"], marker["context_bytes"] = _write_atomic(
+            context_shard_path(directory, spec, shard), serialized_contexts()
+        )
+
+    feats = features(spec)
+    keys = list(feats.keys())
+
+    def serialized_records():
+        for rec in records:
+            x = np.asarray(rec["x"], dtype=spec.dtype)
+            if x.shape != spec.shape:
+                raise ValueError(f"record x has shape {x.shape}, the dataset {spec.shape}")
+            yield feats.serialize_example(dict({k: rec[k] for k in keys}, x=x))
+
+    marker["num_records"], marker["num_bytes"] = _write_atomic(
+        shard_path(directory, spec, shard), serialized_records()
+    )
+    marker["skipped"] = list(skipped)
     _write_json_atomic(_marker_path(directory, shard), marker)
     return marker
 
@@ -242,13 +355,13 @@ def write_shard(
 def finalize(directory: str | os.PathLike, spec: DatasetSpec) -> dict[str, Any]:
     """Writes the TFDS metadata once every shard is done; returns the metadata dict.
 
-    Raises:
-      CorruptShardError: a shard has no done-marker yet, or its file is missing or has another
-        size than its marker records.
-    """
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import utils as tfds_utils
+    Text datasets get their contexts' metadata first (`contexts/`); the main dataset's
+    `dataset_info.json` is written last because its presence marks the dataset complete.
 
+    Raises:
+      CorruptShardError: a shard has no done-marker yet, its file is missing or has another
+        size than its marker records, or a text dataset lacks its empty-caption context.
+    """
     directory = pathlib.Path(directory)
     done = completed_shards(directory)
     missing = [s for s in range(spec.num_shards) if s not in done]
@@ -271,19 +384,63 @@ def finalize(directory: str | os.PathLike, spec: DatasetSpec) -> dict[str, Any]:
         flip_copies=True,
         shard_bytes=[m["num_bytes"] for m in markers],
     )
+    if spec.has_contexts:
+        for m in markers:
+            _check_shard_file(context_shard_path(directory, spec, m["shard"]), m["context_bytes"])
+        if not has_empty_context(directory):
+            raise CorruptShardError(
+                f"{directory / CONTEXTS_DIR / EMPTY_CONTEXT_FILE} is missing: run the "
+                "extraction again"
+            )
+        metadata.update(
+            num_contexts=sum(m["num_contexts"] for m in markers),
+            context_shard_bytes=[m["context_bytes"] for m in markers],
+        )
+        _write_info(
+            directory / CONTEXTS_DIR,
+            CONTEXTS_NAME,
+            f"CLIP text contexts of the captions of {spec.source}, written by uvit_jax.",
+            context_features(spec),
+            dict(spec.to_json(), format_version=VERSION),
+            spec.split,
+            [(m["num_contexts"], m["context_bytes"]) for m in markers],
+        )
+    _write_info(
+        directory,
+        DATASET_NAME,
+        f"{'Pixels' if spec.autoencoder == 'identity' else 'Autoencoder moments'} of "
+        f"{spec.source} and their horizontal flips, written by uvit_jax.",
+        features(spec),
+        metadata,
+        spec.split,
+        [(m["num_records"], m["num_bytes"]) for m in markers],
+    )
+    return metadata
+
+
+def _write_info(
+    directory: pathlib.Path,
+    name: str,
+    description: str,
+    feats: Any,
+    metadata: dict[str, Any],
+    split: str,
+    shards: Sequence[tuple[int, int]],
+) -> None:
+    """Writes the TFDS metadata of one dataset: shards = [(records, bytes)] per shard file."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import utils as tfds_utils
+
     identity = tfds.core.DatasetIdentity(
-        name=DATASET_NAME,
+        name=name,
         version=tfds_utils.Version(VERSION),
         data_dir=os.fspath(directory),
         module_name=__name__,
     )
     info = tfds.core.DatasetInfo(
         builder=identity,
-        description=(
-            f"{'Pixels' if spec.autoencoder == 'identity' else 'Autoencoder moments'} of "
-            f"{spec.source} and their horizontal flips, written by uvit_jax."
-        ),
-        features=features(spec),
+        description=description,
+        features=feats,
         metadata=tfds.core.MetadataDict(metadata),
     )
     info.set_file_format("array_record")
@@ -291,16 +448,15 @@ def finalize(directory: str | os.PathLike, spec: DatasetSpec) -> dict[str, Any]:
         tfds.core.SplitDict(
             [
                 tfds.core.SplitInfo(
-                    name=spec.split,
-                    shard_lengths=[m["num_records"] for m in markers],
-                    num_bytes=sum(m["num_bytes"] for m in markers),
-                    filename_template=_template(directory, spec.split),
+                    name=split,
+                    shard_lengths=[n for n, _ in shards],
+                    num_bytes=sum(b for _, b in shards),
+                    filename_template=_template(directory, split, name),
                 )
             ]
         )
     )
     info.write_to_directory(directory)
-    return metadata
 
 
 def _check_shard_file(path: pathlib.Path, expected_bytes: int) -> None:
@@ -323,6 +479,9 @@ class DatasetOnDisk:
     metadata: dict[str, Any]
     shard_paths: tuple[str, ...]
     shard_lengths: tuple[int, ...]
+    # Text datasets: the context shard files (one per image shard) and their record counts.
+    context_paths: tuple[str, ...] = ()
+    context_lengths: tuple[int, ...] = ()
 
     @property
     def num_records(self) -> int:
@@ -361,12 +520,23 @@ def open_dataset(directory: str | os.PathLike, split: str | None = None) -> Data
     paths = tuple(os.fspath(p) for p in split_info.filepaths)
     for path, nbytes in zip(paths, metadata["shard_bytes"], strict=True):
         _check_shard_file(pathlib.Path(path), nbytes)
+    context_paths: tuple[str, ...] = ()
+    context_lengths: tuple[int, ...] = ()
+    if spec.has_contexts:
+        cinfo = tfds.builder_from_directory(os.fspath(directory / CONTEXTS_DIR)).info
+        csplit = cinfo.splits[split]
+        context_paths = tuple(os.fspath(p) for p in csplit.filepaths)
+        context_lengths = tuple(int(n) for n in csplit.shard_lengths)
+        for path, nbytes in zip(context_paths, metadata["context_shard_bytes"], strict=True):
+            _check_shard_file(pathlib.Path(path), nbytes)
     return DatasetOnDisk(
         directory=os.fspath(directory),
         spec=spec,
         metadata=metadata,
         shard_paths=paths,
         shard_lengths=tuple(int(n) for n in split_info.shard_lengths),
+        context_paths=context_paths,
+        context_lengths=context_lengths,
     )
 
 
@@ -378,10 +548,25 @@ def expected_shape(config: Any) -> tuple[int, int, int]:
     return (side, side, 2 * chans)
 
 
+def expected_context_shape(config: Any) -> tuple[int, ...]:
+    """[L, D] of the text contexts a text-to-image config trains on; () for other configs."""
+    if config.model.kind != "uvit_t2i":
+        return ()
+    return (int(config.model.num_clip_token), int(config.model.clip_dim))
+
+
 def check_compatible(dataset: DatasetOnDisk, config: Any) -> None:
     """Fails before training when the dataset does not fit `config`, naming both values."""
     want_shape = expected_shape(config)
     problems = []
+    want_context = expected_context_shape(config)
+    if want_context and dataset.spec.context_shape != want_context:
+        have = list(dataset.spec.context_shape) or "none"
+        problems.append(
+            f"text contexts {have} on disk, but the config (model.num_clip_token="
+            f"{config.model.num_clip_token}, model.clip_dim={config.model.clip_dim}) needs "
+            f"{list(want_context)}"
+        )
     if dataset.spec.shape != want_shape:
         problems.append(
             f"record shape {list(dataset.spec.shape)} on disk, but the config "
@@ -413,19 +598,16 @@ def decode_x(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-class RecordReader:
-    """Batched random reads of records by global record index, decoded to numpy.
+class _ShardFiles:
+    """Random access by global record id over a list of array_record shard files.
 
-    Picklable (grain ships it to worker processes): the array_record readers open lazily in
-    the process that reads. Reads parse the `tf.train.Example` protos directly (no TFDS decode
-    step: it doubled the cost per record) and name the shard file when a read fails.
+    Picklable (grain ships readers to worker processes): the files open lazily in the process
+    that reads. Errors name the shard file.
     """
 
-    def __init__(self, dataset: DatasetOnDisk):
-        self._paths = dataset.shard_paths
-        self._starts = np.cumsum((0,) + dataset.shard_lengths)
-        self._shape = dataset.spec.shape
-        self._dtype = np.dtype(dataset.spec.dtype)
+    def __init__(self, paths: Sequence[str], lengths: Sequence[int]):
+        self.paths = tuple(paths)
+        self.starts = np.cumsum((0,) + tuple(lengths))
         self._source = None
 
     def __getstate__(self):
@@ -433,65 +615,121 @@ class RecordReader:
         state["_source"] = None
         return state
 
-    def _open(self):
-        from array_record.python import array_record_data_source
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """The shard index of each global record id."""
+        return np.searchsorted(self.starts, ids, side="right") - 1
 
+    def get(self, ids: Sequence[int]) -> list[bytes]:
+        if self._source is None:
+            from array_record.python import array_record_data_source
+
+            try:
+                self._source = array_record_data_source.ArrayRecordDataSource(list(self.paths))
+            except Exception as e:  # array_record raises plain RuntimeError/ValueError
+                named = [p for p in self.paths if os.path.basename(p) in str(e)]
+                where = ", ".join(named) if named else f"of {os.path.dirname(self.paths[0])}"
+                raise CorruptShardError(f"cannot open the shards {where}: {e}") from e
         try:
-            self._source = array_record_data_source.ArrayRecordDataSource(list(self._paths))
-        except Exception as e:  # array_record raises plain RuntimeError/ValueError
-            raise CorruptShardError(f"cannot open the shards {self._file_of_error(e)}: {e}") from e
-        return self._source
-
-    def _file_of_error(self, error: Exception) -> str:
-        named = [p for p in self._paths if os.path.basename(p) in str(error)]
-        return ", ".join(named) if named else f"of {os.path.dirname(self._paths[0])}"
-
-    def read(self, record_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Records `record_ids` [n] -> {"x": float32 [n, *shape], "label", "index", "flip"}."""
-        from tensorflow_datasets.proto import tf_example_pb2
-
-        source = self._source if self._source is not None else self._open()
-        ids = [int(i) for i in record_ids]
-        try:
-            raw = source.__getitems__(ids)
+            return self._source.__getitems__(list(ids))
         except Exception as batch_error:
             # Find the record (hence the file) that fails, to name it.
             for i in ids:
                 try:
-                    source[i]
+                    self._source[i]
                 except Exception as e:
-                    raise CorruptShardError(self._read_error([i], e)) from e
-            raise CorruptShardError(self._read_error(ids, batch_error)) from batch_error
+                    raise CorruptShardError(self.read_error([i], e)) from e
+            raise CorruptShardError(self.read_error(ids, batch_error)) from batch_error
+
+    def read_error(self, ids: Sequence[int], error: Exception) -> str:
+        ids = [i for i in ids if 0 <= i < self.starts[-1]]
+        files = sorted({self.paths[int(s)] for s in self.shard_of(np.asarray(ids, np.int64))})
+        where = ", ".join(files) if files else f"records {list(ids)[:4]}"
+        return f"cannot read shard {where}: {type(error).__name__}: {error}"
+
+
+def _tensor(feature: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    data = feature.bytes_list.value[0]
+    size = int(np.prod(shape)) * dtype.itemsize
+    if len(data) != size:
+        raise ValueError(f"a tensor has {len(data)} bytes, expected {size}")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+class RecordReader:
+    """Batched random reads of records by global record index, decoded to numpy.
+
+    Picklable. Reads parse the `tf.train.Example` protos directly (no TFDS decode step: it
+    doubled the cost per record) and name the shard file when a read fails.
+    """
+
+    def __init__(self, dataset: DatasetOnDisk):
+        self._records = _ShardFiles(dataset.shard_paths, dataset.shard_lengths)
+        self._shape = dataset.spec.shape
+        self._dtype = np.dtype(dataset.spec.dtype)
+        self.has_contexts = dataset.spec.has_contexts
+        if self.has_contexts:
+            self._contexts = _ShardFiles(dataset.context_paths, dataset.context_lengths)
+            self._context_shape = dataset.spec.context_shape
+            self._context_dtype = np.dtype(dataset.spec.context_dtype)
+
+    def read(self, record_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Records `record_ids` [n] -> {"x": float32 [n, *shape], "label", "index", "flip"}.
+
+        Text datasets add "context_start" int64 [n] (the global id of the example's first
+        context record) and "num_contexts" int32 [n].
+        """
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        ids = [int(i) for i in record_ids]
+        raw = self._records.get(ids)
         n = len(ids)
         x = np.empty((n, *self._shape), self._dtype)
-        ints = np.empty((3, n), np.int64)
-        size = int(np.prod(self._shape)) * self._dtype.itemsize
+        names = ["label", "index", "flip"]
+        if self.has_contexts:
+            names += ["context_start", "num_contexts"]
+        ints = np.empty((len(names), n), np.int64)
         for j, record in enumerate(raw):
             try:
                 feats = tf_example_pb2.Example.FromString(record).features.feature
-                data = feats["x"].bytes_list.value[0]
-                if len(data) != size:
-                    raise ValueError(f"x has {len(data)} bytes, expected {size}")
-                x[j] = np.frombuffer(data, self._dtype).reshape(self._shape)
-                ints[0, j] = feats["label"].int64_list.value[0]
-                ints[1, j] = feats["index"].int64_list.value[0]
-                ints[2, j] = feats["flip"].int64_list.value[0]
+                x[j] = _tensor(feats["x"], self._dtype, self._shape)
+                for r, name in enumerate(names):
+                    ints[r, j] = feats[name].int64_list.value[0]
             except Exception as e:
-                raise CorruptShardError(self._read_error([ids[j]], e)) from e
-        return {
+                raise CorruptShardError(self._records.read_error([ids[j]], e)) from e
+        out = {
             "x": decode_x(x),
             "label": ints[0].astype(np.int32),
             "index": ints[1],
             "flip": ints[2].astype(np.int32),
         }
+        if self.has_contexts:
+            # Contexts are numbered within their shard: add the shard's first global id.
+            shards = self._records.shard_of(np.asarray(ids, np.int64))
+            out["context_start"] = ints[3] + self._contexts.starts[shards]
+            out["num_contexts"] = ints[4].astype(np.int32)
+        return out
 
-    def _read_error(self, ids: Sequence[int], error: Exception) -> str:
-        files = sorted(
-            {
-                self._paths[int(np.searchsorted(self._starts, i, side="right")) - 1]
-                for i in ids
-                if 0 <= i < self._starts[-1]
-            }
-        )
-        where = ", ".join(files) if files else f"records {ids[:4]}"
-        return f"cannot read shard {where}: {type(error).__name__}: {error}"
+    def read_contexts(self, context_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Context records [n] -> {"context": float32 [n, L, D], "index" int64 [n], "caption"}."""
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        if not self.has_contexts:
+            raise DatasetMismatchError("this dataset has no text contexts")
+        ids = [int(i) for i in context_ids]
+        raw = self._contexts.get(ids)
+        context = np.empty((len(ids), *self._context_shape), self._context_dtype)
+        index = np.empty(len(ids), np.int64)
+        captions = []
+        for j, record in enumerate(raw):
+            try:
+                feats = tf_example_pb2.Example.FromString(record).features.feature
+                context[j] = _tensor(feats["context"], self._context_dtype, self._context_shape)
+                index[j] = feats["index"].int64_list.value[0]
+                captions.append(feats["caption"].bytes_list.value[0].decode("utf-8"))
+            except Exception as e:
+                raise CorruptShardError(self._contexts.read_error([ids[j]], e)) from e
+        return {
+            "context": context.astype(np.float32, copy=False),
+            "index": index,
+            "caption": np.asarray(captions, dtype=object),
+        }

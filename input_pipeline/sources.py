@@ -12,13 +12,17 @@ Sources (`make_source(config.data)`):
   * `"image_folder"`: class sub-folders (ImageNet's train layout); sorted folder names give the
     labels 0..K-1. A folder with images and no sub-folders is one unlabelled class.
   * `"fashion_mnist_files"`: the gzipped idx files of Debian's `dataset-fashion-mnist`.
+  * `"coco_files"`: MS-COCO as distributed: an image folder (`train2014/`) and its captions
+    file (`annotations/captions_train2014.json`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gzip
 import io
+import json
 import os
 import pathlib
 import struct
@@ -196,6 +200,54 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     return body.reshape(shape)
 
 
+class CocoCaptionsFilesSource:
+    """MS-COCO image-caption pairs from the files COCO distributes.
+
+    `image_dir` holds the images (e.g. `train2014/`), `captions_file` is the matching COCO
+    captions annotation file (`captions_train2014.json`: "images" with id and file_name,
+    "annotations" with image_id and caption). Images are ordered by id, as U-ViT's MS-COCO
+    dataset orders them, and each keeps its captions in file order. Images without captions are
+    kept here and skipped (and reported) by the extraction of text contexts.
+    """
+
+    num_classes = 0
+
+    def __init__(self, image_dir: str | os.PathLike, captions_file: str | os.PathLike):
+        self.image_dir = pathlib.Path(image_dir)
+        captions_path = pathlib.Path(captions_file)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder {self.image_dir} does not exist")
+        if not captions_path.is_file():
+            raise FileNotFoundError(
+                f"COCO captions file {captions_path} does not exist (config.data.captions_file; "
+                "e.g. annotations/captions_train2014.json)"
+            )
+        try:
+            data = json.loads(captions_path.read_text())
+            images = sorted((int(im["id"]), str(im["file_name"])) for im in data["images"])
+            by_image: dict[int, list[str]] = collections.defaultdict(list)
+            for ann in data["annotations"]:
+                by_image[int(ann["image_id"])].append(str(ann["caption"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{captions_path} is not a COCO captions file (expected 'images' with 'id' and "
+                f"'file_name', 'annotations' with 'image_id' and 'caption'): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not images:
+            raise ValueError(f"{captions_path} lists no images")
+        self._items = [(image_id, name, tuple(by_image[image_id])) for image_id, name in images]
+        self.description = f"coco_files:{self.image_dir}:{captions_path.name}"
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> RawExample:
+        image_id, name, captions = self._items[index]
+        path = self.image_dir / name
+        return RawExample(image=path, label=-1, key=str(path), captions=captions)
+
+
 class TfdsSource:
     """A TFDS image dataset read by random access (`as_data_source`, array_record format).
 
@@ -266,12 +318,15 @@ class Subset:
 
 
 def make_source(data_config: Any) -> ImageSource:
-    """The source named by `config.data` (`source`, `name`, `source_dir`, `split`)."""
+    """The source named by `config.data` (`source`, `name`, `source_dir`, `captions_file`,
+    `split`)."""
     kind = data_config.source
     if kind == "fashion_mnist_files":
         return FashionMnistFilesSource(data_config.source_dir, data_config.split)
     if kind == "image_folder":
         return ImageFolderSource(data_config.source_dir)
+    if kind == "coco_files":
+        return CocoCaptionsFilesSource(data_config.source_dir, data_config.captions_file)
     if kind == "tfds":
         if not data_config.name:
             raise ValueError("config.data.name must name a TFDS dataset for source='tfds'")
@@ -282,5 +337,6 @@ def make_source(data_config: Any) -> ImageSource:
             manual_dir=data_config.source_dir or None,
         )
     raise ValueError(
-        f"config.data.source={kind!r}; expected 'tfds', 'image_folder' or 'fashion_mnist_files'"
+        f"config.data.source={kind!r}; expected 'tfds', 'image_folder', 'fashion_mnist_files' "
+        "or 'coco_files'"
     )

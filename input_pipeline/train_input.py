@@ -13,7 +13,9 @@ Per process p of P, for a seed:
     .mp_prefetch(workers)        `config.data.num_workers` processes (0: read in this process)
 
 Batches are {"x": float32 [b, h, w, c], "label": int32 [b]} (no "label" for unlabelled data):
-moments (mean, logvar) for latent configs, pixels in [-1, 1] for pixel configs. Each epoch
+moments (mean, logvar) for latent configs, pixels in [-1, 1] for pixel configs. Text datasets
+give {"x", "context": float32 [b, L, D]} instead: one of the example's captions, drawn from
+(seed, epoch, example) (`caption_choices`), read with a second batched read. Each epoch
 shows every example at most once; the few left over (num_examples % P, and (E / P) % b per
 process) are dropped, different ones every epoch. The batch depends only on the seed, the
 process index/count and the step, so the iterator state (a position) saved with
@@ -48,16 +50,33 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def example_hash(seed: int, epochs: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """uint64 [n] hash of (seed, epoch, example): deterministic, independent of batch and
+    worker layout, and fresh every epoch."""
+    with np.errstate(over="ignore"):
+        z = _splitmix64(np.asarray([seed], np.uint64) * _GOLDEN + epochs.astype(np.uint64))
+        return _splitmix64(z * _GOLDEN + examples.astype(np.uint64))
+
+
 def flip_bits(seed: int, epochs: np.ndarray, examples: np.ndarray) -> np.ndarray:
     """Which copy (0 original, 1 flipped) each example uses in its epoch: int64 [n].
 
-    A hash of (seed, epoch, example): deterministic, independent of batch and worker layout,
-    and fresh every epoch, so over epochs each example is seen flipped about half the time.
+    The top bit of `example_hash`, so over epochs each example is seen flipped about half the
+    time.
     """
-    with np.errstate(over="ignore"):
-        z = _splitmix64(np.asarray([seed], np.uint64) * _GOLDEN + epochs.astype(np.uint64))
-        z = _splitmix64(z * _GOLDEN + examples.astype(np.uint64))
-    return (z >> np.uint64(63)).astype(np.int64)
+    return (example_hash(seed, epochs, examples) >> np.uint64(63)).astype(np.int64)
+
+
+def caption_choices(
+    seed: int, epochs: np.ndarray, examples: np.ndarray, num_contexts: np.ndarray
+) -> np.ndarray:
+    """Which of its captions each example uses in its epoch: int64 [n] in [0, num_contexts).
+
+    U-ViT draws one caption per example and step; the low 32 bits of `example_hash` (the flip
+    uses the top bit) make the draw uniform up to 2**-32 and independent of the flip.
+    """
+    low = example_hash(seed, epochs, examples) & np.uint64(0xFFFFFFFF)
+    return (low % np.maximum(num_contexts, 1).astype(np.uint64)).astype(np.int64)
 
 
 class ReadBatch(grain.transforms.MapWithIndex):
@@ -80,6 +99,7 @@ class ReadBatch(grain.transforms.MapWithIndex):
         process_count: int,
         labelled: bool,
         include_index: bool,
+        with_contexts: bool = False,
     ):
         self._reader = reader
         self._seed = seed
@@ -91,6 +111,7 @@ class ReadBatch(grain.transforms.MapWithIndex):
         self._process_count = process_count
         self._labelled = labelled
         self._include_index = include_index
+        self._with_contexts = with_contexts
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __getstate__(self):
@@ -119,7 +140,8 @@ class ReadBatch(grain.transforms.MapWithIndex):
         del element  # the position in the stream is all that matters
         epoch, examples = self.example_ids(index)
         # Record 2k is example k, record 2k + 1 its horizontal flip (see latent_dataset).
-        records = 2 * examples + flip_bits(self._seed, np.full_like(examples, epoch), examples)
+        epochs = np.full_like(examples, epoch)
+        records = 2 * examples + flip_bits(self._seed, epochs, examples)
         batch = self._reader.read(records)
         out = {"x": batch["x"]}
         if self._labelled:
@@ -127,6 +149,12 @@ class ReadBatch(grain.transforms.MapWithIndex):
         if self._include_index:
             out["index"] = batch["index"]
             out["flip"] = batch["flip"]
+        if self._with_contexts:
+            choice = caption_choices(self._seed, epochs, examples, batch["num_contexts"])
+            contexts = self._reader.read_contexts(batch["context_start"] + choice)
+            out["context"] = contexts["context"]
+            if self._include_index:
+                out["context_id"] = batch["context_start"] + choice
         return out
 
 
@@ -198,6 +226,7 @@ def make_train_dataset(
         process_count=process_count,
         labelled=dataset.spec.num_classes > 0,
         include_index=include_index,
+        with_contexts=config.model.kind == "uvit_t2i",
     )
     ds = grain.MapDataset.range(per_process // batch).repeat().map_with_index(read)
     if start_step:  # the stream from global step `start_step` on (same batches as a restore)

@@ -74,14 +74,16 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- data ----
     c.data = ml_collections.ConfigDict(
         dict(
-            source="tfds",  # "tfds", "image_folder", "fashion_mnist_files"
+            source="tfds",  # "tfds", "image_folder", "fashion_mnist_files", "coco_files"
             name="",  # TFDS name for source="tfds"
-            source_dir="",  # image folder / manual dir / Fashion-MNIST files
+            source_dir="",  # image folder / manual dir / Fashion-MNIST files / COCO images
+            captions_file="",  # source="coco_files": annotations/captions_<split>2014.json
             split="train",
             resolution=32,  # image side after preprocessing
             preprocess="center_crop",  # "adm_center_crop", "celeba", "coco", "pad", "center_crop"
             latent_dir="",  # where the extracted (latent or pixel) TFDS dataset lives
             latent_dtype="float32",  # "float16" halves the dataset
+            context_dtype="float32",  # text contexts (77 x 768 per caption); "float16" halves
             num_workers=2,  # grain worker processes (restore with the same number)
             prefetch=2,  # batches each worker keeps ready
             read_threads=2,  # array_record read threads per process
@@ -89,6 +91,15 @@ def default_config() -> ml_collections.ConfigDict:
             extract_shard_size=4096,  # source images per extracted shard (fixed for a resume)
             extract_batch_size=64,  # images per autoencoder call during extraction
             tfds_data_dir="",  # TFDS data_dir for source="tfds" ("" = TFDS default)
+        )
+    )
+
+    # ---- text encoder: text-to-image models (CLIP ViT-L/14, SPEC section 7) ----
+    c.text_encoder = ml_collections.ConfigDict(
+        dict(
+            path="",  # Hugging Face folder: config.json, tokenizer files, weights
+            dtype="float32",  # compute dtype of the encoder
+            batch_size=64,  # captions per encoder call
         )
     )
 
@@ -138,6 +149,8 @@ def default_config() -> ml_collections.ConfigDict:
             thresholding=False,
             num_samples=64,
             batch_size=64,  # global
+            # Text-to-image: prompts to draw (repeated in turn); empty: the dataset's captions.
+            prompts=(),
         )
     )
 
@@ -151,6 +164,9 @@ def default_config() -> ml_collections.ConfigDict:
             train_num_samples=1000,  # FID during training
             min_samples=2048,  # fewer samples than feature dimensions give a singular covariance
             ref_num_images=0,  # --mode fid_stats: images of the dataset to use (0: all)
+            # Text-to-image: the extracted dataset whose captions condition the FID samples
+            # (MS-COCO val); "" = the training dataset.
+            context_dir="",
         )
     )
 

@@ -27,6 +27,7 @@ from uvit_jax.evaluation.fid import (
 from uvit_jax.evaluation.reference import load_stats, save_stats
 from uvit_jax.evaluation.statistics import FeatureMoments
 from uvit_jax.parallel.mesh import batch_sharding, batch_size_per_shard, make_mesh
+from uvit_jax.sampling.prompts import CaptionSampler
 
 ImagesFn = Callable[[int], np.ndarray]  # batch index -> this process's uint8 images
 
@@ -50,10 +51,13 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def make_sample_batches(config, graphdef, params, mesh, *, seed: int) -> ImagesFn:
+def make_sample_batches(
+    config, graphdef, params, mesh, *, seed: int, captions: CaptionSampler | None = None
+) -> ImagesFn:
     """images(i) -> this process's uint8 samples of global batch i (config.eval.batch_size).
 
     Batch i uses the key fold_in(key(seed), i): the same images on any device count.
+    Text-to-image models take the contexts of samples i B, ..., (i + 1) B - 1 from `captions`.
     """
     from uvit_jax.images import to_uint8
     from uvit_jax.sampling.generate import sample_images
@@ -67,8 +71,16 @@ def make_sample_batches(config, graphdef, params, mesh, *, seed: int) -> ImagesF
         decode = JittedAutoencoder(make_autoencoder(dict(config.autoencoder)), mesh).decode
     sharding = batch_sharding(mesh)
     base = jax.random.key(seed)
+    if (config.model.kind == "uvit_t2i") != (captions is not None):
+        raise ValueError("text-to-image models (and only they) sample with captions")
 
     def images(i: int) -> np.ndarray:
+        conditions = {}
+        if captions is not None:
+            conditions = dict(
+                contexts=captions.contexts(i * global_batch, global_batch),
+                null_context=captions.null_context,
+            )
         with jax.set_mesh(mesh):
             x = sample_images(
                 graphdef,
@@ -78,17 +90,42 @@ def make_sample_batches(config, graphdef, params, mesh, *, seed: int) -> ImagesF
                 num=global_batch,
                 sharding=sharding,
                 decode=decode,
+                **conditions,
             )
         return _rgb(to_uint8(_local_rows(x)))
 
     return images
 
 
+def caption_sampler(config, dataset_dir: str | None, seed: int) -> CaptionSampler | None:
+    """Text-to-image models: the captions of `config.eval.context_dir` (MS-COCO val), else of
+    `dataset_dir` (the training data); None for other models."""
+    if config.model.kind != "uvit_t2i":
+        return None
+    directory = config.eval.get("context_dir", "") or dataset_dir
+    if not directory:
+        raise ValueError(
+            "FID of a text-to-image model needs captions: set config.eval.context_dir to an "
+            "extracted dataset (e.g. MS-COCO val, --mode extract with data.split=val)"
+        )
+    shape = (int(config.model.num_clip_token), int(config.model.clip_dim))
+    return CaptionSampler(directory, seed, shape)
+
+
 def fid_of_samples(
-    config, graphdef, params, mesh, feature_fn, ref, num_samples: int, *, seed: int = 0
+    config,
+    graphdef,
+    params,
+    mesh,
+    feature_fn,
+    ref,
+    num_samples: int,
+    *,
+    seed: int = 0,
+    captions: CaptionSampler | None = None,
 ) -> dict[str, float]:
     """FID / IS of `num_samples` fresh samples (FID during training; no resume)."""
-    images = make_sample_batches(config, graphdef, params, mesh, seed=seed)
+    images = make_sample_batches(config, graphdef, params, mesh, seed=seed, captions=captions)
     n_batches = -(-num_samples // int(config.eval.batch_size))
     moments, logits = compute_activation_statistics(
         (images(i) for i in range(n_batches)), feature_fn
@@ -122,11 +159,6 @@ def evaluate(config, workdir: str) -> dict[str, float]:
 
     mesh = make_mesh(config.mesh)
     loaded = load(workdir, mesh=mesh)
-    if loaded.config.model.kind == "uvit_t2i":
-        raise NotImplementedError(
-            "FID of text-to-image models needs the validation captions' "
-            "contexts, which --mode eval does not read yet"
-        )
     run_config = loaded.config
     run_config.unlock().update(eval=config.eval, sample=config.sample)
     if not config.eval.ref_stats:
@@ -136,7 +168,12 @@ def evaluate(config, workdir: str) -> dict[str, float]:
         )
     ref = load_stats(config.eval.ref_stats)
     feature_fn = inception_features(config, mesh)
-    images = make_sample_batches(run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed)
+    from input_pipeline.extract import resolve_latent_dir
+
+    captions = caption_sampler(run_config, resolve_latent_dir(config, workdir), config.seed)
+    images = make_sample_batches(
+        run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed, captions=captions
+    )
 
     n_batches = -(-int(config.eval.num_samples) // int(config.eval.batch_size))
     out = epath.Path(workdir) / "eval" / f"step_{loaded.step}"

@@ -1,9 +1,11 @@
 """`python main.py --mode sample --workdir W`: images from a checkpoint's EMA weights.
 
 Writes `W/samples/sample_step<step>_seed<seed>.png` (a grid) and `.npz` (`arr_0`: uint8
-[N, H, W, C], `labels`), sharded over every device and host. Batch i is drawn with
-`fold_in(key(config.seed), i)`: the same images on any device count, and batch 0 equals
-`uvit_jax.sample(uvit_jax.load(W), seed=config.seed)` for the same labels.
+[N, H, W, C], `labels`), sharded over every device and host. Text-to-image models draw from
+`config.sample.prompts` (or the dataset's captions, see `sampling/prompts.py`); the captions go
+to the `.npz` (`captions`) and a `.txt` beside the grid, one line per image in grid order.
+Batch i is drawn with `fold_in(key(config.seed), i)`: the same images on any device count, and
+batch 0 equals `uvit_jax.sample(uvit_jax.load(W), seed=config.seed)` for the same labels.
 """
 
 from __future__ import annotations
@@ -36,24 +38,28 @@ def sample_job(config, workdir: str) -> str:
 
     mesh = make_mesh(config.mesh)
     loaded = load(workdir, mesh=mesh)
-    if loaded.config.model.kind == "uvit_t2i":
-        raise NotImplementedError(
-            "--mode sample draws class-conditional or unconditional models; for text-to-image "
-            "use uvit_jax.sample(uvit_jax.load(W), contexts=...) with CLIP contexts"
-        )
     n, batch = int(config.sample.num_samples), int(config.sample.batch_size)
     batch_size_per_shard(mesh, batch, field="config.sample.batch_size")
     labels = grid_labels(loaded.config, n)
+    text = None
+    if loaded.config.model.kind == "uvit_t2i":
+        from uvit_jax.sampling.prompts import text_conditions
+
+        text = text_conditions(config, n, workdir)
     overrides = dict(
         steps=config.sample.steps, cfg_scale=config.sample.cfg_scale, sampler=config.sample.sampler
     )
     n_batches = -(-n // batch)
     out, start = [], time.perf_counter()
     for i in range(n_batches):
-        y = None
-        if labels is not None:  # the last batch is filled up to the compiled size, then cut
+        # The last batch is filled up to the compiled size, then cut.
+        y, conditions = None, {}
+        if labels is not None:
             y = np.resize(labels[i * batch : (i + 1) * batch], batch)
-        x = draw(loaded, labels=y, num=batch, seed=config.seed, batch=i, **overrides)
+        if text is not None:
+            rows = np.resize(np.arange(i * batch, min((i + 1) * batch, n)), batch)
+            conditions = dict(contexts=text.contexts[rows], null_context=text.null_context)
+        x = draw(loaded, labels=y, num=batch, seed=config.seed, batch=i, **overrides, **conditions)
         out.append(images.to_uint8(multihost_utils.process_allgather(x, tiled=True)))
         rate = (i + 1) / (time.perf_counter() - start)
         logging.info("sample: batch %d/%d, %.2f batches/s, ETA %.0f s", i + 1, n_batches, rate,
@@ -63,6 +69,10 @@ def sample_job(config, workdir: str) -> str:
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
         extra = {} if labels is None else {"labels": labels}
+        if text is not None:
+            extra["captions"] = np.asarray(text.captions)
+            with open(stem + ".txt", "w") as f:
+                f.writelines(c.replace("\n", " ") + "\n" for c in text.captions)
         np.savez(stem + ".npz", arr_0=pixels, **extra)
         ncol = None if labels is None else int(labels.max()) + 1
         images.save_png(stem + ".png", images.make_grid(pixels, ncol=ncol))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from uvit_jax import checkpoints
 from uvit_jax.models.uvit import build_uvit
-from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
+from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
 from uvit_jax.train import flops
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
@@ -142,18 +142,46 @@ def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k in ("x", "label", "context")}
 
 
+def _text_inputs(config, data_dir: str, mesh):
+    """Text-to-image models: (the empty context on every device, the sample-grid captions).
+
+    (None, None) for other models. The empty context [L, D] (CLIP of "") replaces dropped
+    contexts in the step; the grid uses the dataset's first captions (no text encoder needed).
+    """
+    if config.model.kind != "uvit_t2i":
+        return None, None
+    from input_pipeline import latent_dataset
+    from uvit_jax.sampling.prompts import dataset_conditions
+
+    empty = latent_dataset.read_empty_context(
+        latent_dataset.open_dataset(data_dir, config.data.split)
+    )
+    text = None
+    if config.train.sample_every:
+        text = dataset_conditions(data_dir, config.data.split, int(config.sample.num_samples))
+    return jax.device_put(empty, replicated(mesh)), text
+
+
 # ---- sample grids ------------------------------------------------------------------------
 
 
-def write_sample_grid(config, graphdef, ema, step: int, workdir: str, writer) -> None:
-    """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image."""
+def write_sample_grid(config, graphdef, ema, step: int, workdir: str, writer, text=None) -> None:
+    """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image.
+
+    text: the `TextConditions` of text-to-image models (the same captions every time).
+    """
     from uvit_jax import images
     from uvit_jax.sampling.generate import sample_images
     from uvit_jax.sampling.job import grid_labels
 
     n = int(config.sample.num_samples)
     labels = grid_labels(config, n)
-    x = sample_images(graphdef, ema, config, jax.random.key(config.seed + 1), labels=labels, num=n)
+    conditions = {}
+    if text is not None:
+        conditions = dict(contexts=text.contexts, null_context=text.null_context)
+    x = sample_images(
+        graphdef, ema, config, jax.random.key(config.seed + 1), labels=labels, num=n, **conditions
+    )
     x = np.asarray(jax.device_get(x))
     ncol = None if labels is None else int(labels.max()) + 1
     grid = images.make_grid(images.to_uint8(x), ncol=ncol)
@@ -178,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # FID during training: its weights and reference must be there before anything compiles.
     fid_every = int(config.train.fid_every)
     if fid_every:
-        from uvit_jax.evaluation.job import fid_of_samples, inception_features
+        from uvit_jax.evaluation.job import caption_sampler, fid_of_samples, inception_features
         from uvit_jax.evaluation.reference import load_stats
 
         feature_fn = inception_features(config, mesh)
@@ -190,6 +218,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         check_same_model(checkpoints.read_config(manager, latest), config, workdir)
 
     data_dir = ensure_dataset(config, workdir)
+    empty_context, text = _text_inputs(config, data_dir, mesh)
+    captions = caption_sampler(config, data_dir, seed=0) if fid_every else None
     # A saved iterator position is restored below; one written by another number of processes
     # cannot be, and the stream is rebuilt at the step instead (the same batches either way).
     restore_iter = latest is not None and checkpoints.has_data_iter_for_this_topology(
@@ -222,6 +252,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     first = _model_inputs(next(data_iter))
     batch_spec = abstract_batch(config, first)
+    if empty_context is not None:
+        batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
     step_fn = make_train_step(graphdef, tx, config, schedule)
     compiled, compile_s = compile_train_step(step_fn, abstract_state, shardings, batch_spec, mesh)
 
@@ -246,6 +278,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     try:
         for step in range(start, num_steps):
             gbatch = global_batch(batch, mesh)
+            if empty_context is not None:
+                gbatch["empty_context"] = empty_context
             state, metrics = compiled(state, gbatch, key)
             done = step + 1
             progress(done)
@@ -277,7 +311,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     manager, done, ema=ema, config=config, state=item, data_iter=data_iter
                 )
             if config.train.sample_every and done % config.train.sample_every == 0:
-                write_sample_grid(config, graphdef, state.ema, done, workdir, writer)
+                write_sample_grid(config, graphdef, state.ema, done, workdir, writer, text)
             if fid_every and done % fid_every == 0:
                 result = fid_of_samples(
                     config,
@@ -287,6 +321,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     feature_fn,
                     ref,
                     int(config.eval.train_num_samples),
+                    captions=captions,
                 )
                 writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
             if preempt.is_set(done):
