@@ -269,3 +269,44 @@ def test_fid_captions_cover_the_dataset_without_repeats(coco):
     np.testing.assert_array_equal(a.null_context, fake_encode([""])[0])
     with pytest.raises(latent_dataset.DatasetMismatchError, match=r"\[5, 8\].*\[77, 768\]"):
         CaptionSampler(ds.directory, 0, (77, 768))
+
+
+def test_clip_extraction_training_and_prompt_sampling(tmp_path):
+    """The real (tiny, random) CLIP text encoder end to end: extraction through
+    `config.text_encoder.path`, one training step, then `uvit_jax.sample(prompts=...)`."""
+    from tiny_clip import write_tiny_clip
+
+    import uvit_jax
+    from uvit_jax.text_encoder import TextEncoder
+
+    clip_dir = tmp_path / "clip"
+    clip_dir.mkdir()
+    write_tiny_clip(clip_dir)
+    _write_coco(tmp_path)
+    config = t2i_config(tmp_path, tmp_path / "latents")
+    config.model.update(clip_dim=32, num_clip_token=77)
+    config.text_encoder.update(path=str(clip_dir), batch_size=8)
+    config.train.update(batch_size=8, num_steps=1, ckpt_every=1, sample_every=0)
+
+    extract.run_extraction(config, process_index=0, process_count=1)
+    ds = latent_dataset.open_dataset(config.data.latent_dir)
+    encoder = TextEncoder(clip_dir, batch_size=8)
+    recs = latent_dataset.RecordReader(ds).read_contexts(np.arange(ds.metadata["num_contexts"]))
+    want = encoder.encode(list(recs["caption"]))
+    np.testing.assert_allclose(recs["context"], want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        latent_dataset.read_empty_context(ds), encoder.empty_context(), rtol=0, atol=1e-6
+    )
+    assert ds.spec.text_encoder == f"clip:{clip_dir}"
+
+    from uvit_jax.train.loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    loaded = uvit_jax.load(workdir)
+    prompts = ["a photo of a cat", "the dog on the table"]
+    x = uvit_jax.sample(loaded, prompts=prompts, seed=1)
+    y = uvit_jax.sample(loaded, contexts=encoder.encode(prompts),
+                        null_context=encoder.empty_context(), seed=1)  # fmt: skip
+    assert x.shape == (2, RES, RES, 3)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)

@@ -199,6 +199,7 @@ def sample(
     labels: Sequence[int] | np.ndarray | jax.Array | None = None,
     contexts: np.ndarray | jax.Array | None = None,
     null_context: np.ndarray | jax.Array | None = None,
+    prompts: Sequence[str] | None = None,
     num: int | None = None,
     steps: int | None = None,
     cfg_scale: float | None = None,
@@ -215,6 +216,8 @@ def sample(
           `range` works); random classes if None.
       contexts: [B, L, clip_dim] float32 text encodings (text-to-image models).
       null_context: [L, clip_dim] encoding of the empty prompt (guided text-to-image only).
+      prompts: text-to-image models: captions to draw, one image each, instead of contexts;
+          encoded with the CLIP text encoder of `config.text_encoder.path` (loaded once).
       num: batch size B when neither labels nor contexts give it (default
           config.sample.num_samples).
       steps, cfg_scale, sampler: override config.sample.{steps, cfg_scale, sampler} for this
@@ -235,6 +238,13 @@ def sample(
             config.sample[field] = cast(value)
     if labels is not None:
         labels = jnp.asarray(np.asarray(labels, np.int32).reshape(-1))
+    if prompts is not None:
+        if contexts is not None:
+            raise ValueError("pass prompts or contexts, not both")
+        from uvit_jax.sampling.prompts import prompt_conditions
+
+        text = prompt_conditions(config, list(prompts), len(prompts))
+        contexts, null_context = text.contexts, text.null_context
     sharding = None if loaded.mesh is None else batch_sharding(loaded.mesh)
     x = sample_images(
         loaded.graphdef,

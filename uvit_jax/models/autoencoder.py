@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from uvit_jax.parallel.mesh import batch_shard_count, run_process_local
 
 Array = jax.Array
 
@@ -508,14 +508,10 @@ class JittedAutoencoder:
         if mesh is None:
             self.state = state
             self.batch_sharding = None
-            self._batch_shards = 1
         else:
-            missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
-            if missing:
-                raise ValueError(f"mesh axes {mesh.axis_names} lack the batch axes {missing}")
+            batch_shard_count(mesh)  # checks the batch axes
             self.state = jax.device_put(state, NamedSharding(mesh, P()))
             self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-            self._batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
 
     def encode_moments(self, x: Array) -> Array:
         """Global images [B, H, W, C] -> moments [B, h, w, M] (B divisible by the batch shards)."""
@@ -539,19 +535,7 @@ class JittedAutoencoder:
         return self._run_local(self.decode, z)
 
     def _run_local(self, fn, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        n = x.shape[0]
-        if self.mesh is None:
-            return np.asarray(fn(x))
-        local_shards = max(1, self._batch_shards // jax.process_count())
-        padded = -(-n // local_shards) * local_shards
-        if padded != n:
-            x = np.concatenate([x, np.repeat(x[-1:], padded - n, axis=0)])
-        global_x = jax.make_array_from_process_local_data(self.batch_sharding, x)
-        out = fn(global_x)
-        if jax.process_count() > 1:
-            out = multihost_utils.global_array_to_host_local_array(out, self.mesh, P(BATCH_AXES))
-        return np.asarray(out)[:n]
+        return run_process_local(fn, x, self.mesh)
 
 
 def parse_dtype(name: str, *, field: str = "autoencoder.dtype") -> Any:

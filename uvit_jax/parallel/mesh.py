@@ -7,10 +7,11 @@ and optimizer state are split across the axis). The batch is split over both axe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -99,3 +100,39 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """This process's slice of the batch -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def batch_shard_count(mesh: Mesh) -> int:
+    """How many ways the batch is split (the product of the batch axes' sizes).
+
+    Raises:
+      ValueError: the mesh lacks one of the batch axes ("data", "fsdp").
+    """
+    missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"mesh axes {mesh.axis_names} lack the batch axes {missing}")
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def run_process_local(
+    fn: Callable[[jax.Array], jax.Array], x: np.ndarray, mesh: Mesh | None
+) -> np.ndarray:
+    """Runs a batch-parallel `fn` on this process's rows `x` [n, ...]; returns its rows, as numpy.
+
+    With a mesh, `x` is padded (repeating its last row) to a multiple of this process's batch
+    shards, assembled into a global array sharded over the batch axes, and `fn`'s output is cut
+    back to this process's n rows. In multi-process runs every process must pass the same n
+    (pad the last batch), since `fn` is one collective program. Without a mesh, `fn(x)`.
+    """
+    x = np.asarray(x)
+    n = x.shape[0]
+    if mesh is None:
+        return np.asarray(fn(x))
+    local_shards = max(1, batch_shard_count(mesh) // jax.process_count())
+    padded = -(-n // local_shards) * local_shards
+    if padded != n:
+        x = np.concatenate([x, np.repeat(x[-1:], padded - n, axis=0)])
+    out = fn(jax.make_array_from_process_local_data(batch_sharding(mesh), x))
+    if jax.process_count() > 1:
+        out = multihost_utils.global_array_to_host_local_array(out, mesh, P(BATCH_AXES))
+    return np.asarray(out)[:n]

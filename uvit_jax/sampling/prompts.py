@@ -12,6 +12,7 @@ empty prompt. They come from one of two places:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,22 +33,28 @@ def _cycle(items: Sequence[Any], n: int) -> list[Any]:
     return [items[i % len(items)] for i in range(n)]
 
 
-def prompt_conditions(config: Any, prompts: Sequence[str], n: int) -> TextConditions:
-    """`n` contexts of `prompts` (repeated in turn) from the config's CLIP text encoder."""
+@functools.lru_cache(maxsize=2)
+def _text_encoder(path: str, max_length: int, dtype: str, batch_size: int):
+    # Cached: a notebook drawing prompt after prompt loads CLIP's weights once.
     from uvit_jax.text_encoder import TextEncoder
 
+    return TextEncoder(path, max_length=max_length, dtype=dtype, batch_size=batch_size)
+
+
+def prompt_conditions(config: Any, prompts: Sequence[str], n: int) -> TextConditions:
+    """`n` contexts of `prompts` (repeated in turn) from the config's CLIP text encoder."""
     if not prompts:
         raise ValueError("no prompts given")
     if not config.text_encoder.path:
         raise ValueError(
-            "config.sample.prompts needs config.text_encoder.path: the CLIP text encoder's "
-            "Hugging Face folder (e.g. openai/clip-vit-large-patch14)"
+            "prompts need config.text_encoder.path: the CLIP text encoder's Hugging Face folder "
+            "(e.g. openai/clip-vit-large-patch14)"
         )
-    encoder = TextEncoder(
-        config.text_encoder.path,
-        max_length=int(config.model.num_clip_token),
-        dtype=config.text_encoder.dtype,
-        batch_size=int(config.text_encoder.batch_size),
+    encoder = _text_encoder(
+        os.path.abspath(config.text_encoder.path),
+        int(config.model.num_clip_token),
+        str(config.text_encoder.dtype),
+        int(config.text_encoder.batch_size),
     )
     unique = list(dict.fromkeys(prompts))
     encoded = dict(zip(unique, encoder.encode(unique), strict=True))
