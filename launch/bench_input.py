@@ -3,8 +3,11 @@
 Writes a synthetic latent dataset (moments float32 [32, 32, 8] + label, with flip copies, in the
 extraction's format) unless one exists, then times `make_train_iterator` from one process:
 shuffled, per-example flip choice, batched reads, decode to float32, for each worker count.
+With `--captions K`, an MS-COCO-shaped text dataset instead: no labels, K CLIP contexts
+[77, 768] per image (in `--context_dtype`), one drawn per example (a second batched read).
 
   python launch/bench_input.py --examples 10000 --batch 256 --workers 0,2
+  python launch/bench_input.py --examples 2000 --captions 5 --context_dtype float16
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ _STEPS = flags.DEFINE_integer("steps", 60, "timed batches per worker count")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to time")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "moments on disk")
 _DIR = flags.DEFINE_string("dir", "", "dataset directory (default: a temp dir, kept)")
+_CAPTIONS = flags.DEFINE_integer("captions", 0, "text contexts per image (0: class labels)")
+_CONTEXT_DTYPE = flags.DEFINE_enum(
+    "context_dtype", "float32", ["float32", "float16"], "contexts on disk"
+)
+CONTEXT_SHAPE = (77, 768)  # CLIP ViT-L/14
 
 
-def _write_synthetic(directory: str, num_examples: int, dtype: str) -> None:
+def _write_synthetic(
+    directory: str, num_examples: int, dtype: str, captions: int, context_dtype: str
+) -> None:
     import numpy as np
 
     spec = latent_dataset.DatasetSpec(
@@ -42,20 +52,34 @@ def _write_synthetic(directory: str, num_examples: int, dtype: str) -> None:
         split="train",
         num_source_examples=num_examples,
         shard_size=2048,
-        num_classes=1000,
+        num_classes=0 if captions else 1000,
         preprocess="adm_center_crop",
         resolution=256,
+        context_shape=CONTEXT_SHAPE if captions else (),
+        context_dtype=context_dtype,
     )
     latent_dataset.prepare_directory(directory, spec)
     rng = np.random.default_rng(0)
     for shard in range(spec.num_shards):
         ids = spec.shard_range(shard)
         x = rng.standard_normal((2 * len(ids), *spec.shape), dtype=np.float32)
-        records = (
+        records = [
             {"x": x[r], "label": ids[r // 2] % 1000, "index": ids[r // 2], "flip": r % 2}
             for r in range(len(x))
-        )
-        latent_dataset.write_shard(directory, spec, shard, records)
+        ]
+        contexts = []
+        if captions:
+            for r, rec in enumerate(records):
+                rec.update(label=-1, context_start=captions * (r // 2), num_contexts=captions)
+            ctx = rng.standard_normal((captions, *CONTEXT_SHAPE), dtype=np.float32)
+            contexts = (
+                {"context": ctx[k % captions], "index": i, "caption": f"caption {k}"}
+                for i in ids
+                for k in range(captions)
+            )
+        latent_dataset.write_shard(directory, spec, shard, records, contexts=contexts)
+    if captions:
+        latent_dataset.write_empty_context(directory, np.zeros(CONTEXT_SHAPE, np.float32))
     latent_dataset.finalize(directory, spec)
 
 
@@ -64,10 +88,14 @@ def main(argv):
     directory = _DIR.value or os.path.join(tempfile.gettempdir(), "uvit_bench_input")
     if not latent_dataset.is_finalized(directory):
         t = time.perf_counter()
-        _write_synthetic(directory, _EXAMPLES.value, _DTYPE.value)
+        _write_synthetic(
+            directory, _EXAMPLES.value, _DTYPE.value, _CAPTIONS.value, _CONTEXT_DTYPE.value
+        )
         print(f"wrote {directory} ({_EXAMPLES.value} examples) in {time.perf_counter() - t:.1f}s")
     config = default_config()
     config.model.update(img_size=32, in_chans=4)
+    if _CAPTIONS.value:
+        config.model.update(kind="uvit_t2i", clip_dim=CONTEXT_SHAPE[1])
     config.autoencoder.update(kind="kl_f8", scale_factor=0.18215)
     config.data.update(latent_dir=directory, split="train", prefetch=2)
     config.train.batch_size = _BATCH.value
@@ -81,8 +109,9 @@ def main(argv):
             batch = next(it)
         dt = time.perf_counter() - t
         rate = _STEPS.value * _BATCH.value / dt
+        extra = f"context {batch['context'].shape}" if _CAPTIONS.value else "label"
         print(
-            f"workers={workers}: {rate:,.0f} examples/s ({batch['x'].shape} float32 + label, "
+            f"workers={workers}: {rate:,.0f} examples/s ({batch['x'].shape} float32 + {extra}, "
             f"batch {_BATCH.value}, {_STEPS.value} batches in {dt:.2f}s)",
             flush=True,
         )
