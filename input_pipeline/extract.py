@@ -374,11 +374,13 @@ def _write_shards(
             elapsed = time.time() - start
             rate = images_done / max(elapsed, 1e-9)
             logging.info(
-                "shard %d (%d/%d of this process): %d images, %d skipped; %.1f images/s, ETA %s",
+                "shard %d (%d/%d of this process): %d images, %d captions, %d skipped; "
+                "%.1f images/s, ETA %s",
                 shard,
                 k + 1,
                 len(todo),
                 len(indices),
+                len(contexts),
                 len(skipped),
                 rate,
                 _hms((total - images_done) / max(rate, 1e-9)),
