@@ -64,19 +64,9 @@ def default_encode_fn(config: Any) -> EncodeFn | None:
 
 def default_encode_text_fn(config: Any) -> EncodeTextFn:
     """The config's CLIP text encoder (`config.text_encoder`), jitted on one device."""
-    from uvit_jax.text_encoder import TextEncoder
+    from uvit_jax.text_encoder import text_encoder_from_config
 
-    if not config.text_encoder.path:
-        raise ValueError(
-            "config.text_encoder.path is empty: text-to-image extraction needs the CLIP text "
-            "encoder's Hugging Face folder (e.g. openai/clip-vit-large-patch14)"
-        )
-    return TextEncoder(
-        config.text_encoder.path,
-        max_length=int(config.model.num_clip_token),
-        dtype=config.text_encoder.dtype,
-        batch_size=int(config.text_encoder.batch_size),
-    ).encode
+    return text_encoder_from_config(config).encode
 
 
 def image_channels(config: Any) -> int:

@@ -192,9 +192,13 @@ def context_shard_path(directory: str | os.PathLike, spec: DatasetSpec, shard: i
     )
 
 
+def _empty_context_path(directory: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE
+
+
 def write_empty_context(directory: str | os.PathLike, context: np.ndarray) -> None:
     """Stores the encoding of "" [L, D] float32 (atomically) for a text dataset."""
-    path = pathlib.Path(directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE
+    path = _empty_context_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
     np.save(tmp, np.asarray(context, np.float32))
@@ -202,14 +206,16 @@ def write_empty_context(directory: str | os.PathLike, context: np.ndarray) -> No
 
 
 def has_empty_context(directory: str | os.PathLike) -> bool:
-    return (pathlib.Path(directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE).exists()
+    return _empty_context_path(directory).exists()
 
 
 def read_empty_context(dataset: DatasetOnDisk) -> np.ndarray:
     """The unconditional context [L, D] float32 of a text dataset."""
-    path = pathlib.Path(dataset.directory) / CONTEXTS_DIR / EMPTY_CONTEXT_FILE
+    path = _empty_context_path(dataset.directory)
     if not dataset.spec.has_contexts:
-        raise DatasetMismatchError(f"dataset {dataset.directory} has no text contexts")
+        raise DatasetMismatchError(
+            f"dataset {dataset.directory} has no text contexts; extract it with a uvit_t2i config"
+        )
     if not path.exists():
         raise CorruptShardError(f"{path} is missing (the encoding of the empty caption)")
     context = np.load(path)
@@ -389,8 +395,7 @@ def finalize(directory: str | os.PathLike, spec: DatasetSpec) -> dict[str, Any]:
             _check_shard_file(context_shard_path(directory, spec, m["shard"]), m["context_bytes"])
         if not has_empty_context(directory):
             raise CorruptShardError(
-                f"{directory / CONTEXTS_DIR / EMPTY_CONTEXT_FILE} is missing: run the "
-                "extraction again"
+                f"{_empty_context_path(directory)} is missing: run the extraction again"
             )
         metadata.update(
             num_contexts=sum(m["num_contexts"] for m in markers),

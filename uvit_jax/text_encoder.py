@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -181,6 +182,30 @@ class TextEncoder:
 
     def _run(self, input_ids: jax.Array | np.ndarray) -> jax.Array:
         return _encode_jit(self._graphdef, self._state, input_ids, self._sharding)
+
+
+def text_encoder_from_config(config: Any) -> TextEncoder:
+    """The CLIP encoder of `config.text_encoder` with `model.num_clip_token` tokens.
+
+    Cached per (folder, length, dtype, batch size): extraction, `--mode sample` and a notebook
+    drawing prompt after prompt read the 123M weights once per process.
+    """
+    if not config.text_encoder.path:
+        raise ValueError(
+            "config.text_encoder.path is empty: text-to-image extraction and prompts need the "
+            "CLIP text encoder's Hugging Face folder (e.g. openai/clip-vit-large-patch14)"
+        )
+    return _cached_text_encoder(
+        os.path.abspath(config.text_encoder.path),
+        int(config.model.num_clip_token),
+        str(config.text_encoder.dtype),
+        int(config.text_encoder.batch_size),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_text_encoder(path: str, max_length: int, dtype: str, batch_size: int) -> TextEncoder:
+    return TextEncoder(path, max_length=max_length, dtype=dtype, batch_size=batch_size)
 
 
 def _caption_list(texts: Sequence[str]) -> list[str]:

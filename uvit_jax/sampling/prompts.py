@@ -12,7 +12,6 @@ empty prompt. They come from one of two places:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,36 +28,16 @@ class TextConditions:
     captions: tuple[str, ...]
 
 
-def _cycle(items: Sequence[Any], n: int) -> list[Any]:
-    return [items[i % len(items)] for i in range(n)]
-
-
-@functools.lru_cache(maxsize=2)
-def _text_encoder(path: str, max_length: int, dtype: str, batch_size: int):
-    # Cached: a notebook drawing prompt after prompt loads CLIP's weights once.
-    from uvit_jax.text_encoder import TextEncoder
-
-    return TextEncoder(path, max_length=max_length, dtype=dtype, batch_size=batch_size)
-
-
 def prompt_conditions(config: Any, prompts: Sequence[str], n: int) -> TextConditions:
     """`n` contexts of `prompts` (repeated in turn) from the config's CLIP text encoder."""
+    from uvit_jax.text_encoder import text_encoder_from_config
+
     if not prompts:
         raise ValueError("no prompts given")
-    if not config.text_encoder.path:
-        raise ValueError(
-            "prompts need config.text_encoder.path: the CLIP text encoder's Hugging Face folder "
-            "(e.g. openai/clip-vit-large-patch14)"
-        )
-    encoder = _text_encoder(
-        os.path.abspath(config.text_encoder.path),
-        int(config.model.num_clip_token),
-        str(config.text_encoder.dtype),
-        int(config.text_encoder.batch_size),
-    )
+    encoder = text_encoder_from_config(config)
     unique = list(dict.fromkeys(prompts))
     encoded = dict(zip(unique, encoder.encode(unique), strict=True))
-    captions = _cycle(list(prompts), n)
+    captions = [prompts[i % len(prompts)] for i in range(n)]
     return TextConditions(
         contexts=np.stack([encoded[c] for c in captions]),
         null_context=encoder.empty_context(),
@@ -74,17 +53,14 @@ def dataset_conditions(dataset_dir: str | os.PathLike, split: str, n: int) -> Te
     from input_pipeline import latent_dataset
 
     dataset = latent_dataset.open_dataset(dataset_dir, split)
+    null_context = latent_dataset.read_empty_context(dataset)  # fails for datasets without text
     reader = latent_dataset.RecordReader(dataset)
-    if not reader.has_contexts:
-        raise latent_dataset.DatasetMismatchError(
-            f"dataset {dataset_dir} has no text contexts; extract it with a uvit_t2i config"
-        )
     images = np.arange(min(n, dataset.num_examples), dtype=np.int64)
     firsts = reader.read(2 * images)["context_start"]  # record 2k: image k, unflipped
     read = reader.read_contexts(np.resize(firsts, n))
     return TextConditions(
         contexts=read["context"],
-        null_context=latent_dataset.read_empty_context(dataset),
+        null_context=null_context,
         captions=tuple(str(c) for c in read["caption"]),
     )
 
