@@ -9,7 +9,7 @@ from runs import small_config
 
 from uvit_jax import jobs
 from uvit_jax.convert.inception import save_random_inception
-from uvit_jax.evaluation.reference import load_stats
+from uvit_jax.evaluation.reference import load_stats, save_stats
 from uvit_jax.train import loop
 
 
@@ -67,6 +67,8 @@ def test_eval_without_inception_weights_says_how_to_import_them(eval_setup, tmp_
     config, root = eval_setup
     c = config.copy_and_resolve_references()
     c.eval.inception_path = str(tmp_path / "missing.npz")
+    # Own reference statistics: the module's are written by another test, which may not have run.
+    c.eval.ref_stats = save_stats(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
     with pytest.raises(FileNotFoundError, match=r"--mode convert_inception"):
         jobs.run("eval", c, str(root / "w"))
 
