@@ -15,6 +15,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax import jobs  # noqa: E402
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # before the first device use
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).")

@@ -11,11 +11,18 @@ weights unless --weights is given (speed does not depend on the values). Prints 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # as main.py: YNNPACK convolutions on CPUs
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 
 def bench(fn, images: np.ndarray, iters: int) -> float:
@@ -29,7 +36,9 @@ def bench(fn, images: np.ndarray, iters: int) -> float:
 
 def ours(args, images: np.ndarray) -> float:
     from uvit_jax.convert.inception import load_inception
-    from uvit_jax.models.inception import InceptionV3, make_feature_fn
+    from uvit_jax.evaluation.features import make_feature_fn
+    from uvit_jax.models.inception import InceptionV3
+    from uvit_jax.parallel.mesh import make_mesh
 
     precision = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}[
         args.precision
@@ -38,9 +47,8 @@ def ours(args, images: np.ndarray) -> float:
         model = load_inception(args.weights, precision=precision)
     else:
         model = InceptionV3(precision=precision, rngs=nnx.Rngs(0))
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    features = make_feature_fn(model, mesh)
-    return bench(lambda x: features(x)[0], images, args.iters)
+    features = make_feature_fn(model, make_mesh({"data": -1, "fsdp": 1}))
+    return bench(lambda x: features(x)["pool3"], images, args.iters)
 
 
 def pytorch_fid(args, images: np.ndarray) -> tuple[float, str] | None:

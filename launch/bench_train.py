@@ -36,6 +36,9 @@ import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # as main.py: the numbers are those of the training job
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

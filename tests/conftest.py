@@ -10,6 +10,9 @@ import pathlib
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # the CPU flags main.py sets: tests run what users run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

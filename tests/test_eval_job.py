@@ -1,5 +1,5 @@
 """`--mode fid_stats` then `--mode eval` on a trained default model, end to end (random-weight
-Inception), and the eval job's resume and error messages."""
+Inception), the fingerprint, the eval job's resume and its error messages."""
 
 import json
 
@@ -9,7 +9,7 @@ from runs import small_config
 
 from uvit_jax import jobs
 from uvit_jax.convert.inception import save_random_inception
-from uvit_jax.evaluation.reference import load_stats, save_stats
+from uvit_jax.evaluation.reference import load_reference, save_stats
 from uvit_jax.train import loop
 
 
@@ -34,25 +34,77 @@ def eval_setup(fmnist_dir, tmp_path_factory):
     return config, root
 
 
-def test_fid_stats_then_eval(eval_setup):
+def test_fid_stats_then_eval(eval_setup, monkeypatch):
     config, root = eval_setup
     jobs.run("fid_stats", config, str(root / "w"))
-    mu, sigma = load_stats(config.eval.ref_stats)
-    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
-    assert np.allclose(sigma, sigma.T) and np.isfinite(sigma).all()
+    ref = load_reference(config.eval.ref_stats)
+    assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048)
+    assert np.allclose(ref.sigma, ref.sigma.T) and np.isfinite(ref.sigma).all()
+    assert ref.num_images == 24 and ref.features.shape == (24, 2048) and ref.mu_s.shape == (2023,)
+    assert ref.protocol["input_protocol"] == "pytorch_fid"
+    assert ref.protocol["dataset"]["split"] == "train"
 
     jobs.run("eval", config, str(root / "w"))
     result = json.loads((root / "w" / "eval" / "result_step_2.json").read_text())
     assert result["num_samples"] == 16 and result["step"] == 2
-    assert np.isfinite(result["fid"]) and result["fid"] > 0
-    assert result["inception_score"] >= 1.0
+    for key in ("fid", "sfid", "kid"):
+        assert np.isfinite(result[key]), key
+    assert result["fid"] > 0 and result["inception_score"] >= 1.0
+    assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    fp = result["protocol"]
+    assert fp["reference"]["num_images"] == 24 and len(fp["reference"]["sha256"]) == 64
+    assert fp["inception"]["feature_sha256"] == ref.protocol["inception_feature_sha256"]
+    assert (fp["sampler"], fp["steps"], fp["weights"], fp["labels"]) == (
+        config.sample.sampler,
+        3,
+        "ema",
+        "balanced",
+    )
+    assert fp["num_samples"] == 16 and fp["quantisation"].startswith("floor(clip(")
 
-    # Running again resumes from the kept moments: nothing is sampled, the result is the same.
-    partial = root / "w" / "eval" / "step_2" / "moments_process0.npz"
-    assert int(np.load(partial)["batches"]) == 2
+    # Running again resumes from the kept batches: nothing is sampled, the result is the same.
+    from uvit_jax.evaluation import job
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a finished evaluation sampled again")
+
+    (folder,) = (root / "w" / "eval" / "step_2").iterdir()
+    assert sorted(p.name for p in folder.glob("batch_*")) == [
+        "batch_00000_process0.npz",
+        "batch_00001_process0.npz",
+    ]
+    monkeypatch.setattr(job, "make_sample_batches", lambda *a, **k: no_sampling)
     jobs.run("eval", config, str(root / "w"))
     again = json.loads((root / "w" / "eval" / "result_step_2.json").read_text())
-    assert again["fid"] == result["fid"]
+    assert again["fid"] == result["fid"] and again["protocol"] == fp
+
+
+def test_eval_with_other_settings_starts_afresh(eval_setup):
+    config, root = eval_setup
+    c = config.copy_and_resolve_references()
+    c.sample.steps = 2
+    c.eval.labels = "random"
+    jobs.run("eval", c, str(root / "w"))
+    result = json.loads((root / "w" / "eval" / "result_step_2.json").read_text())
+    assert (result["protocol"]["steps"], result["protocol"]["labels"]) == (2, "random")
+    assert len(list((root / "w" / "eval" / "step_2").iterdir())) == 2  # one folder per setting
+
+
+def test_eval_refuses_a_reference_of_another_protocol(eval_setup, tmp_path):
+    config, root = eval_setup
+    c = config.copy_and_resolve_references()
+    c.eval.protocol = "tf_graph"
+    mismatch = r"input_protocol='pytorch_fid'.*input_protocol='tf_graph'"
+    with pytest.raises(ValueError, match=mismatch):
+        jobs.run("eval", c, str(root / "w"))
+
+
+def test_eval_refuses_too_few_samples_before_sampling(eval_setup):
+    config, root = eval_setup
+    c = config.copy_and_resolve_references()
+    c.eval.update(num_samples=8, min_samples=2048)
+    with pytest.raises(ValueError, match=r"num_samples=8 is below config.eval.min_samples=2048"):
+        jobs.run("eval", c, str(root / "w"))
 
 
 def test_eval_needs_reference_statistics(eval_setup):

@@ -55,9 +55,9 @@ def _all_records(path):
 # A child process that extracts slowly (so that it can be killed mid-way).
 _CHILD = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]  # by file: other packages ship a `tests`
     from input_pipeline import extract, sources
-    from tests.test_extract import _pixel_config
+    from test_extract import _pixel_config
 
     class Slow(sources.FashionMnistFilesSource):
         def __getitem__(self, i):

@@ -1,8 +1,7 @@
-"""FID/IS arithmetic: preprocessing vs pytorch, streaming statistics, distance vs pytorch-fid,
-Inception Score, reference-statistics files."""
+"""FID/IS arithmetic: both input protocols vs their frameworks, streaming statistics, distance
+vs pytorch-fid, Inception Score, the metrics of a feature set, reference files."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
@@ -10,9 +9,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from numerics import relative_error
 
-from uvit_jax.evaluation.fid import fid_and_inception_score
-from uvit_jax.evaluation.preprocess import preprocess_uint8, quantize_samples
-from uvit_jax.evaluation.reference import load_reference_images, load_stats, save_stats
+from uvit_jax.evaluation.metrics import FeatureSet, evaluation_metrics
+from uvit_jax.evaluation.preprocess import inception_input
+from uvit_jax.evaluation.reference import (
+    Reference,
+    load_reference,
+    load_reference_images,
+    load_stats,
+    save_reference,
+    save_stats,
+)
 from uvit_jax.evaluation.statistics import (
     FeatureMoments,
     allgather_moments,
@@ -20,6 +26,7 @@ from uvit_jax.evaluation.statistics import (
     inception_score,
     merge_all,
 )
+from uvit_jax.images import quantize_samples
 
 # ---- preprocessing ---------------------------------------------------------------------------
 
@@ -32,9 +39,28 @@ def test_preprocess_matches_pytorch_fid(size):
     images = np.random.default_rng(0).integers(0, 256, (2, *size, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # pytorch-fid: ToTensor
     ref = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
-    ours = np.asarray(jax.jit(preprocess_uint8)(images))
+    ours = np.asarray(jax.jit(inception_input)(images))
     assert ours.shape == (2, 299, 299, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 48), (299, 299), (512, 400)])
+def test_tf_graph_protocol_matches_tensorflow(size):
+    tf = pytest.importorskip("tensorflow", reason="the reference is TF's ResizeBilinear op")
+    images = np.random.default_rng(1).integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    # The 2015-12-05 graph: ResizeBilinear (TF 1.x semantics) on [0, 255], then (x - 128) / 128.
+    resized = tf.compat.v1.image.resize_bilinear(
+        images.astype(np.float32), (299, 299), align_corners=False, half_pixel_centers=False
+    )
+    ref = (resized.numpy() - 128.0) / 128.0
+    ours = np.asarray(jax.jit(inception_input, static_argnums=1)(images, "tf_graph"))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5)
+    assert ours.min() >= -1.0 and ours.max() <= 127 / 128 + 1e-6
+
+
+def test_unknown_protocol_is_named():
+    with pytest.raises(ValueError, match=r"config.eval.protocol='tf'.*pytorch_fid.*tf_graph"):
+        inception_input(np.zeros((1, 8, 8, 3), np.uint8), "tf")
 
 
 def test_quantize_matches_uvit_save_image():
@@ -208,18 +234,51 @@ def test_inception_score_known_values():
         inception_score(logits[:5])
 
 
-def test_fid_and_inception_score_from_moments():
+def _outputs(rng, n, shift=0.0):
+    """Fake `FeatureFn` outputs: rectified pool3-like vectors, spatial vectors, logits."""
+    pool3 = np.maximum(rng.normal(size=(n, 2048)) + shift, 0).astype(np.float32)
+    spatial = rng.normal(size=(n, 2023)).astype(np.float32) + shift
+    return dict(pool3=pool3, spatial=spatial, logits=rng.normal(size=(n, 1008)).astype(np.float32))
+
+
+def test_evaluation_metrics_of_a_feature_set():
+    from uvit_jax.evaluation.kid import kernel_inception_distance
+    from uvit_jax.evaluation.manifold import precision_recall
+
     rng = np.random.default_rng(5)
-    feats = rng.normal(size=(100, 16))
-    moments = FeatureMoments.of(feats[:60]).update(feats[60:])
-    ref_mu, ref_sigma = _stats(rng, 80, 16)
-    logits = jnp.zeros((100, 1008))
-    result = fid_and_inception_score(moments, np.asarray(logits), ref_mu, ref_sigma)
-    expected = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
-    assert result["fid"] == pytest.approx(expected, rel=1e-10)
-    assert result["num_samples"] == 100 and result["inception_score"] == pytest.approx(1.0)
+    a, b = _outputs(rng, 60), _outputs(rng, 40)
+    samples = FeatureSet.merge_all([FeatureSet.of(a), FeatureSet.of(b)])
+    real = _outputs(rng, 80, shift=0.1)
+    ref = Reference(
+        "ref.npz",
+        real["pool3"].mean(0),
+        np.cov(real["pool3"], rowvar=False),
+        real["spatial"].mean(0),
+        np.cov(real["spatial"], rowvar=False),
+        features=real["pool3"],
+    )
+    result = evaluation_metrics(samples, ref, min_samples=2, kid_subsets=5)
+    pool = np.concatenate([a["pool3"], b["pool3"]]).astype(np.float64)
+    spatial = np.concatenate([a["spatial"], b["spatial"]]).astype(np.float64)
+    fid = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref.mu, ref.sigma)
+    sfid = frechet_distance(spatial.mean(0), np.cov(spatial, rowvar=False), ref.mu_s, ref.sigma_s)
+    # 100 vectors in 2048 dimensions: a rank-deficient covariance, whose square root amplifies
+    # the rounding of a different summation order.
+    assert result["fid"] == pytest.approx(fid, rel=1e-8)
+    assert result["sfid"] == pytest.approx(sfid, rel=1e-8)
+    assert result["num_samples"] == 100
+    logits = np.concatenate([a["logits"], b["logits"]])
+    assert result["inception_score"] == pytest.approx(inception_score(logits)[0], rel=1e-12)
+    p, r = precision_recall(real["pool3"], pool.astype(np.float32))
+    assert (result["precision"], result["recall"]) == (p, r)
+    # KID subsets hold at most as many vectors as the smaller set (here the 80 real ones).
+    kid = kernel_inception_distance(real["pool3"], pool, subsets=5, subset_size=80)
+    assert result["kid_subset_size"] == 80 and result["kid"] == pytest.approx(kid[0], rel=1e-12)
+    # A reference with moments only (pytorch-fid's files) gives FID alone.
+    bare = evaluation_metrics(samples, Reference("ref.npz", ref.mu, ref.sigma), min_samples=2)
+    assert set(bare) == {"fid", "num_samples", "inception_score", "inception_score_std"}
     with pytest.raises(ValueError, match="at least 200 samples"):
-        fid_and_inception_score(moments, None, ref_mu, ref_sigma, min_samples=200)
+        evaluation_metrics(samples, ref, min_samples=200)
 
 
 # ---- reference statistics files ----------------------------------------------------------------
@@ -260,6 +319,28 @@ def test_reference_file_errors(tmp_path):
         load_stats(small)
     with pytest.raises(KeyError, match="no_sigma.npz: missing key arr_0"):
         load_reference_images(no_sigma)
+    bad_spatial = tmp_path / "bad_spatial.npz"
+    np.savez(
+        bad_spatial, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7)
+    )
+    with pytest.raises(ValueError, match=r"bad_spatial.npz: mu_s has shape \(7,\)"):
+        load_reference(bad_spatial)
+
+
+def test_our_reference_files_round_trip(tmp_path):
+    rng = np.random.default_rng(7)
+    out = _outputs(rng, 30)
+    protocol = {"input_protocol": "pytorch_fid", "inception_feature_sha256": "abc"}
+    path = save_reference(tmp_path / "ours", FeatureSet.of(out), protocol)
+    ref = load_reference(path)
+    assert ref.num_images == 30 and ref.protocol == protocol
+    np.testing.assert_array_equal(ref.features, out["pool3"])
+    np.testing.assert_allclose(ref.mu_s, out["spatial"].astype(np.float64).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(ref.sigma, np.cov(out["pool3"], rowvar=False), rtol=1e-9, atol=1e-12)
+    # A pytorch-fid file (mu, sigma only) loads with the optional parts absent.
+    plain = save_stats(tmp_path / "plain", ref.mu, ref.sigma)
+    bare = load_reference(plain)
+    assert bare.mu_s is None and bare.features is None and bare.protocol is None
 
 
 # ---- two real processes ------------------------------------------------------------------------
@@ -270,21 +351,25 @@ import jax
 import numpy as np
 
 jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-from uvit_jax.evaluation.fid import compute_activation_statistics, gather_statistics
+from uvit_jax.evaluation.metrics import feature_set
 
 rank = jax.process_index()
 rng = np.random.default_rng(rank)
 # Unequal shares: 3 batches of 30 rows on process 0, 3 batches of 20 on process 1.
 batches = [rng.normal(size=(30 - 10 * rank, 12)) + 5.0 for _ in range(3)]
-fake_features = lambda x, pad_to: (x, np.tile(x, (1, 84)))
-# A resumed job: local statistics of the first batch, continued, then gathered.
-first, first_logits = compute_activation_statistics(batches[:1], fake_features, gather=False)
-moments, logits = compute_activation_statistics(
-    batches[1:], fake_features, pad_to=32, moments=first, gather=False
-)
-moments, logits = gather_statistics(moments, np.concatenate([first_logits, logits]))
-np.savez(sys.argv[3], n=moments.n, mean=moments.mean, m2=moments.m2, logits=logits,
-         data=np.concatenate(batches))
+
+
+def fake_features(x, pad_to):
+    wide = np.tile(x, (1, 171)).astype(np.float32)
+    return dict(pool3=wide[:, :2048], spatial=wide[:, :2023], logits=wide[:, :1008])
+
+
+# A resumed job: this process's set of the first batch, continued, then gathered.
+first = feature_set(batches[:1], fake_features)
+total = feature_set(batches[1:], fake_features, pad_to=32, start=first).gather()
+m = total.pool
+np.savez(sys.argv[3], n=m.n, mean=m.mean[:12], m2=m.m2[:12, :12], logits=total.logits,
+         features=total.pool_features, data=np.concatenate(batches).astype(np.float32))
 """
 
 
@@ -294,12 +379,13 @@ def test_statistics_combine_across_two_processes(tmp_path):
     outs = [tmp_path / f"rank{r}.npz" for r in range(2)]
     run_two_jax_processes(_TWO_PROCESS_SCRIPT, tmp_path, lambda r: [str(outs[r])])
     results = [np.load(o) for o in outs]
-    everything = np.concatenate([r["data"] for r in results])
+    everything = np.concatenate([r["data"] for r in results]).astype(np.float64)
     for r in results:
         assert int(r["n"]) == 150
         moments = FeatureMoments(int(r["n"]), r["mean"], r["m2"])
         mu, sigma = moments.mean_cov(min_samples=2)
         assert relative_error(mu, everything.mean(0)) < 1e-10
         assert relative_error(sigma, np.cov(everything, rowvar=False)) < 1e-10
-        # logits of both processes, in process order (float32 through the collective)
+        # logits and pool3 vectors of both processes, in process order (float32)
         np.testing.assert_allclose(r["logits"][:, :12], everything, rtol=1e-6)
+        np.testing.assert_allclose(r["features"][:, :12], everything, rtol=1e-6)

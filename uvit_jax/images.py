@@ -1,17 +1,35 @@
-"""Images for people: uint8 quantisation, grids, PNG files."""
+"""Images for people and metrics: uint8 quantisation, grids, PNG files."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+# How samples in [-1, 1] become pixels, recorded with every FID (it changes the numbers).
+QUANTISATION = "floor(clip((x + 1) / 2, 0, 1) * 255 + 0.5)"
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[..., C] float in [-1, 1] -> uint8 numpy, as U-ViT quantises samples (clamp, x*255 + 0.5)."""
-    from uvit_jax.evaluation.preprocess import quantize_samples
 
+def quantize_samples(x: jax.Array | np.ndarray) -> jax.Array:
+    """Samples in [-1, 1] -> uint8 pixels the way U-ViT saves them (jittable).
+
+    U-ViT maps samples with (x + 1) / 2 clamped to [0, 1], and torchvision's `save_image`
+    writes x * 255 + 0.5 truncated to uint8: `QUANTISATION`.
+
+    Args:
+      x: [..., C] float images, nominally in [-1, 1] (values outside are clamped).
+    Returns:
+      Same shape, uint8.
+    """
+    x = jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return jnp.floor(x * 255.0 + 0.5).astype(jnp.uint8)
+
+
+def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
+    """[..., C] float in [-1, 1] -> uint8 numpy (`quantize_samples` on the host's copy)."""
     return np.asarray(quantize_samples(x))
 
 

@@ -1,14 +1,16 @@
 """Reading PyTorch-style state dicts from the files users have, and checking them.
 
 Every converter in `uvit_jax.convert` takes a flat `{official key: numpy array}` mapping. This
-module turns `.pth` / `.pt` / `.ckpt` / `.bin` (torch pickles, read with `weights_only=True`),
-`.npz` and `.safetensors` files into that mapping, and gives the converters one way to report
+module turns `.pth` / `.pt` / `.ckpt` / `.bin` (torch pickles, read with `weights_only=True`, or
+TorchScript archives, whose tensors are read without running their code), `.npz` and
+`.safetensors` files into that mapping, and gives the converters one way to report
 keys and shapes that do not fit.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -26,9 +28,9 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> St
     """Reads a state dict as float32/int numpy arrays.
 
     Args:
-      path: a `.pth`/`.pt`/`.ckpt`/`.bin` torch file (needs `pip install uvit_jax[torch]`),
-        an `.npz` or a `.safetensors` file. Torch files that wrap the weights in `state_dict`
-        (Lightning `.ckpt`) or `model` are unwrapped.
+      path: a `.pth`/`.pt`/`.ckpt`/`.bin` torch file or TorchScript archive (needs
+        `pip install uvit_jax[torch]`), an `.npz` or a `.safetensors` file. Torch files that
+        wrap the weights in `state_dict` (Lightning `.ckpt`) or `model` are unwrapped.
       prefix: if given, keep only keys starting with it and strip it
         (e.g. `"first_stage_model."` for a Stable Diffusion checkpoint).
 
@@ -86,8 +88,21 @@ def _tensor_to_numpy(torch, v) -> np.ndarray:
     return v.detach().cpu().numpy()
 
 
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether `path` is a TorchScript archive (`torch.jit.save`): a zip holding compiled code
+    (`<name>/code/...`) and `constants.pkl`, where a plain state dict holds only `data.pkl`."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def _load_torch(path: str) -> StateDict:
     torch = _import_torch(path)
+    if is_torchscript(path):
+        module = torch.jit.load(path, map_location="cpu")
+        return {k: _tensor_to_numpy(torch, v) for k, v in module.state_dict().items()}
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):

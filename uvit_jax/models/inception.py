@@ -2,39 +2,32 @@
 
 It is torchvision's Inception-v3 (1008 classes, no auxiliary head) with the blocks patched the way
 TensorFlow computed them: Mixed_5b/5c/5d, Mixed_6b-6e and Mixed_7b average-pool their pool branch
-without counting the zero padding, and Mixed_7c max-pools it (SPEC section 5). BatchNorm runs on
+without counting the zero padding, and Mixed_7c max-pools it. BatchNorm runs on
 its stored statistics with eps 1e-3. Layout is NHWC.
 
 Parameter paths mirror torchvision's module names so that `uvit_jax.convert.inception` maps the
 pytorch-fid state dict mechanically: `Conv2d_1a_3x3.conv.weight` <-> `Conv2d_1a_3x3/conv/kernel`,
 `Mixed_5b.branch1x1.bn.running_var` <-> `Mixed_5b/branch1x1/bn/var`, `fc.weight` <-> `fc/kernel`.
 
-`make_feature_fn` wraps the network with the uint8 preprocessing into one jitted program whose
-batch is sharded over every device of a mesh.
+The network only: the pixel pipelines in front of it live in `uvit_jax.evaluation.preprocess`,
+the sharded runner in `uvit_jax.evaluation.features`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from uvit_jax.evaluation.preprocess import preprocess_uint8
 
 Array = jax.Array
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 # The network is fully convolutional, but the FID protocol always feeds it 299 x 299 inputs.
 INPUT_SIZE = 299
-
-# `features(images, pad_to=None)`: uint8 [b, H, W, 3] -> (pool3 [b, 2048], logits [b, 1008]).
-FeatureFn = Callable[..., tuple[np.ndarray, np.ndarray]]
+# sFID (Nash et al. 2021, as the ADM evaluator computes it): the first 7 channels of the 1x1
+# branch of Mixed_6d (TF's `mixed_6/conv`, after its ReLU), 17 x 17 x 7 = 2023 values per image.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -143,7 +136,9 @@ class InceptionC(nnx.Module):
         self.branch7x7dbl_5 = conv(c7, 192, (1, 7), padding=(0, 3))
         self.branch_pool = conv(in_features, 192, 1)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, with_branch1x1: bool = False) -> Array | tuple[Array, Array]:
+        """x [B, 17, 17, C] -> [B, 17, 17, 768] (and the 1x1 branch [B, 17, 17, 192])."""
+        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_1(x)
         for layer in (
@@ -154,7 +149,8 @@ class InceptionC(nnx.Module):
         ):
             bd = layer(bd)
         bp = self.branch_pool(_avg_pool_3x3_exclude_pad(x))
-        return jnp.concatenate([self.branch1x1(x), b7, bd, bp], axis=-1)
+        out = jnp.concatenate([b1, b7, bd, bp], axis=-1)
+        return (out, b1) if with_branch1x1 else out
 
 
 class InceptionD(nnx.Module):
@@ -214,8 +210,13 @@ class InceptionE(nnx.Module):
 class InceptionV3(nnx.Module):
     """The FID Inception-v3.
 
-    Call: x [B, 299, 299, 3] float32 in [-1, 1] (see `uvit_jax.evaluation.preprocess`) ->
-    (pool3 [B, 2048] float32, logits [B, 1008] float32).
+    Call: x [B, 299, 299, 3] float32 in the protocol's range (see
+    `uvit_jax.evaluation.preprocess`) -> {"pool3": [B, 2048], "spatial": [B, 2023],
+    "logits": [B, 1008] (only with the classifier head)}, all float32.
+
+    `num_classes=None` builds the network without its classifier head (`fc`): weight files
+    that carry only the feature layers (the TorchScript FID network) give no logits, hence no
+    Inception Score, rather than a made-up head.
 
     `precision` is the convolution/matmul precision; HIGHEST keeps float32 convolutions exact on
     GPUs (as pytorch-fid on the CPU); DEFAULT lets XLA use TF32 there (as PyTorch's cuDNN does by
@@ -225,6 +226,7 @@ class InceptionV3(nnx.Module):
     def __init__(
         self,
         *,
+        num_classes: int | None = NUM_CLASSES,
         precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
         rngs: nnx.Rngs,
     ):
@@ -245,92 +247,36 @@ class InceptionV3(nnx.Module):
         self.Mixed_7a = InceptionD(768, **kw)
         self.Mixed_7b = InceptionE(1280, max_pool=False, **kw)
         self.Mixed_7c = InceptionE(2048, max_pool=True, **kw)
-        self.fc = nnx.Linear(FEATURE_DIM, NUM_CLASSES, precision=precision, rngs=rngs)
+        self.fc = (
+            nnx.Linear(FEATURE_DIM, num_classes, precision=precision, rngs=rngs)
+            if num_classes
+            else None
+        )
 
-    def __call__(self, x: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array) -> dict[str, Array]:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = _max_pool_3x3_s2(x)
         x = _max_pool_3x3_s2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
-        for block in (
-            self.Mixed_5b,
-            self.Mixed_5c,
-            self.Mixed_5d,
-            self.Mixed_6a,
-            self.Mixed_6b,
-            self.Mixed_6c,
-            self.Mixed_6d,
-            self.Mixed_6e,
-            self.Mixed_7a,
-            self.Mixed_7b,
-            self.Mixed_7c,
-        ):
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a):
+            x = block(x)
+        x = self.Mixed_6c(self.Mixed_6b(x))
+        x, branch = self.Mixed_6d(x, with_branch1x1=True)
+        for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         pool3 = jnp.mean(x, axis=(1, 2))
-        return pool3, self.fc(pool3)
+        # Flattened in (h, w, c) order like the ADM evaluator; FID ignores the order anyway.
+        spatial = branch[..., :SPATIAL_CHANNELS].reshape(x.shape[0], SPATIAL_DIM)
+        out = {"pool3": pool3, "spatial": spatial}
+        if self.fc is not None:
+            out["logits"] = self.fc(pool3)
+        return out
 
 
 def abstract_inception(
     precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    num_classes: int | None = NUM_CLASSES,
 ) -> InceptionV3:
     """The network with `jax.ShapeDtypeStruct` leaves (no allocation), to be filled by a loader."""
-    return nnx.eval_shape(lambda: InceptionV3(precision=precision, rngs=nnx.Rngs(0)))
-
-
-def _replicate(x: Array, sharding: NamedSharding) -> Array:
-    # Built shard by shard from one host copy: also valid when the mesh spans several processes.
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def make_feature_fn(model: InceptionV3, mesh: Mesh) -> FeatureFn:
-    """One jitted program uint8 images -> (pool3, logits), batch sharded over all mesh devices.
-
-    The parameters are replicated on every device of `mesh`; each call's batch is split over all
-    its axes (`P(mesh.axis_names)`, e.g. `P(('data', 'fsdp'))`). Only uint8 pixels travel to the
-    devices; resizing to 299 and normalising happen there (`preprocess_uint8`).
-
-    Multi-process: every process passes its own images; all processes must call the returned
-    function the same number of times with the same local batch size (pad with `pad_to`), because
-    each call is one collective program.
-
-    Returns:
-      `features(images, pad_to=None)`: images [b, H, W, 3] uint8 (this process's share) ->
-      (pool3 [b, 2048] float32, logits [b, 1008] float32) numpy arrays for those images. The
-      batch is zero-padded to `pad_to` (default b) rounded up to a multiple of the local device
-      count; keep `pad_to` fixed across calls to compile once.
-    """
-    graphdef, state = nnx.split(model)
-    replicated = NamedSharding(mesh, P())
-    spec = P(tuple(mesh.axis_names))
-    batch_sharding = NamedSharding(mesh, spec)
-    state = jax.tree.map(lambda x: _replicate(x, replicated), state)
-
-    @jax.jit
-    def forward(state, images):
-        net = nnx.merge(graphdef, state)
-        return net(preprocess_uint8(images))
-
-    local_devices = len(mesh.local_devices)
-
-    def features(images: np.ndarray, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                "Inception features take uint8 images [b, H, W, 3]; got "
-                f"{images.dtype} {images.shape} (quantise samples with "
-                "uvit_jax.evaluation.preprocess.quantize_samples)"
-            )
-        b = images.shape[0]
-        if pad_to is not None and b > pad_to:
-            raise ValueError(f"a batch of {b} images exceeds pad_to={pad_to}")
-        size = -(-(pad_to or b) // local_devices) * local_devices
-        if size > b:
-            images = np.concatenate([images, np.zeros((size - b, *images.shape[1:]), np.uint8)])
-        batch = jax.make_array_from_process_local_data(batch_sharding, images)
-        pool3, logits = forward(state, batch)
-        pool3, logits = multihost_utils.global_array_to_host_local_array(
-            (pool3, logits), mesh, (spec, spec)
-        )
-        return np.asarray(pool3)[:b], np.asarray(logits)[:b]
-
-    return features
+    return nnx.eval_shape(
+        lambda: InceptionV3(num_classes=num_classes, precision=precision, rngs=nnx.Rngs(0))
+    )

@@ -206,11 +206,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # FID during training: its weights and reference must be there before anything compiles.
     fid_every = int(config.train.fid_every)
     if fid_every:
-        from uvit_jax.evaluation.job import caption_sampler, fid_of_samples, inception_features
-        from uvit_jax.evaluation.reference import load_stats
+        from uvit_jax.evaluation.job import caption_sampler, make_evaluator, metrics_of_samples
 
-        feature_fn = inception_features(config, mesh)
-        ref = load_stats(config.eval.ref_stats)
+        evaluator = make_evaluator(config, mesh)
 
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
     latest = manager.latest_step()
@@ -313,13 +311,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             if config.train.sample_every and done % config.train.sample_every == 0:
                 write_sample_grid(config, graphdef, state.ema, done, workdir, writer, text)
             if fid_every and done % fid_every == 0:
-                result = fid_of_samples(
+                result = metrics_of_samples(
                     config,
                     graphdef,
                     state.ema,
                     mesh,
-                    feature_fn,
-                    ref,
+                    evaluator,
                     int(config.eval.train_num_samples),
                     captions=captions,
                 )

@@ -54,6 +54,16 @@ def make_optimizer(optim: Mapping, num_steps: int) -> optax.GradientTransformati
     return tx
 
 
-def ema_update(ema, params, rate: float):
+def ema_decay(step: jax.Array, rate: float, warmup: bool) -> jax.Array | float:
+    """The EMA decay after update `step` (0-based): `rate`, or with warmup
+    min(rate, (1 + step) / (10 + step)), so that a short run's average forgets the random
+    initial weights within tens of steps instead of 1 / (1 - rate)."""
+    if not warmup:
+        return rate
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(rate, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema, params, rate: float | jax.Array):
     """e <- rate * e + (1 - rate) * p, leaf by leaf (float32)."""
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)

@@ -20,7 +20,7 @@ from uvit_jax.diffusion.objective import drop_contexts, drop_labels, noise_predi
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
-from uvit_jax.train.optimizer import ema_update
+from uvit_jax.train.optimizer import ema_decay, ema_update
 from uvit_jax.train.state import TrainState
 
 Array = jax.Array
@@ -40,6 +40,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
     text = config.model.kind == "uvit_t2i"
     latent = config.autoencoder.kind != "identity"
     scale = float(config.autoencoder.scale_factor)
+    weighting = dict(
+        weighting=config.diffusion.get("loss_weighting", "none"),
+        gamma=float(config.diffusion.get("min_snr_gamma", 5.0)),
+    )
 
     def loss_fn(params: nnx.State, batch: Batch, key: Array) -> Array:
         model = nnx.merge(graphdef, params)
@@ -56,7 +60,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
             if p_uncond > 0:  # the last class index is the null class (1000 of 1001)
                 y = drop_labels(k_drop, y, p_uncond, num_classes - 1)
             cond["y"] = y
-        return noise_prediction_loss(lambda x_t, t: model(x_t, t, **cond), k_noise, x0, formulation)
+        predict = lambda x_t, t: model(x_t, t, **cond)
+        return noise_prediction_loss(predict, k_noise, x0, formulation, **weighting)
 
     return loss_fn
 
@@ -80,6 +85,7 @@ def make_train_step(
     loss_fn = make_loss_fn(graphdef, config)
     accum = int(config.train.accum_steps)
     ema_rate = float(config.train.ema_rate)
+    ema_warmup = bool(config.train.get("ema_warmup", False))
     grad_fn = jax.value_and_grad(loss_fn)
 
     def gradients(params, batch, key):
@@ -109,7 +115,7 @@ def make_train_step(
                 step=s.step + 1,
                 params=params,
                 opt_state=opt_state,
-                ema=ema_update(s.ema, params, ema_rate),
+                ema=ema_update(s.ema, params, ema_decay(s.step, ema_rate, ema_warmup)),
             )
 
         def reject(s: TrainState) -> TrainState:

@@ -1,0 +1,220 @@
+"""Sample quality of Fashion-MNIST recipes on the real data, as one table.
+
+    python launch/fashion_mnist_quality.py --out workdirs/quality \
+        --recipe paper_recipe=configs/fashion_mnist_uvit.py:paper_recipe \
+        --recipe default=configs/fashion_mnist_uvit.py
+
+Every recipe is a config (plus `--config.*` overrides after the `=`, separated by spaces). For
+each one the script
+  1. trains it with `python main.py` in `<out>/<name>` and times the whole command (dataset
+     extraction and compilation included; a workdir that already holds the final step is kept,
+     with the wall time it recorded);
+  2. draws `--num_samples` samples from the EMA weights, classes balanced (sample j is class
+     j mod 10), with the config's sampler and guidance or each `--cfg_scales` value;
+  3. scores them: FID with the real FID Inception (TF 2015-12-05 weights, pytorch-fid protocol)
+     against as many real test images, and the per-class accuracy of a judge CNN trained on the
+     real training split (`launch/fashion_mnist_judge.py`).
+The table ends with the floor: real training images scored the same way (FID vs the same test
+images; the judge's accuracy on the real test split). Results also go to `<out>/quality.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "launch"))
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # as main.py: the numbers are those of the training job
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+from fashion_mnist_judge import CLASS_NAMES, load_split, train_judge  # noqa: E402
+
+SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def padded_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 32, 32, 1] -> [N, 32, 32, 3] (Inception reads RGB)."""
+    return np.repeat(images, 3, axis=-1)
+
+
+def train(name: str, spec: str, out: str) -> dict:
+    """Trains recipe `spec` ("config[:arg] [--config.x=y ...]") in out/name; returns its record."""
+    from uvit_jax import checkpoints
+
+    workdir = os.path.join(out, name)
+    record_path = os.path.join(workdir, "recipe.json")
+    config_file, *overrides = shlex.split(spec)
+    config = load_config(config_file, overrides)
+    num_steps = int(config.train.num_steps)
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        manager = checkpoints.open_manager(workdir, keep=None)
+        if record.get("spec") == spec and manager.latest_step() == num_steps:
+            return record
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), "--config", config_file]
+    cmd += ["--workdir", workdir, *overrides]
+    print(f"[{name}] training: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    log_path = os.path.join(out, f"{name}.log")
+    os.makedirs(out, exist_ok=True)
+    with open(log_path, "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    record = dict(spec=spec, wall_s=time.perf_counter() - start, steps=num_steps)
+    record["steps_per_s"] = median_steps_per_s(workdir)
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def load_config(config_file: str, overrides: list[str]):
+    """The config `main.py` would build from `config_file` and `--config.a.b=v` overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    fv(["quality", f"--config={config_file}", *overrides])
+    return fv.config
+
+
+def median_steps_per_s(workdir: str) -> float:
+    """The median of the `steps_per_s` scalars the run logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(workdir, size_guidance={"tensors": 0})
+    events.Reload()
+    values = [
+        float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors("steps_per_s")
+    ]
+    return float(np.median(values)) if values else float("nan")
+
+
+def draw(workdir: str, n: int, cfg_scale: float | None, batch: int, seed: int) -> np.ndarray:
+    """n uint8 samples [n, 32, 32, 1] from out/name's EMA weights, sample j of class j mod 10."""
+    import uvit_jax
+    from uvit_jax.images import to_uint8
+
+    loaded = uvit_jax.load(workdir)
+    labels = np.arange(n) % len(CLASS_NAMES)
+    out = []
+    for i in range(-(-n // batch)):
+        y = np.resize(labels[i * batch : (i + 1) * batch], batch)
+        x = uvit_jax.sample(loaded, labels=y, seed=seed, batch=i, cfg_scale=cfg_scale)
+        out.append(to_uint8(x))
+    return np.concatenate(out)[:n]
+
+
+class FidScorer:
+    """FID of uint8 image sets against N real test images (real Inception, cached reference)."""
+
+    def __init__(self, out: str, test_images: np.ndarray):
+        from uvit_jax.convert.inception import load_inception, resolve_inception_path
+        from uvit_jax.evaluation.features import make_feature_fn
+        from uvit_jax.parallel.mesh import make_mesh
+
+        mesh = make_mesh({"data": -1, "fsdp": 1})
+        self.features = make_feature_fn(load_inception(resolve_inception_path("")), mesh)
+        cache = os.path.join(out, f"reference_test_{len(test_images)}.npz")
+        if os.path.exists(cache):
+            with np.load(cache) as f:
+                self.ref = (f["mu"], f["sigma"])
+        else:
+            self.ref = self.moments(test_images)
+            np.savez(cache, mu=self.ref[0], sigma=self.ref[1])
+
+    def moments(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from uvit_jax.evaluation.metrics import feature_set
+
+        batches = [padded_rgb(images[i : i + 256]) for i in range(0, len(images), 256)]
+        return feature_set(batches, self.features, pad_to=256).pool.mean_cov()
+
+    def fid(self, images: np.ndarray) -> float:
+        from uvit_jax.evaluation.statistics import frechet_distance
+
+        return frechet_distance(*self.moments(images), *self.ref)
+
+
+def table(rows: list[dict]) -> str:
+    short = [c.split("/")[0].split(" ")[0][:7] for c in CLASS_NAMES]
+    head = ["recipe", "cfg", "wall s", "steps", "steps/s", "FID", "acc"] + short
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        cells = [r["recipe"], r["cfg"], f"{r['wall_s']:.0f}", str(r["steps"])]
+        cells += [f"{r['steps_per_s']:.2f}", f"{r['fid']:.1f}", f"{100 * r['mean_acc']:.1f}"]
+        cells += [f"{100 * a:.0f}" for a in r["per_class"]]
+        lines.append(" | ".join(cells))
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the runs, caches and results")
+    parser.add_argument(
+        "--recipe", action="append", required=True, help="name=config[:arg] [--config.x=y ...]"
+    )
+    parser.add_argument("--num_samples", type=int, default=2048)
+    parser.add_argument("--cfg_scales", default="", help="comma-separated; default the config's")
+    parser.add_argument("--batch", type=int, default=256, help="samples per sampling call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_fid", action="store_true", help="judge only (skips Inception)")
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    n = args.num_samples
+
+    judge = train_judge(SOURCE_DIR, cache=os.path.join(out, "judge.npz"))
+    test_x, _ = load_split(SOURCE_DIR, "test")
+    train_x, train_y = load_split(SOURCE_DIR, "train")
+    scorer = None if args.no_fid else FidScorer(out, test_x[:n])
+    cfgs = [float(c) for c in args.cfg_scales.split(",") if c] or [None]
+
+    rows = []
+    for entry in args.recipe:
+        name, spec = entry.split("=", 1)
+        record = train(name, spec, out)
+        for cfg in cfgs:
+            t0 = time.perf_counter()
+            samples = draw(os.path.join(out, name), n, cfg, args.batch, args.seed)
+            sample_s = time.perf_counter() - t0
+            labels = np.arange(n) % len(CLASS_NAMES)
+            per_class = judge.per_class_accuracy(samples, labels)
+            fid = float("nan") if scorer is None else scorer.fid(samples)
+            label = "config" if cfg is None else f"{cfg:g}"
+            rows.append(
+                dict(recipe=name, cfg=label, **record, fid=fid, sample_s=sample_s,
+                     per_class=per_class.tolist(), mean_acc=float(np.mean(per_class)))
+            )  # fmt: skip
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+
+    real = train_x[:n]
+    floor = dict(
+        recipe="real train images", cfg="-", spec="", wall_s=0.0, steps=0, steps_per_s=0.0,
+        fid=float("nan") if scorer is None else scorer.fid(real), sample_s=0.0,
+        per_class=judge.test_per_class.tolist(), mean_acc=float(np.mean(judge.test_per_class)),
+    )  # fmt: skip
+    rows.append(floor)
+    del train_y
+    print(f"\n{n} samples per row; FID vs {n} real test images ({jax.devices()[0].device_kind})")
+    print(f"judge: test accuracy {100 * judge.test_accuracy:.1f}% (last row: its per-class test")
+    print("accuracy; the recipes' rows: how often a sample of class c is judged class c)\n")
+    print(table(rows))
+    with open(os.path.join(out, "quality.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
