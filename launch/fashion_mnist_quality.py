@@ -10,7 +10,8 @@ each one the script
      extraction and compilation included; a workdir that already holds the final step is kept,
      with the wall time it recorded);
   2. draws `--num_samples` samples from the EMA weights, classes balanced (sample j is class
-     j mod 10), with the config's sampler and guidance or each `--cfg_scales` value;
+     j mod 10), with the config's sampler settings, or once per `--sampling` (each a set of
+     `config.sample` overrides, e.g. --sampling "cfg_scale=3 thresholding=True");
   3. scores them: FID with the real FID Inception (TF 2015-12-05 weights, pytorch-fid protocol)
      against as many real test images, and the per-class accuracy of a judge CNN trained on the
      real training split (`launch/fashion_mnist_judge.py`).
@@ -80,14 +81,28 @@ def train(name: str, spec: str, out: str) -> dict:
 
 
 def load_config(config_file: str, overrides: list[str]):
-    """The config `main.py` would build from `config_file` and `--config.a.b=v` overrides."""
-    from absl import flags
-    from ml_collections import config_flags
+    """The config `main.py` would build from `config_file[:arg]` and `--config.a.b=v` overrides
+    (values parsed as Python literals, else kept as strings)."""
+    import ast
+    import importlib.util
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
-    fv(["quality", f"--config={config_file}", *overrides])
-    return fv.config
+    path, _, arg = config_file.partition(":")
+    spec = importlib.util.spec_from_file_location("recipe_config", os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for item in overrides:
+        field, _, text = item.removeprefix("--config.").partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = field.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
 
 
 def median_steps_per_s(workdir: str) -> float:
@@ -103,19 +118,42 @@ def median_steps_per_s(workdir: str) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def draw(workdir: str, n: int, cfg_scale: float | None, batch: int, seed: int) -> np.ndarray:
-    """n uint8 samples [n, 32, 32, 1] from out/name's EMA weights, sample j of class j mod 10."""
+def parse_overrides(text: str) -> dict:
+    """"cfg_scale=3 thresholding=True" -> {"cfg_scale": 3, "thresholding": True} (values as
+    Python literals, else strings)."""
+    import ast
+
+    out = {}
+    for item in text.split():
+        field, _, value = item.partition("=")
+        try:
+            out[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[field] = value
+    return out
+
+
+def draw(workdir: str, n: int, sampling: dict, batch: int, seed: int) -> np.ndarray:
+    """n uint8 samples [n, 32, 32, 1] from out/name's EMA weights, sample j of class j mod 10,
+    with `sampling` overriding config.sample (28 x 28 models' samples are padded like the data:
+    2 black pixels on each side)."""
     import uvit_jax
     from uvit_jax.images import to_uint8
 
     loaded = uvit_jax.load(workdir)
+    for field, value in sampling.items():
+        if field not in loaded.config.sample:
+            raise ValueError(f"--sampling: config.sample has no field {field!r}")
+        loaded.config.sample[field] = value
     labels = np.arange(n) % len(CLASS_NAMES)
     out = []
     for i in range(-(-n // batch)):
         y = np.resize(labels[i * batch : (i + 1) * batch], batch)
-        x = uvit_jax.sample(loaded, labels=y, seed=seed, batch=i, cfg_scale=cfg_scale)
+        x = uvit_jax.sample(loaded, labels=y, seed=seed, batch=i)
         out.append(to_uint8(x))
-    return np.concatenate(out)[:n]
+    x = np.concatenate(out)[:n]
+    pad = (32 - x.shape[1]) // 2  # models of the native 28 x 28: the data's black 2-pixel border
+    return np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
 class FidScorer:
@@ -150,10 +188,10 @@ class FidScorer:
 
 def table(rows: list[dict]) -> str:
     short = [c.split("/")[0].split(" ")[0][:7] for c in CLASS_NAMES]
-    head = ["recipe", "cfg", "wall s", "steps", "steps/s", "FID", "acc"] + short
+    head = ["recipe", "sampling", "wall s", "steps", "steps/s", "FID", "acc"] + short
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        cells = [r["recipe"], r["cfg"], f"{r['wall_s']:.0f}", str(r["steps"])]
+        cells = [r["recipe"], r["sampling"], f"{r['wall_s']:.0f}", str(r["steps"])]
         cells += [f"{r['steps_per_s']:.2f}", f"{r['fid']:.1f}", f"{100 * r['mean_acc']:.1f}"]
         cells += [f"{100 * a:.0f}" for a in r["per_class"]]
         lines.append(" | ".join(cells))
@@ -167,7 +205,12 @@ def main() -> None:
         "--recipe", action="append", required=True, help="name=config[:arg] [--config.x=y ...]"
     )
     parser.add_argument("--num_samples", type=int, default=2048)
-    parser.add_argument("--cfg_scales", default="", help="comma-separated; default the config's")
+    parser.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        help='config.sample overrides, e.g. "cfg_scale=3 steps=50" (repeat for several rows)',
+    )
     parser.add_argument("--batch", type=int, default=256, help="samples per sampling call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_fid", action="store_true", help="judge only (skips Inception)")
@@ -180,29 +223,34 @@ def main() -> None:
     test_x, _ = load_split(SOURCE_DIR, "test")
     train_x, train_y = load_split(SOURCE_DIR, "train")
     scorer = None if args.no_fid else FidScorer(out, test_x[:n])
-    cfgs = [float(c) for c in args.cfg_scales.split(",") if c] or [None]
+    samplings = args.sampling or [""]
 
     rows = []
     for entry in args.recipe:
         name, spec = entry.split("=", 1)
         record = train(name, spec, out)
-        for cfg in cfgs:
+        for sampling in samplings:
             t0 = time.perf_counter()
-            samples = draw(os.path.join(out, name), n, cfg, args.batch, args.seed)
+            samples = draw(
+                os.path.join(out, name), n, parse_overrides(sampling), args.batch, args.seed
+            )
             sample_s = time.perf_counter() - t0
             labels = np.arange(n) % len(CLASS_NAMES)
             per_class = judge.per_class_accuracy(samples, labels)
             fid = float("nan") if scorer is None else scorer.fid(samples)
-            label = "config" if cfg is None else f"{cfg:g}"
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            tag = "_".join(sampling.split()) or "config"
+            np.save(os.path.join(out, "samples", f"{name}_{tag}.npy"), samples)
             rows.append(
-                dict(recipe=name, cfg=label, **record, fid=fid, sample_s=sample_s,
-                     per_class=per_class.tolist(), mean_acc=float(np.mean(per_class)))
+                dict(recipe=name, sampling=sampling or "config", **record, fid=fid,
+                     sample_s=sample_s, per_class=per_class.tolist(),
+                     mean_acc=float(np.mean(per_class)))
             )  # fmt: skip
             print(table(rows[-1:]).splitlines()[-1], flush=True)
 
     real = train_x[:n]
     floor = dict(
-        recipe="real train images", cfg="-", spec="", wall_s=0.0, steps=0, steps_per_s=0.0,
+        recipe="real train images", sampling="-", spec="", wall_s=0.0, steps=0, steps_per_s=0.0,
         fid=float("nan") if scorer is None else scorer.fid(real), sample_s=0.0,
         per_class=judge.test_per_class.tolist(), mean_acc=float(np.mean(judge.test_per_class)),
     )  # fmt: skip

@@ -209,7 +209,9 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
         img = fn(sources.load_image(src[int(batch["index"][j])]))
         img = preprocess.flip(img) if batch["flip"][j] else img
         want = encode(preprocess.to_model_range(img[None]))[0]
-        np.testing.assert_allclose(batch["x"][j], want.astype(np.float16), rtol=0, atol=0)
+        # Stored as float16 (relative rounding <= 2^-11); XLA:CPU's convolutions may round a
+        # batch of 50 differently from a batch of 1 in the last float32 bits.
+        np.testing.assert_allclose(batch["x"][j], want, rtol=1e-3, atol=1e-6)
         assert batch["label"][j] == src.labels[int(batch["index"][j])]
 
 

@@ -61,5 +61,5 @@ def test_quickstart_notebook_runs_and_shows_grids(trained_workdir, tmp_path):
     sampled = [c for c in code if "uvit_jax.sample(" in c.source]
     loss = [c for c in code if "EventAccumulator" in c.source]
     assert sampled and _images(sampled[0]) >= 1, "no sample grid in the outputs"
-    assert "(80, 32, 32, 1) float32" in _text(sampled[0])
+    assert "(80, 28, 28, 1) float32" in _text(sampled[0])
     assert loss and _images(loss[0]) >= 1, "no loss plot in the outputs"

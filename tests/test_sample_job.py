@@ -26,10 +26,10 @@ def test_sample_mode_writes_grid_and_images(tmp_path):
     path = tmp_path / "samples" / "sample_step7_seed0"
     jobs.run("sample", config, str(tmp_path))
     saved = np.load(f"{path}.npz")
-    assert saved["arr_0"].shape == (20, 32, 32, 1) and saved["arr_0"].dtype == np.uint8
+    assert saved["arr_0"].shape == (20, 28, 28, 1) and saved["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(saved["labels"], np.arange(20) % 10)
     grid = np.asarray(Image.open(f"{path}.png"))
-    assert grid.shape == (2 * 34 + 2, 10 * 34 + 2)  # 20 images: two rows of the 10 classes
+    assert grid.shape == (2 * 30 + 2, 10 * 30 + 2)  # 20 images: two rows of the 10 classes
 
     # Batch 0 is what a notebook draws with the same seed and labels.
     m = uvit_jax.load(tmp_path, mesh=mesh)

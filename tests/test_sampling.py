@@ -677,7 +677,7 @@ PARAMS = {"w": jnp.float32(0.8), "emb": jnp.linspace(-0.5, 0.5, 11)}
 def test_generate_every_sampler(sampler):
     c = small_config(sampler=sampler)
     x = generate(params_model, c, jax.random.key(0), num=8, params=PARAMS)
-    assert x.shape == (8, 32, 32, 1) and x.dtype == jnp.float32
+    assert x.shape == (8, 28, 28, 1) and x.dtype == jnp.float32
     assert np.isfinite(np.asarray(x)).all()
 
 
@@ -687,7 +687,7 @@ def test_generate_matches_the_direct_sampler_and_draws_real_labels():
     labels = jnp.asarray([0, 3, 9, 5], jnp.int32)
     got = generate(params_model, c, key, labels=labels, params=PARAMS)
     k_x, _, _ = jax.random.split(key, 3)
-    x_T = jax.random.normal(k_x, (4, 32, 32, 1), jnp.float32)
+    x_T = jax.random.normal(k_x, (4, 28, 28, 1), jnp.float32)
     ns = LinearVPSchedule()
     noise_fn = guided_noise_fn(
         functools.partial(params_model, PARAMS), ns, y=labels, cfg_scale=1.5, null_class=10
@@ -721,7 +721,7 @@ def test_generate_text_to_image_guides_with_the_empty_context():
     null = jax.random.normal(jax.random.key(2), (5, 8))
     key = jax.random.key(5)
     got = generate(t2i_model, c, key, contexts=ctx, null_context=null, params=PARAMS)
-    x_T = jax.random.normal(jax.random.split(key, 3)[0], (3, 32, 32, 1), jnp.float32)
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (3, 28, 28, 1), jnp.float32)
     ns = DiscreteSchedule()
     noise_fn = guided_noise_fn(
         functools.partial(t2i_model, PARAMS), ns, context=ctx, cfg_scale=2.0, null_context=null
@@ -791,7 +791,7 @@ def test_sample_images_with_the_default_uvit():
     graphdef, params = nnx.split(uvit.build_uvit(c.model))
     labels = np.arange(4) % 10
     x = sample_images(graphdef, params, c, jax.random.key(0), labels=labels)
-    assert x.shape == (4, 32, 32, 1) and np.isfinite(np.asarray(x)).all()
+    assert x.shape == (4, 28, 28, 1) and np.isfinite(np.asarray(x)).all()
 
 
 def test_generate_thresholding_is_dpm_solver_plus_plus_with_dynamic_thresholding():
@@ -799,10 +799,14 @@ def test_generate_thresholding_is_dpm_solver_plus_plus_with_dynamic_thresholding
     key = jax.random.key(5)
     labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
     got = generate(params_model, c, key, labels=labels, params=PARAMS)
-    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 32, 32, 1), jnp.float32)
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 28, 28, 1), jnp.float32)
     ns = LinearVPSchedule()
     noise_fn = guided_noise_fn(
-        functools.partial(params_model, PARAMS), ns, y=labels, cfg_scale=1.0, null_class=10
+        functools.partial(params_model, PARAMS),
+        ns,
+        y=labels,
+        cfg_scale=c.sample.cfg_scale,
+        null_class=10,
     )
     kwargs = dict(method="multistep", order=2, skip_type="logSNR", predict_x0=True)
     want = jax.jit(

@@ -40,7 +40,7 @@ def run_steps(config, data: int, fsdp: int, n: int = 4):
     rng = np.random.default_rng(0)
     batches = [
         dict(
-            x=rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32),
+            x=rng.uniform(-1, 1, (16, 28, 28, 1)).astype(np.float32),
             label=rng.integers(0, 10, 16).astype(np.int32),
         )
         for _ in range(n)
@@ -209,7 +209,7 @@ def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_de
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("model.patch_size", 3, r"model.patch_size=3 does not divide img_size=32"),
+        ("model.patch_size", 3, r"model.patch_size=3 does not divide img_size=28"),
         ("model.num_heads", 3, r"model.num_heads=3 does not divide embed_dim=32"),
         ("train.batch_size", 12, r"config.train.batch_size=12 is not divisible by the "
                                  r"data-parallel size 8"),
@@ -257,7 +257,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     state = create_train_state(config.model, tx, mesh, 0)
     rng = np.random.default_rng(1)
     batch = dict(
-        x=jnp.asarray(rng.uniform(-1, 1, (16, 32, 32, 1)), jnp.float32),
+        x=jnp.asarray(rng.uniform(-1, 1, (16, 28, 28, 1)), jnp.float32),
         label=jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
     )
     key = jax.random.key_data(jax.random.key(3))

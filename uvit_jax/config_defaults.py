@@ -55,8 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             formulation="vp_continuous",  # or "sd_discrete"
             p_uncond=0.0,  # CFG label/context drop probability during training
-            # Per-example weight of the error by noise level: "none" (paper) or "min_snr"
-            # (min(SNR, gamma) / SNR, Hang et al. 2023).
+            # Per-example weight of the noise error by noise level (diffusion/objective.py):
+            # "none" (paper), "min_snr" (min(SNR, gamma) / SNR), "snr_plus_one" (1 + 1 / SNR).
             loss_weighting="none",
             min_snr_gamma=5.0,
         )

@@ -4,10 +4,17 @@ Both formulations in one place so the train step only asks "which one":
   vp_continuous: t ~ U[0, 1), x_t = a(t) x0 + s(t) eps, network time 999 t;
   sd_discrete:   n ~ U{1..1000}, x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps, network time n.
 
-Optionally each example's error is weighted by its noise level (`LOSS_WEIGHTINGS`): the paper
-(and every paper config) uses none; "min_snr" is Min-SNR-gamma (Hang et al., ICCV 2023), which
-for noise prediction weighs an example by min(SNR, gamma) / SNR with SNR = alpha^2 / sigma^2,
-so the many nearly-clean steps (huge SNR) stop dominating the gradient of a short run.
+Optionally each example's error is weighted by its noise level (`LOSS_WEIGHTINGS`). With
+SNR = alpha^2 / sigma^2, the noise error equals SNR times the error of the implied clean image
+x0 = (x_t - sigma eps_hat) / alpha, so plain noise prediction weighs x0 errors by SNR: almost
+nothing at the high noise levels where the image's layout is decided (SNR 0.005 at the end of
+Stable Diffusion's schedule). The weightings, as weights w on the noise error (x0 weight SNR w):
+  "none"          w = 1 (the paper, and every paper config);
+  "min_snr"       w = min(SNR, gamma) / SNR: Min-SNR-gamma (Hang et al., ICCV 2023) caps the
+                  weight of nearly clean steps;
+  "snr_plus_one"  w = 1 + 1 / SNR, x0 weight SNR + 1: the loss of v-prediction (Salimans & Ho,
+                  ICLR 2022) on the same noise-predicting network, which keeps x0 errors at high
+                  noise from vanishing.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from uvit_jax.diffusion.schedules import FORMULATIONS, schedule_for
 Array = jax.Array
 
 
-LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_WEIGHTINGS = ("none", "min_snr", "snr_plus_one")
 
 
 def noised_input(key: Array, x0: Array, formulation: str) -> tuple[Array, Array, Array, Array]:
@@ -62,6 +69,8 @@ def loss_weights(snr: Array, weighting: str = "none", gamma: float = 5.0) -> Arr
         return jnp.ones_like(snr)
     if weighting == "min_snr":
         return jnp.minimum(snr, gamma) / snr
+    if weighting == "snr_plus_one":
+        return 1.0 + 1.0 / snr
     raise ValueError(
         f"config.diffusion.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}"
     )
