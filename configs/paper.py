@@ -1,4 +1,4 @@
-"""The paper's configurations (Bao et al. 2023, Table/Appendix; SPEC section 2) as one table.
+"""The paper's configurations (Bao et al. 2023, the experiments' tables and appendix) as one table.
 
 Each `configs/<name>.py` is `get_config(arg)` = `paper_config("<name>", arg)`. Arguments (joined
 with commas, e.g. `--config configs/mscoco_uvit_small.py:deep,runlocal`):
@@ -7,6 +7,8 @@ with commas, e.g. `--config configs/mscoco_uvit_small.py:deep,runlocal`):
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 
@@ -30,66 +32,104 @@ def _imagenet(res: int) -> dict:
     return dict(source="tfds", name="imagenet2012", resolution=res, preprocess="adm_center_crop")
 
 
-def _row(size, img, p, chans, data, ae, formulation, lr, betas, warmup, batch, steps, p_uncond,
-         sampler, nfe, cfg, ref, fid, *, classes=-1, conv=True, kind="uvit"):  # fmt: skip
-    """One line of SPEC section 2's table."""
-    model = dict(size=size, kind=kind, img_size=img, patch_size=p, in_chans=chans, conv=conv)
-    if kind == "uvit":
-        model["num_classes"] = classes
-    return dict(
-        model=model,
-        data=data,
-        autoencoder=ae,
-        diffusion=dict(formulation=formulation, p_uncond=p_uncond),
-        optim=dict(lr=lr, b1=betas[0], b2=betas[1], warmup_steps=warmup),
-        train=dict(batch_size=batch, num_steps=steps),
-        sample=dict(sampler=sampler, steps=nfe, cfg_scale=cfg),
-        ref=ref,
-        fid=fid,
-    )
+@dataclasses.dataclass(frozen=True)
+class PaperModel:
+    """One model of the paper's table: what its config sets beyond `default_config()`.
+
+    size: a `MODEL_SIZES` key (width, depth, heads). img_size, patch_size, in_chans: the network
+    input (latent side and channels for latent models). data, autoencoder: `config.data` and
+    `config.autoencoder` fields. betas: AdamW's (b1, b2). sample_steps: the sampler's NFE.
+    ref: the reference statistics (`_REF` key). fid: the paper's FID of this model.
+    """
+
+    size: str
+    img_size: int
+    patch_size: int
+    in_chans: int
+    data: dict
+    autoencoder: dict
+    formulation: str
+    lr: float
+    betas: tuple[float, float]
+    warmup_steps: int
+    batch_size: int
+    num_steps: int
+    p_uncond: float
+    sampler: str
+    sample_steps: int
+    cfg_scale: float
+    ref: str
+    fid: float
+    num_classes: int = -1  # -1: unconditional; ImageNet latent models 1001 (1000 = null)
+    conv: bool = True
+    kind: str = "uvit"
+    text_encoder: str = ""  # text-to-image models: the CLIP folder
+    eval_samples: int = 50_000
 
 
 _VP, _SD = "vp_continuous", "sd_discrete"
 _EM, _FAST, _PP3S = "euler_maruyama", "dpm_solver_fast", "dpm_solver++_3s"
 _B99 = (0.99, 0.99)
 _COCO = dict(source="tfds", name="coco_captions", resolution=256, preprocess="coco")
+_IMAGENET_AE = dict(_KL_F8, scale_factor=0.18215)
 
 # fmt: off
-PAPER: dict[str, dict] = {
-    # name: size, img, patch, chans, data, autoencoder, formulation, lr, betas, warmup, batch,
-    #       steps, p_uncond, sampler, NFE, CFG scale, reference statistics, paper FID
-    "cifar10_uvit_small": _row(
-        "small", 32, 2, 3, dict(source="tfds", name="cifar10", resolution=32,
-        preprocess="center_crop"), _PIXEL, _VP, 2e-4, (0.99, 0.999), 2500, 128, 500_000, 0.0,
-        _EM, 1000, 0.0, "cifar10", 3.11),
-    "celeba64_uvit_small": _row(
-        "small", 64, 4, 3, dict(source="tfds", name="celeb_a", resolution=64,
-        preprocess="celeba"), _PIXEL, _VP, 2e-4, _B99, 5000, 128, 500_000, 0.0,
-        _EM, 1000, 0.0, "celeba64", 2.87),
-    "imagenet64_uvit_mid": _row(
-        "mid", 64, 4, 3, _imagenet(64), _PIXEL, _VP, 3e-4, _B99, 5000, 1024, 300_000, 0.0,
-        _FAST, 50, 0.0, "imagenet64", 5.85, classes=1000),
-    "imagenet64_uvit_large": _row(
-        "large", 64, 4, 3, _imagenet(64), _PIXEL, _VP, 3e-4, _B99, 5000, 1024, 300_000, 0.0,
-        _FAST, 50, 0.0, "imagenet64", 4.26, classes=1000),
-    "imagenet256_uvit_large": _row(
-        "large", 32, 2, 4, _imagenet(256), dict(_KL_F8, scale_factor=0.18215), _VP, 2e-4, _B99,
-        5000, 1024, 300_000, 0.15, _FAST, 50, 0.4, "imagenet256", 3.40, classes=1001),
-    "imagenet256_uvit_huge": _row(
-        "huge", 32, 2, 4, _imagenet(256), dict(_KL_F8, scale_factor=0.18215), _SD, 2e-4, _B99,
-        5000, 1024, 500_000, 0.1, _PP3S, 50, 0.4, "imagenet256", 2.29, classes=1001,
-        conv=False),
-    "imagenet512_uvit_large": _row(
-        "large", 64, 4, 4, _imagenet(512), dict(_KL_F8, scale_factor=0.18215), _VP, 2e-4, _B99,
-        5000, 1024, 500_000, 0.15, _FAST, 50, 0.7, "imagenet512", 4.67, classes=1001),
-    "imagenet512_uvit_huge": _row(
-        "huge", 64, 4, 4, _imagenet(512), dict(_KL_F8, scale_factor=0.18215), _SD, 2e-4, _B99,
-        5000, 1024, 500_000, 0.1, _PP3S, 50, 0.7, "imagenet512", 4.05, classes=1001,
-        conv=False),
-    "mscoco_uvit_small": dict(_row(
-        "small", 32, 2, 4, _COCO, dict(_KL_F8, scale_factor=0.23010), _SD, 2e-4, (0.9, 0.9),
-        5000, 256, 1_000_000, 0.1, _PP3S, 50, 1.0, "mscoco", 5.95, kind="uvit_t2i"),
-        eval_samples=30_000),
+PAPER: dict[str, PaperModel] = {
+    "cifar10_uvit_small": PaperModel(
+        size="small", img_size=32, patch_size=2, in_chans=3,
+        data=dict(source="tfds", name="cifar10", resolution=32, preprocess="center_crop"),
+        autoencoder=_PIXEL, formulation=_VP, lr=2e-4, betas=(0.99, 0.999), warmup_steps=2500,
+        batch_size=128, num_steps=500_000, p_uncond=0.0,
+        sampler=_EM, sample_steps=1000, cfg_scale=0.0, ref="cifar10", fid=3.11),
+    "celeba64_uvit_small": PaperModel(
+        size="small", img_size=64, patch_size=4, in_chans=3,
+        data=dict(source="tfds", name="celeb_a", resolution=64, preprocess="celeba"),
+        autoencoder=_PIXEL, formulation=_VP, lr=2e-4, betas=_B99, warmup_steps=5000,
+        batch_size=128, num_steps=500_000, p_uncond=0.0,
+        sampler=_EM, sample_steps=1000, cfg_scale=0.0, ref="celeba64", fid=2.87),
+    "imagenet64_uvit_mid": PaperModel(
+        size="mid", img_size=64, patch_size=4, in_chans=3, num_classes=1000,
+        data=_imagenet(64),
+        autoencoder=_PIXEL, formulation=_VP, lr=3e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=300_000, p_uncond=0.0,
+        sampler=_FAST, sample_steps=50, cfg_scale=0.0, ref="imagenet64", fid=5.85),
+    "imagenet64_uvit_large": PaperModel(
+        size="large", img_size=64, patch_size=4, in_chans=3, num_classes=1000,
+        data=_imagenet(64),
+        autoencoder=_PIXEL, formulation=_VP, lr=3e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=300_000, p_uncond=0.0,
+        sampler=_FAST, sample_steps=50, cfg_scale=0.0, ref="imagenet64", fid=4.26),
+    "imagenet256_uvit_large": PaperModel(
+        size="large", img_size=32, patch_size=2, in_chans=4, num_classes=1001,
+        data=_imagenet(256),
+        autoencoder=_IMAGENET_AE, formulation=_VP, lr=2e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=300_000, p_uncond=0.15,
+        sampler=_FAST, sample_steps=50, cfg_scale=0.4, ref="imagenet256", fid=3.40),
+    "imagenet256_uvit_huge": PaperModel(
+        size="huge", img_size=32, patch_size=2, in_chans=4, num_classes=1001, conv=False,
+        data=_imagenet(256),
+        autoencoder=_IMAGENET_AE, formulation=_SD, lr=2e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=500_000, p_uncond=0.1,
+        sampler=_PP3S, sample_steps=50, cfg_scale=0.4, ref="imagenet256", fid=2.29),
+    "imagenet512_uvit_large": PaperModel(
+        size="large", img_size=64, patch_size=4, in_chans=4, num_classes=1001,
+        data=_imagenet(512),
+        autoencoder=_IMAGENET_AE, formulation=_VP, lr=2e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=500_000, p_uncond=0.15,
+        sampler=_FAST, sample_steps=50, cfg_scale=0.7, ref="imagenet512", fid=4.67),
+    "imagenet512_uvit_huge": PaperModel(
+        size="huge", img_size=64, patch_size=4, in_chans=4, num_classes=1001, conv=False,
+        data=_imagenet(512),
+        autoencoder=_IMAGENET_AE, formulation=_SD, lr=2e-4, betas=_B99, warmup_steps=5000,
+        batch_size=1024, num_steps=500_000, p_uncond=0.1,
+        sampler=_PP3S, sample_steps=50, cfg_scale=0.7, ref="imagenet512", fid=4.05),
+    "mscoco_uvit_small": PaperModel(
+        size="small", img_size=32, patch_size=2, in_chans=4, kind="uvit_t2i",
+        data=_COCO,
+        autoencoder=dict(_KL_F8, scale_factor=0.23010), formulation=_SD, lr=2e-4,
+        betas=(0.9, 0.9), warmup_steps=5000, batch_size=256, num_steps=1_000_000, p_uncond=0.1,
+        sampler=_PP3S, sample_steps=50, cfg_scale=1.0, ref="mscoco", fid=5.95,
+        text_encoder="assets/clip-vit-large-patch14", eval_samples=30_000),
 }
 # fmt: on
 
@@ -104,28 +144,39 @@ def paper_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(
             f"config argument(s) {sorted(flags - known)} unknown; known: {sorted(known)}"
         )
-    spec = PAPER[name]
+    row = PAPER[name]
+    size = "small_deep" if "deep" in flags else row.size
+    if "deep" in flags and name != "mscoco_uvit_small":
+        raise ValueError("config argument 'deep' exists only for mscoco_uvit_small")
     c = default_config()
     c.name = name
-    model = dict(spec["model"])
-    size = model.pop("size")
-    if "deep" in flags:
-        if name != "mscoco_uvit_small":
-            raise ValueError("config argument 'deep' exists only for mscoco_uvit_small")
-        size = "small_deep"
-    c.model.update(MODEL_SIZES[size], **model)
-    c.data.update(spec["data"])
-    c.autoencoder.update(spec["autoencoder"])
-    c.diffusion.update(spec["diffusion"])
-    c.optim.update(spec["optim"], weight_decay=0.03, decay_mask="all", schedule="constant")
-    c.train.update(spec["train"], ema_rate=0.9999)
-    c.sample.update(spec["sample"])
-    c.eval.update(
-        num_samples=spec.get("eval_samples", 50_000), ref_stats=f"assets/{_REF[spec['ref']]}"
+    c.model.update(
+        MODEL_SIZES[size],
+        kind=row.kind,
+        img_size=row.img_size,
+        patch_size=row.patch_size,
+        in_chans=row.in_chans,
+        conv=row.conv,
     )
-    c.paper_fid = spec["fid"] if "deep" not in flags else 5.48
-    if c.model.kind == "uvit_t2i":
-        c.text_encoder.path = "assets/clip-vit-large-patch14"
+    if row.kind == "uvit":
+        c.model.num_classes = row.num_classes
+    c.data.update(row.data)
+    c.autoencoder.update(row.autoencoder)
+    c.diffusion.update(formulation=row.formulation, p_uncond=row.p_uncond)
+    c.optim.update(
+        lr=row.lr,
+        b1=row.betas[0],
+        b2=row.betas[1],
+        warmup_steps=row.warmup_steps,
+        weight_decay=0.03,
+        decay_mask="all",
+        schedule="constant",
+    )
+    c.train.update(batch_size=row.batch_size, num_steps=row.num_steps, ema_rate=0.9999)
+    c.sample.update(sampler=row.sampler, steps=row.sample_steps, cfg_scale=row.cfg_scale)
+    c.eval.update(num_samples=row.eval_samples, ref_stats=f"assets/{_REF[row.ref]}")
+    c.text_encoder.path = row.text_encoder
+    c.paper_fid = row.fid if "deep" not in flags else 5.48
     if "runlocal" in flags:
         c.model.update(embed_dim=32, depth=2, num_heads=2, dtype="float32")
         c.train.update(batch_size=8, num_steps=10, log_every=2, ckpt_every=5, sample_every=10)

@@ -34,15 +34,12 @@ jax.config.update("jax_compilation_cache_dir", str(_CACHE.expanduser()))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
-    """`../shared/golden/`: outputs of the official PyTorch code (never copied into the repo)."""
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden files absent: {GOLDEN} does not exist (they live in ../shared/golden)")
+    """`tests/golden/`: outputs of the official U-ViT PyTorch code for fixed random weights."""
     return GOLDEN
 
 

@@ -1,4 +1,5 @@
-"""A PyTorch U-ViT written from SPEC section 1 with the official module names and NCHW inputs.
+"""A PyTorch U-ViT written from the paper's architecture with the module names of the official
+`libs/uvit.py` and NCHW inputs.
 
 It is the test-side reference for shapes the golden files do not cover (conv=False with head dim
 72, qkv_bias, skip=False, deep text-to-image with the time MLP). `test_uvit.py` first checks that
