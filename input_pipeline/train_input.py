@@ -226,7 +226,7 @@ def make_train_dataset(
         process_count=process_count,
         labelled=dataset.spec.num_classes > 0,
         include_index=include_index,
-        with_contexts=config.model.kind == "uvit_t2i",
+        with_contexts=bool(latent_dataset.expected_context_shape(config)),
     )
     ds = grain.MapDataset.range(per_process // batch).repeat().map_with_index(read)
     if start_step:  # the stream from global step `start_step` on (same batches as a restore)
