@@ -15,9 +15,12 @@ Pixel configs (`config.autoencoder.kind == "identity"`) store the preprocessed p
 (lossless; read back as `x / 127.5 - 1`), with flip copies like latent configs: every paper
 pixel model trains with random horizontal flips too, and one layout keeps one reader.
 
-Text-to-image configs (`config.model.kind == "uvit_t2i"`, MS-COCO) also encode every caption of
-every kept image with the CLIP text encoder (`config.text_encoder`) into the shard's context file,
-and the empty caption once (`contexts/empty_context.npy`); images without captions are skipped.
+Text-to-image configs (MS-COCO) also encode every caption of every kept image with the text
+encoder into the shard's context file, and the empty caption once
+(`contexts/empty_context.npy`); images without captions are skipped.
+
+The encoders come in as functions (`encode_fn`, `encode_text_fn`): this module runs no network
+itself, and the `--mode extract` job (`uvit_jax/jobs/extract.py`) builds the config's.
 """
 
 from __future__ import annotations
@@ -49,26 +52,6 @@ def resolve_latent_dir(config: Any, workdir: str | os.PathLike | None = None) ->
     return os.path.join(os.fspath(workdir), "latent_dataset")
 
 
-def default_encode_fn(config: Any) -> EncodeFn | None:
-    """The config's autoencoder, jitted on one device; None (store pixels) for "identity".
-
-    For data-parallel extraction over a mesh pass `JittedAutoencoder(model, mesh)
-    .encode_moments_local` as `encode_fn` instead.
-    """
-    if config.autoencoder.kind == "identity":
-        return None
-    from uvit_jax.models.autoencoder import JittedAutoencoder, make_autoencoder
-
-    return JittedAutoencoder(make_autoencoder(config.autoencoder)).encode_moments_local
-
-
-def default_encode_text_fn(config: Any) -> EncodeTextFn:
-    """The config's CLIP text encoder (`config.text_encoder`), jitted on one device."""
-    from uvit_jax.text_encoder import text_encoder_from_config
-
-    return text_encoder_from_config(config).encode
-
-
 def image_channels(config: Any) -> int:
     """Channels of the preprocessed images: RGB for autoencoders, the model's for pixels."""
     return config.model.in_chans if config.autoencoder.kind == "identity" else 3
@@ -84,6 +67,7 @@ def make_spec(
             f"pixel config: config.data.resolution={config.data.resolution} must equal "
             f"config.model.img_size={config.model.img_size}"
         )
+    context_shape = latent_dataset.expected_context_shape(config)
     return latent_dataset.DatasetSpec(
         shape=latent_dataset.expected_shape(config),
         dtype="uint8" if identity else config.data.latent_dtype,
@@ -96,9 +80,9 @@ def make_spec(
         num_classes=source.num_classes,
         preprocess=config.data.preprocess,
         resolution=config.data.resolution,
-        context_shape=latent_dataset.expected_context_shape(config),
+        context_shape=context_shape,
         context_dtype=config.data.get("context_dtype", "float32"),
-        text_encoder=f"clip:{config.text_encoder.path}" if config.model.kind == "uvit_t2i" else "",
+        text_encoder=f"clip:{config.text_encoder.path}" if context_shape else "",
     )
 
 
@@ -217,18 +201,19 @@ def run_extraction(
     Args:
       config: the training config (`data`, `autoencoder`, `model.img_size/in_chans`).
       workdir: used for the default output directory when `config.data.latent_dir` is empty.
-      encode_fn: images float32 [B, res, res, 3] in [-1, 1] -> moments [B, h, w, 2 C]; default:
-        the config's autoencoder. Ignored for pixel configs (pixels are stored). It must be
-        process-local (no cross-process collectives, e.g. a mesh over `jax.local_devices()`):
-        processes write different numbers of shards, more so when resuming.
+      encode_fn: latent configs: images float32 [B, res, res, 3] in [-1, 1] -> moments
+        [B, h, w, 2 C] (the config's autoencoder). Ignored for pixel configs (pixels are
+        stored). It must be process-local (no cross-process collectives, e.g. a mesh over
+        `jax.local_devices()`): processes write different numbers of shards, more so when
+        resuming.
       process_index, process_count: this process's shards (default: jax's process index and
         count); pass them to simulate several hosts.
       shard_size: source examples per shard (default `config.data.extract_shard_size` or 4096);
         must stay the same when resuming.
       source: an image source instead of `make_source(config.data)`; either is cut to its
         first `config.data.max_examples` examples when that is set (smoke runs, tests).
-      encode_text_fn: text-to-image configs: captions -> contexts [n, L, D]; default: the
-        config's CLIP text encoder.
+      encode_text_fn: text-to-image configs: captions -> contexts float32 [n, L, D] (the
+        config's text encoder).
     Returns:
       The dataset directory; finalized when all shards are written (always in a real
       multi-host run, after the barrier).
@@ -253,16 +238,18 @@ def run_extraction(
         )
         return os.fspath(out_dir)
 
+    identity = config.autoencoder.kind == "identity"
+    if not identity and encode_fn is None:
+        raise ValueError(
+            f"extracting latents (config.autoencoder.kind={config.autoencoder.kind!r}) needs "
+            "encode_fn, the autoencoder's images -> moments"
+        )
+    if spec.has_contexts and encode_text_fn is None:
+        raise ValueError("extracting a text dataset needs encode_text_fn, captions -> contexts")
     latent_dataset.prepare_directory(out_dir, spec)
-    if spec.has_contexts:
-        encode_text_fn = encode_text_fn or default_encode_text_fn(config)
-        if not latent_dataset.has_empty_context(out_dir):
-            latent_dataset.write_empty_context(
-                out_dir, _encode_captions(encode_text_fn, [""], spec)[0]
-            )
-    if config.autoencoder.kind != "identity" and encode_fn is None:
-        encode_fn = default_encode_fn(config)
-    if config.autoencoder.kind == "identity":
+    if spec.has_contexts and not latent_dataset.has_empty_context(out_dir):
+        latent_dataset.write_empty_context(out_dir, _encode_captions(encode_text_fn, [""], spec)[0])
+    if identity:
         encode_fn = None
     fn = preprocess.make_preprocessor(
         config.data.preprocess, config.data.resolution, image_channels(config)

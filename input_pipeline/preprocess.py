@@ -1,4 +1,4 @@
-"""The paper's image preprocessing (SPEC sections 2, 6, 7), PIL in, uint8 arrays out.
+"""The image preprocessing of U-ViT's datasets (official `datasets.py`), PIL in, uint8 out.
 
 Every function takes a decoded PIL image and returns uint8 [res, res, C] (C = 3 for RGB, 1 for
 grayscale); `to_model_range` then maps 0..255 to [-1, 1] exactly as the official code

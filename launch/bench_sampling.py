@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 
 from uvit_jax.diffusion.schedules import schedule_for  # noqa: E402
 from uvit_jax.sampling import dpm_solver, euler_maruyama  # noqa: E402
-from uvit_jax.sampling.generate import SAMPLERS, dpm_solver_kwargs  # noqa: E402
 from uvit_jax.sampling.guidance import guided_noise_fn  # noqa: E402
+from uvit_jax.sampling.samplers import SAMPLERS  # noqa: E402
 
 
 def build_model(args):
@@ -107,9 +107,9 @@ def main() -> None:
     null = args.num_classes - 1
     shape = (args.batch, args.img_size, args.img_size, args.in_chans)
     if args.sampler not in SAMPLERS:
-        raise SystemExit(f"--sampler must be one of {SAMPLERS}")
+        raise SystemExit(f"--sampler must be one of {sorted(SAMPLERS)}")
     if args.sampler not in ("euler_maruyama", "probability_flow"):
-        kwargs = dpm_solver_kwargs(args.sampler, args.formulation)
+        kwargs = SAMPLERS[args.sampler].kwargs(args.formulation)
         program = dpm_solver.build_program(ns, steps=args.steps, **kwargs)
         times_eval = program.t
     else:

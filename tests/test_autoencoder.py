@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from numerics import relative_error
 
+from uvit_jax.autoencoder import JittedAutoencoder, make_autoencoder
 from uvit_jax.convert import autoencoder as conv
 from uvit_jax.convert.state_dict import ConversionError, load_state_dict
 from uvit_jax.models import autoencoder as ae
@@ -51,7 +52,7 @@ def golden_io(golden):
 
 @pytest.fixture(scope="module")
 def f32_outputs(golden_model, golden_io):
-    runner = ae.JittedAutoencoder(golden_model)
+    runner = JittedAutoencoder(golden_model)
     moments = np.asarray(runner.encode_moments(golden_io["x"]))
     decoded = np.asarray(runner.decode(golden_io["z"]))
     return moments, decoded
@@ -103,7 +104,7 @@ def test_bf16_close_to_float32(golden_model, golden_io, f32_outputs):
         ),
         _params(golden_model),
     )
-    runner = ae.JittedAutoencoder(bf16)
+    runner = JittedAutoencoder(bf16)
     moments = np.asarray(runner.encode_moments(golden_io["x"]))
     decoded = np.asarray(runner.decode(golden_io["z"]))
     assert moments.dtype == np.float32 and decoded.dtype == np.float32
@@ -113,7 +114,7 @@ def test_bf16_close_to_float32(golden_model, golden_io, f32_outputs):
 
 def test_sharded_over_mesh_with_padding(golden_model, golden_io, f32_outputs):
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    runner = ae.JittedAutoencoder(golden_model, mesh)
+    runner = JittedAutoencoder(golden_model, mesh)
     x = np.concatenate([golden_io["x"], golden_io["x"][:1]])  # 3 rows: padded to 8 inside
     moments = runner.encode_moments_local(x)
     assert moments.shape == (3, *f32_outputs[0].shape[1:])
@@ -191,12 +192,12 @@ def test_diffusers_parity(diffusers_vae, golden, ddconfig, golden_io, tmp_path):
     file = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(file))
     scale = golden[2]["scale_factor"]
-    model = ae.make_autoencoder(
+    model = make_autoencoder(
         {"kind": "kl_f8", "pretrained_path": str(file), "scale_factor": scale, "dtype": "float32"},
         ddconfig=ddconfig,
         embed_dim=4,
     )
-    runner = ae.JittedAutoencoder(model)
+    runner = JittedAutoencoder(model)
     x, z = golden_io["x"], golden_io["z"]
     with torch.no_grad():
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -236,14 +237,14 @@ def test_converted_checkpoint_round_trip(golden, golden_model, tmp_path):
     folder = tmp_path / "ae_converted"
     conv.convert_file(path, folder, ddconfig=golden_model.ddconfig, embed_dim=cfg["embed_dim"])
     cfg_ae = {"kind": "kl_f8", "pretrained_path": str(folder), "scale_factor": cfg["scale_factor"]}
-    model = ae.make_autoencoder(cfg_ae)  # architecture read from the folder
+    model = make_autoencoder(cfg_ae)  # architecture read from the folder
     assert model.ddconfig == golden_model.ddconfig and model.embed_dim == golden_model.embed_dim
     _assert_same_params(model, golden_model)
     with pytest.raises(ConversionError, match="embed_dim=8 differ"):
-        ae.make_autoencoder(cfg_ae, embed_dim=8)
+        make_autoencoder(cfg_ae, embed_dim=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConversionError, match="not a converted autoencoder folder"):
-        ae.make_autoencoder({**cfg_ae, "pretrained_path": str(tmp_path / "empty")})
+        make_autoencoder({**cfg_ae, "pretrained_path": str(tmp_path / "empty")})
 
 
 def test_conversion_errors_name_keys(golden, golden_model):
@@ -272,13 +273,13 @@ def test_conversion_errors_name_keys(golden, golden_model):
 
 def test_config_and_input_errors(golden_model, tmp_path):
     with pytest.raises(ValueError, match="autoencoder.kind='vq'"):
-        ae.make_autoencoder({"kind": "vq"})
+        make_autoencoder({"kind": "vq"})
     with pytest.raises(ValueError, match="autoencoder.dtype='fp8'"):
-        ae.make_autoencoder({"kind": "kl_f8", "dtype": "fp8"})
+        make_autoencoder({"kind": "kl_f8", "dtype": "fp8"})
     with pytest.raises(FileNotFoundError, match="autoencoder.pretrained_path"):
-        ae.make_autoencoder({"kind": "kl_f8", "pretrained_path": str(tmp_path / "nope.pth")})
+        make_autoencoder({"kind": "kl_f8", "pretrained_path": str(tmp_path / "nope.pth")})
     with pytest.raises(ValueError, match="kind='identity'"):
-        ae.make_autoencoder({"kind": "identity", "pretrained_path": "x.pth"})
+        make_autoencoder({"kind": "identity", "pretrained_path": "x.pth"})
     with pytest.raises(ValueError, match=r"unknown ddconfig keys \['chmult'\]"):
         ae.DDConfig.from_dict({"chmult": [1, 2]})
     with pytest.raises(ValueError, match="not divisible by the 32 GroupNorm groups"):
@@ -302,7 +303,7 @@ def test_sample_latent_formula():
 
 
 def test_identity_autoencoder_round_trip():
-    model = ae.make_autoencoder({"kind": "identity", "scale_factor": 0.5}, image_channels=1)
+    model = make_autoencoder({"kind": "identity", "scale_factor": 0.5}, image_channels=1)
     x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1, maxval=1)
     moments = model.encode_moments(x)
     np.testing.assert_array_equal(moments, x)
@@ -310,8 +311,7 @@ def test_identity_autoencoder_round_trip():
     z = model.sample_latent(moments, jax.random.key(1))
     np.testing.assert_allclose(z, 0.5 * x)
     np.testing.assert_allclose(model.decode(z), x, rtol=1e-6)
-    graphdef, state = nnx.split(model)
-    out = jax.jit(ae.apply_decode, static_argnums=0)(graphdef, state, z)
+    out = JittedAutoencoder(model).decode(z)
     np.testing.assert_allclose(out, x, rtol=1e-6)
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    np.testing.assert_array_equal(ae.JittedAutoencoder(model, mesh).encode_moments_local(x), x)
+    np.testing.assert_array_equal(JittedAutoencoder(model, mesh).encode_moments_local(x), x)

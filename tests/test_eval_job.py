@@ -10,7 +10,7 @@ from runs import small_config
 from uvit_jax import jobs
 from uvit_jax.convert.inception import save_random_inception
 from uvit_jax.evaluation.reference import load_reference, save_stats
-from uvit_jax.train import loop
+from uvit_jax.jobs import train as train_job
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def eval_setup(fmnist_dir, tmp_path_factory):
         min_samples=8,
     )
     save_random_inception(config.eval.inception_path, seed=0)
-    loop.train_and_evaluate(config, str(root / "w"))
+    train_job.train_and_evaluate(config, str(root / "w"))
     return config, root
 
 
@@ -63,7 +63,7 @@ def test_fid_stats_then_eval(eval_setup, monkeypatch):
     assert fp["num_samples"] == 16 and fp["quantisation"].startswith("floor(clip(")
 
     # Running again resumes from the kept batches: nothing is sampled, the result is the same.
-    from uvit_jax.evaluation import job
+    from uvit_jax.jobs import evaluate as evaluate_job
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("a finished evaluation sampled again")
@@ -73,7 +73,7 @@ def test_fid_stats_then_eval(eval_setup, monkeypatch):
         "batch_00000_process0.npz",
         "batch_00001_process0.npz",
     ]
-    monkeypatch.setattr(job, "make_sample_batches", lambda *a, **k: no_sampling)
+    monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: no_sampling)
     jobs.run("eval", config, str(root / "w"))
     again = json.loads((root / "w" / "eval" / "result_step_2.json").read_text())
     assert again["fid"] == result["fid"] and again["protocol"] == fp
@@ -133,7 +133,7 @@ def test_fid_during_training_is_written_to_tensorboard(eval_setup, tmp_path):
     c = config.copy_and_resolve_references()
     c.train.update(num_steps=2, fid_every=2)
     c.eval.train_num_samples = 16
-    loop.train_and_evaluate(c, str(tmp_path))
+    train_job.train_and_evaluate(c, str(tmp_path))
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
     (fid,) = events.Tensors("train_fid/fid")

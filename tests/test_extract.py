@@ -178,7 +178,9 @@ def kl_fmnist_config(tmp_path):
 
 def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
     """300 real images -> random test-size KL autoencoder -> dataset -> training batches."""
-    ae = pytest.importorskip("uvit_jax.models.autoencoder", reason="autoencoder module")
+    from uvit_jax.autoencoder import JittedAutoencoder
+    from uvit_jax.models import autoencoder as ae
+
     ddconfig = ae.DDConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, resolution=32)
     # Random weights filled in from numpy: the model's own eager random init compiles one XLA
     # program per parameter shape (~20 s on 2 CPU cores).
@@ -186,7 +188,7 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), state)
-    encode = ae.JittedAutoencoder(nnx.merge(graphdef, state)).encode_moments_local
+    encode = JittedAutoencoder(nnx.merge(graphdef, state)).encode_moments_local
 
     c = kl_fmnist_config(tmp_path)  # latent side 32 / 2, embed_dim 2
     c.data.update(latent_dtype="float16", num_workers=0)
@@ -217,15 +219,16 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
 
 @pytest.mark.slow
 def test_default_encoder_from_config(tmp_path):
-    """encode_fn=None builds `config.autoencoder` (random weights: ~20 s of eager init)."""
-    pytest.importorskip("uvit_jax.models.autoencoder", reason="autoencoder module")
+    """The extract job builds `config.autoencoder` (random weights: ~20 s of eager init)."""
+    from uvit_jax.jobs.extract import extract as extract_job
+
     c = kl_fmnist_config(tmp_path)
     c.autoencoder.ddconfig = dict(
         ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=2, resolution=32
     )
     c.autoencoder.embed_dim = 2
     c.data.max_examples = 64
-    path = extract.run_extraction(c, process_index=0, process_count=1)
+    path = extract_job(c, None)
     ds = latent_dataset.open_dataset(path)
     assert ds.num_examples == 64 and ds.spec.shape == (16, 16, 4)
     x = _all_records(path)["x"]

@@ -46,7 +46,7 @@ WORKER = textwrap.dedent(
     from input_pipeline.train_input import make_train_iterator
     from uvit_jax import checkpoints
     from uvit_jax.parallel.mesh import make_mesh
-    from uvit_jax.train.loop import train_and_evaluate
+    from uvit_jax.jobs.train import train_and_evaluate
     from uvit_jax.train.optimizer import make_optimizer
     from uvit_jax.train.state import abstract_train_state
 

@@ -16,14 +16,9 @@ from reference_dpm_solver import RefDiscrete, RefDPMSolver, RefVP
 
 from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
 from uvit_jax.sampling import dpm_solver, euler_maruyama
-from uvit_jax.sampling.generate import (
-    SamplerSpec,
-    dpm_solver_kwargs,
-    generate,
-    make_generate_fn,
-    sample_images,
-)
+from uvit_jax.sampling.generate import SamplerSpec, generate, make_generate_fn, sample_images
 from uvit_jax.sampling.guidance import guided_noise_fn
+from uvit_jax.sampling.samplers import SAMPLERS
 
 # A nonlinear noise function, as numpy (reference) and jax (solver) twins.
 _rng = np.random.RandomState(0)
@@ -231,7 +226,7 @@ def assert_gaussian_moments(x, ns, t_end, extra_tol=0.0):
 @pytest.mark.parametrize("formulation", ["vp_continuous", "sd_discrete"])
 def test_dpm_solvers_sample_gaussian_data(sampler, formulation):
     """The samplers as `generate` configures them, 50 steps, float32."""
-    kwargs = dpm_solver_kwargs(sampler, formulation)
+    kwargs = SAMPLERS[sampler].kwargs(formulation)
     ns = schedule_for(formulation)
     x_T = gaussian_noise(ns)
     fn = jax.jit(lambda x: dpm_solver.sample(gaussian_eps(ns), x, ns, steps=50, **kwargs))
@@ -427,10 +422,7 @@ def params_model(params, x, t_net, y, context):
 PARAMS = {"w": jnp.float32(0.8), "emb": jnp.linspace(-0.5, 0.5, 11)}
 
 
-@pytest.mark.parametrize(
-    "sampler",
-    ["dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m", "euler_maruyama", "probability_flow"],
-)
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_generate_every_sampler(sampler):
     c = small_config(sampler=sampler)
     x = generate(params_model, c, jax.random.key(0), num=8, params=PARAMS)
@@ -462,7 +454,8 @@ def test_generate_matches_the_direct_sampler_and_draws_real_labels():
     )(x_T)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     spec = SamplerSpec.from_config(c)
-    assert spec.null_class == 10 and spec.num_classes == 10  # null class never drawn
+    cond = spec.conditioning
+    assert cond.null_class == 10 and cond.num_classes == 10  # null class never drawn
 
 
 def test_generate_text_to_image_guides_with_the_empty_context():
@@ -483,7 +476,7 @@ def test_generate_text_to_image_guides_with_the_empty_context():
     noise_fn = guided_noise_fn(
         functools.partial(t2i_model, PARAMS), ns, context=ctx, cfg_scale=2.0, null_context=null
     )
-    kwargs = dpm_solver_kwargs("dpm_solver++_2m", "sd_discrete")
+    kwargs = SAMPLERS["dpm_solver++_2m"].kwargs("sd_discrete")
     want = jax.jit(lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, **kwargs))(x_T)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs null_context"):

@@ -231,8 +231,8 @@ def test_interrupted_text_extraction_resumes_complete(coco, tmp_path):
 def test_text_to_image_training_sample_grid_and_sample_job(coco, tmp_path):
     """Trains 3 steps (contexts dropped to the stored empty context with p=0.5), draws the grid
     from the dataset's captions, then `--mode sample` writes images with their captions."""
-    from uvit_jax.sampling.job import sample_job
-    from uvit_jax.train.loop import train_and_evaluate
+    from uvit_jax.jobs.sample import sample_job
+    from uvit_jax.jobs.train import train_and_evaluate
 
     config, _ = coco
     config = config.copy_and_resolve_references()
@@ -277,6 +277,7 @@ def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     from tiny_clip import write_tiny_clip
 
     import uvit_jax
+    from uvit_jax.jobs.extract import extract as extract_job
     from uvit_jax.text_encoder import TextEncoder
 
     clip_dir = tmp_path / "clip"
@@ -288,7 +289,7 @@ def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     config.text_encoder.update(path=str(clip_dir), batch_size=8)
     config.train.update(batch_size=8, num_steps=1, ckpt_every=1, sample_every=0)
 
-    extract.run_extraction(config, process_index=0, process_count=1)
+    extract_job(config, None)
     ds = latent_dataset.open_dataset(config.data.latent_dir)
     encoder = TextEncoder(clip_dir, batch_size=8)
     recs = latent_dataset.RecordReader(ds).read_contexts(np.arange(ds.metadata["num_contexts"]))
@@ -299,7 +300,7 @@ def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     )
     assert ds.spec.text_encoder == f"clip:{clip_dir}"
 
-    from uvit_jax.train.loop import train_and_evaluate
+    from uvit_jax.jobs.train import train_and_evaluate
 
     workdir = tmp_path / "run"
     train_and_evaluate(config, str(workdir))

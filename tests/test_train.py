@@ -15,8 +15,8 @@ from runs import small_config, subprocess_env, train_cmd
 
 from configs.fashion_mnist_uvit import get_config
 from uvit_jax import checkpoints
+from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import global_batch, make_mesh
-from uvit_jax.train import loop
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
     TrainState,
@@ -92,7 +92,7 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
 
 def restored_params(workdir, step):
     config = get_config("runlocal")
-    graph_state = nnx.state(nnx.eval_shape(lambda: loop.build_uvit(config.model)), nnx.Param)
+    graph_state = nnx.state(nnx.eval_shape(lambda: train_job.build_uvit(config.model)), nnx.Param)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), graph_state)
     manager = checkpoints.open_manager(workdir, read_only=True)
     tx = make_optimizer(config.optim, config.train.num_steps)
@@ -162,7 +162,7 @@ def test_kill_during_async_saves_never_leaves_a_broken_checkpoint(fmnist_dir, tm
 def poison_step(monkeypatch, at: int):
     """Makes the batch of step `at` NaN (as a corrupt record or an overflow would)."""
     calls = {"n": 0}
-    real = loop._model_inputs
+    real = train_job._model_inputs
 
     def poisoned(batch):
         out = real(batch)
@@ -171,7 +171,7 @@ def poison_step(monkeypatch, at: int):
         calls["n"] += 1
         return out
 
-    monkeypatch.setattr(loop, "_model_inputs", poisoned)
+    monkeypatch.setattr(train_job, "_model_inputs", poisoned)
 
 
 def loop_config(data_dir, **train):
@@ -185,22 +185,22 @@ def loop_config(data_dir, **train):
 
 @pytest.fixture
 def one_device(monkeypatch):
-    monkeypatch.setattr(loop, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+    monkeypatch.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch,
                                                              one_device):  # fmt: skip
     poison_step(monkeypatch, at=7)
     with pytest.raises(
-        loop.NonFiniteLossError, match=r"at step 7 .*last good checkpoint is step 5"
+        train_job.NonFiniteLossError, match=r"at step 7 .*last good checkpoint is step 5"
     ):
-        loop.train_and_evaluate(loop_config(fmnist_dir), tmp_path)
+        train_job.train_and_evaluate(loop_config(fmnist_dir), tmp_path)
     assert checkpoints.open_manager(tmp_path, read_only=True).all_steps() == [5]
 
 
 def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_device):
     poison_step(monkeypatch, at=7)
-    state = loop.train_and_evaluate(loop_config(fmnist_dir, on_nonfinite="skip"), tmp_path)
+    state = train_job.train_and_evaluate(loop_config(fmnist_dir, on_nonfinite="skip"), tmp_path)
     assert int(state.step) == 15 and int(state.nonfinite_steps) == 1
     assert int(state.first_nonfinite_step) == 7
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -221,20 +221,20 @@ def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, f
     c = get_config("runlocal")
     section, name = field.split(".")
     c[section][name] = value
-    monkeypatch.setattr(loop, "compile_train_step", pytest.fail)
+    monkeypatch.setattr(train_job, "compile_train_step", pytest.fail)
     with pytest.raises(ValueError, match=message):
-        loop.train_and_evaluate(c, tmp_path)
+        train_job.train_and_evaluate(c, tmp_path)
 
 
 def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, one_device):
-    loop.train_and_evaluate(loop_config(fmnist_dir, num_steps=5), tmp_path)
+    train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=5), tmp_path)
     other = loop_config(fmnist_dir)
     other.model.update(embed_dim=64, depth=4)
-    monkeypatch.setattr(loop, "compile_train_step", pytest.fail)
+    monkeypatch.setattr(train_job, "compile_train_step", pytest.fail)
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"another model(.|\n)*model.embed_dim: checkpoint 32, config 64"
                              r"(.|\n)*model.depth: checkpoint 2, config 4"):  # fmt: skip
-        loop.train_and_evaluate(other, tmp_path)
+        train_job.train_and_evaluate(other, tmp_path)
 
 
 def test_state_items_round_trip():

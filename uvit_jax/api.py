@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,12 +29,13 @@ from flax import nnx
 
 from uvit_jax import checkpoints
 from uvit_jax import images as image_utils
+from uvit_jax.autoencoder import autoencoder_from_config
 from uvit_jax.checkpoints import CheckpointError
 from uvit_jax.config_defaults import default_config
-from uvit_jax.models.autoencoder import JittedAutoencoder, make_autoencoder
 from uvit_jax.models.uvit import abstract_uvit
 from uvit_jax.parallel.mesh import batch_sharding, state_shardings
 from uvit_jax.sampling.generate import sample_images
+from uvit_jax.sampling.prompts import prompt_conditions
 
 __all__ = ["CheckpointError", "Loaded", "decode", "grid", "load", "sample"]
 
@@ -241,8 +241,6 @@ def sample(
     if prompts is not None:
         if contexts is not None:
             raise ValueError("pass prompts or contexts, not both")
-        from uvit_jax.sampling.prompts import prompt_conditions
-
         text = prompt_conditions(config, list(prompts), len(prompts))
         contexts, null_context = text.contexts, text.null_context
     sharding = None if loaded.mesh is None else batch_sharding(loaded.mesh)
@@ -288,18 +286,7 @@ def decode(
         config, mesh = loaded_or_config.config, loaded_or_config.mesh
     else:
         config, mesh = loaded_or_config, None
-    ae = config.autoencoder
-    ae = ae.to_dict() if hasattr(ae, "to_dict") else dict(ae)
-    key = json.dumps(ae, sort_keys=True, default=str)
-    return _autoencoder(key, int(config.model.in_chans), mesh).decode(jnp.asarray(z, jnp.float32))
-
-
-@functools.lru_cache(maxsize=4)
-def _autoencoder(ae_json: str, channels: int, mesh: jax.sharding.Mesh | None):
-    """One jitted autoencoder per (config.autoencoder, mesh): the KL-f8 is 84M parameters, read
-    from disk once, not per call."""
-    model = make_autoencoder(json.loads(ae_json), image_channels=channels)
-    return JittedAutoencoder(model, mesh)
+    return autoencoder_from_config(config, mesh).decode(jnp.asarray(z, jnp.float32))
 
 
 # ---- display -------------------------------------------------------------------------------
@@ -320,5 +307,4 @@ def grid(images: np.ndarray | jax.Array, ncol: int | None = None, pad: int = 2) 
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"grid expects images [N, H, W, C] with C = 1 or 3, got shape {x.shape}")
     x = x if x.dtype == np.uint8 else image_utils.to_uint8(x)
-    g = image_utils.make_grid(x, ncol=ncol, pad=pad)
-    return np.repeat(g, 3, axis=-1) if g.shape[-1] == 1 else g
+    return image_utils.to_rgb(image_utils.make_grid(x, ncol=ncol, pad=pad))

@@ -7,7 +7,7 @@ A workdir's `checkpoints/<step>/` holds up to four items:
   config    JSON: the resolved config, the checkpoint format version and what wrote it.
 A converted official checkpoint has only `ema` and `config`.
 
-Safety (STACK_NOTES): orbax writes into a temporary folder and renames it, so a kill -9 during
+Safety: orbax writes into a temporary folder and renames it, so a kill -9 during
 a save never leaves a listed half-written step; deleting old steps is not atomic, so they are
 first moved into `checkpoints/trash/`, emptied at start-up.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-# Width, depth and heads of the paper's model sizes (SPEC section 1).
+# Width, depth and heads of the paper's model sizes (U-ViT-S, S-Deep, M, L, H).
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "small": dict(embed_dim=512, depth=12, num_heads=8),
     "small_deep": dict(embed_dim=512, depth=16, num_heads=8),
@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # ---- text encoder: text-to-image models (CLIP ViT-L/14, SPEC section 7) ----
+    # ---- text encoder: text-to-image models (U-ViT's MS-COCO models: CLIP ViT-L/14) ----
     c.text_encoder = ml_collections.ConfigDict(
         dict(
             path="",  # Hugging Face folder: config.json, tokenizer files, weights
@@ -142,7 +142,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- device mesh: sizes of ("data", "fsdp"); -1 fills the devices left ----
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-    # ---- sampling (SPEC section 4) ----
+    # ---- sampling (uvit_jax/sampling/samplers.py) ----
     c.sample = ml_collections.ConfigDict(
         dict(
             sampler="dpm_solver_fast",  # "dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m",

@@ -33,6 +33,12 @@ def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
     return np.asarray(quantize_samples(x))
 
 
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """[..., C] uint8 with C = 1 or 3 -> [..., 3]: grey images repeated over three channels
+    (what the FID Inception and every image viewer read)."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
     """[N, H, W, C] uint8 -> one [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] uint8 image."""
     images = np.asarray(images)

@@ -7,8 +7,8 @@ it; no attention mask is passed, as in the official `FrozenCLIPEmbedder` (the mo
 still applies), so a context is the full [77, 768] last hidden state of CLIP ViT-L/14.
 
 With a mesh, parameters are replicated (123M for ViT-L/14) and each batch is sharded over the
-batch axes ("data", "fsdp"); numpy goes in and comes out per process, like
-`JittedAutoencoder.encode_moments_local`.
+batch axes ("data", "fsdp") by `uvit_jax.parallel.frozen.FrozenNetwork`; numpy goes in and
+comes out per process.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from uvit_jax.convert.clip_text import load_clip_text, read_clip_text_config
 from uvit_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
-from uvit_jax.parallel.mesh import batch_shard_count, batch_sharding, run_process_local
+from uvit_jax.parallel.frozen import FrozenNetwork
+from uvit_jax.parallel.mesh import batch_shard_count
 
 # Either is enough for CLIPTokenizer.from_pretrained (tokenizer.json, else vocab + merges).
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -40,15 +38,6 @@ def _clip_tokenizer_class():
             'the CLIP tokenizer needs Hugging Face transformers: pip install -e ".[text]"'
         ) from e
     return CLIPTokenizer
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_jit(graphdef, state, input_ids, sharding):
-    # Pin input and output to the batch sharding so XLA keeps each shard's rows on its device.
-    if sharding is not None:
-        input_ids = jax.lax.with_sharding_constraint(input_ids, sharding)
-    out = nnx.merge(graphdef, state)(input_ids)
-    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 class TextEncoder:
@@ -100,13 +89,7 @@ class TextEncoder:
         self._tokenizer = tokenizer_class.from_pretrained(self._directory)
         self._max_length = int(max_length)
         self._batch_size = int(batch_size)
-        self.mesh = mesh
-        self._graphdef, state = nnx.split(self._model)
-        if mesh is None:
-            self._state, self._sharding = state, None
-        else:
-            self._state = jax.device_put(state, NamedSharding(mesh, P()))
-            self._sharding = batch_sharding(mesh)
+        self._network = FrozenNetwork(self._model, mesh)
 
     @property
     def config(self) -> CLIPTextConfig:
@@ -173,15 +156,13 @@ class TextEncoder:
             m = chunk.shape[0]
             if m < bs:  # repeat a real row: padding rows are computed and dropped
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)])
-            out[start : start + m] = run_process_local(self._run, chunk, self.mesh)[:m]
+            hidden = self._network.apply_local(CLIPTextTransformer.__call__, chunk)
+            out[start : start + m] = hidden[:m]
         return out
 
     def empty_context(self) -> np.ndarray:
         """The context of the empty caption, float32 [max_length, hidden_size] (for CFG)."""
         return self.encode([""])[0]
-
-    def _run(self, input_ids: jax.Array | np.ndarray) -> jax.Array:
-        return _encode_jit(self._graphdef, self._state, input_ids, self._sharding)
 
 
 def text_encoder_from_config(config: Any) -> TextEncoder:

@@ -1,7 +1,7 @@
 """Noise schedules of U-ViT's two diffusion formulations, with DPM-Solver's interface.
 
 q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) over continuous time t in (0, 1], and the half log-SNR
-lambda_t = log alpha_t - log sigma_t (SPEC sections 3-4):
+lambda_t = log alpha_t - log sigma_t (the noise schedule of DPM-Solver's `NoiseScheduleVP`):
 
 - `LinearVPSchedule` ("vp_continuous"): log alpha_t = -0.25 t^2 (beta_1 - beta_0) - 0.5 t beta_0
   with beta 0.1..20; the network sees 999 t.

@@ -4,32 +4,30 @@
     out = features(images)   # {"pool3": [b, 2048], "spatial": [b, 2023], "logits": [b, 1008]}
 
 The parameters are replicated on every device of the mesh and each call's batch is split over
-its batch axes. Only uint8 pixels travel to the devices; the protocol's resize and range
-(`uvit_jax.evaluation.preprocess`) run there.
+its batch axes (`uvit_jax.parallel.frozen`). Only uint8 pixels travel to the devices; the
+protocol's resize and range (`uvit_jax.evaluation.preprocess`) run there.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from uvit_jax.evaluation.preprocess import check_protocol, inception_input
 from uvit_jax.models.inception import InceptionV3
-from uvit_jax.parallel.mesh import replicated, run_process_local
+from uvit_jax.parallel.frozen import FrozenNetwork
 
 # `features(images, pad_to=None)`: uint8 [b, H, W, 3] -> {"pool3": float32 [b, 2048],
 # "spatial": float32 [b, 2023], "logits": float32 [b, 1008] (networks with a classifier head)}.
 FeatureFn = Callable[..., dict[str, np.ndarray]]
 
 
-def _replicate(x: jax.Array, mesh: Mesh) -> jax.Array:
-    # Built shard by shard from one host copy: also valid when the mesh spans several processes.
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
+def _features(model: InceptionV3, images: jax.Array, protocol: str) -> dict[str, jax.Array]:
+    return model(inception_input(images, protocol))
 
 
 def make_feature_fn(model: InceptionV3, mesh: Mesh, protocol: str = "pytorch_fid") -> FeatureFn:
@@ -46,12 +44,8 @@ def make_feature_fn(model: InceptionV3, mesh: Mesh, protocol: str = "pytorch_fid
       across calls to compile once.
     """
     check_protocol(protocol)
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: _replicate(x, mesh), state)
-
-    @jax.jit
-    def forward(state, images):
-        return nnx.merge(graphdef, state)(inception_input(images, protocol))
+    network = FrozenNetwork(model, mesh)
+    forward = functools.partial(_features, protocol=protocol)
 
     def features(images: np.ndarray, pad_to: int | None = None) -> dict[str, np.ndarray]:
         images = np.asarray(images)
@@ -61,6 +55,6 @@ def make_feature_fn(model: InceptionV3, mesh: Mesh, protocol: str = "pytorch_fid
                 f"{images.dtype} {images.shape} (quantise samples with "
                 "uvit_jax.images.quantize_samples)"
             )
-        return run_process_local(lambda x: forward(state, x), images, mesh, pad_to=pad_to)
+        return network.apply_local(forward, images, pad_to=pad_to)
 
     return features

@@ -1,9 +1,10 @@
 """The Stable Diffusion KL-f8 autoencoder (LDM `AutoencoderKL`) in Flax NNX, NHWC.
 
-U-ViT's latent models train on the posterior of this autoencoder and decode their samples with
-it (SPEC section 6). The architecture is generic over LDM's `ddconfig`; parameter paths mirror
-the LDM state-dict names (`encoder/down/0/block/0/norm1/scale` <->
-`encoder.down.0.block.0.norm1.weight`) so `uvit_jax.convert.autoencoder` maps them mechanically.
+U-ViT's latent models (ImageNet 256/512, MS-COCO) train on the posterior of this autoencoder,
+scaled by a fixed factor (0.18215 ImageNet, 0.23010 MS-COCO), and decode their samples with it.
+The architecture is generic over LDM's `ddconfig`; parameter paths mirror the LDM state-dict
+names (`encoder/down/0/block/0/norm1/scale` <-> `encoder.down.0.block.0.norm1.weight`) so
+`uvit_jax.convert.autoencoder` maps them mechanically.
 
 Pixel-space configs use `IdentityAutoencoder`, which has the same interface: its "moments" are
 the preprocessed pixels themselves and decoding is the identity (up to the scale factor).
@@ -17,34 +18,22 @@ Precision: parameters are float32; convolutions and attention matmuls run in `dt
 speed); GroupNorm, swish, the attention softmax, the residual stream and the outputs are float32
 (in bf16 this cuts the error against float32 from 1.2e-2 to 0.9e-2 on the golden model).
 
-Functional use: `graphdef, state = nnx.split(model)`, then `apply_encode_moments(graphdef, state,
-x)` / `apply_decode(graphdef, state, z)` inside any `jax.jit`; `JittedAutoencoder` wraps that with
-a mesh (batch sharded over ("data", "fsdp"), parameters replicated).
+The network only: building one from a config or a weights file, and running it jitted over a
+mesh, is `uvit_jax.autoencoder`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from uvit_jax.parallel.mesh import batch_shard_count, run_process_local
 
 Array = jax.Array
 
-BATCH_AXES = ("data", "fsdp")
-AUTOENCODER_KINDS = ("identity", "kl_f8")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _NUM_GROUPS = 32  # LDM's Normalize(): GroupNorm(32 groups, eps 1e-6, affine)
 _EPS = 1e-6
 # PyTorch's default conv init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -464,86 +453,6 @@ def moments_shape(ae: Autoencoder, image_shape: Sequence[int]) -> tuple[int, int
     return (h // f, w // f, ae.moments_channels)
 
 
-def apply_encode_moments(graphdef: nnx.GraphDef, state: nnx.State, x: Array) -> Array:
-    """Pure `encode_moments` over a split autoencoder (jit it, or call it inside a jitted step)."""
-    return nnx.merge(graphdef, state).encode_moments(x)
-
-
-def apply_decode(graphdef: nnx.GraphDef, state: nnx.State, z: Array) -> Array:
-    """Pure `decode` over a split autoencoder."""
-    return nnx.merge(graphdef, state).decode(z)
-
-
-def _batch_sharded(fn, graphdef, state, x, batch_sharding):
-    # Pin input and output to the batch sharding: numpy inputs arrive on one device, and the
-    # output should stay where the next step (writer, FID network) expects it.
-    if batch_sharding is None:
-        return fn(graphdef, state, x)
-    x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    return jax.lax.with_sharding_constraint(fn(graphdef, state, x), batch_sharding)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_jit(graphdef, state, x, batch_sharding):
-    return _batch_sharded(apply_encode_moments, graphdef, state, x, batch_sharding)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _decode_jit(graphdef, state, z, batch_sharding):
-    return _batch_sharded(apply_decode, graphdef, state, z, batch_sharding)
-
-
-class JittedAutoencoder:
-    """Jitted encode/decode of an autoencoder, optionally data-parallel over a mesh.
-
-    With a mesh, parameters are replicated (the SD VAE is 84M parameters) and the batch is
-    sharded over ("data", "fsdp"). The jitted functions live at module level with the graphdef
-    as a static argument, so equal architectures share compilations.
-    """
-
-    def __init__(self, model: Autoencoder, mesh: jax.sharding.Mesh | None = None):
-        self.model = model
-        self.mesh = mesh
-        self.graphdef, state = nnx.split(model)
-        if mesh is None:
-            self.state = state
-            self.batch_sharding = None
-        else:
-            batch_shard_count(mesh)  # checks the batch axes
-            self.state = jax.device_put(state, NamedSharding(mesh, P()))
-            self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-
-    def encode_moments(self, x: Array) -> Array:
-        """Global images [B, H, W, C] -> moments [B, h, w, M] (B divisible by the batch shards)."""
-        return _encode_jit(self.graphdef, self.state, x, self.batch_sharding)
-
-    def decode(self, z: Array) -> Array:
-        """Global scaled latents [B, h, w, embed_dim] -> images [B, H, W, C]."""
-        return _decode_jit(self.graphdef, self.state, z, self.batch_sharding)
-
-    def encode_moments_local(self, x: np.ndarray) -> np.ndarray:
-        """This process's images -> this process's moments, as numpy (for extraction).
-
-        Any batch size: the batch is padded to a multiple of this process's batch shards and
-        the padding dropped again. In multi-process runs every process must pass the same
-        batch size (pad the last batch).
-        """
-        return self._run_local(self.encode_moments, x)
-
-    def decode_local(self, z: np.ndarray) -> np.ndarray:
-        """This process's scaled latents -> this process's images, as numpy."""
-        return self._run_local(self.decode, z)
-
-    def _run_local(self, fn, x: np.ndarray) -> np.ndarray:
-        return run_process_local(fn, x, self.mesh)
-
-
-def parse_dtype(name: str, *, field: str = "autoencoder.dtype") -> Any:
-    if name not in _DTYPES:
-        raise ValueError(f"{field}={name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
 def abstract_autoencoder_kl(
     ddconfig: DDConfig, embed_dim: int, *, scale_factor: float, dtype: Any
 ) -> AutoencoderKL:
@@ -552,67 +461,4 @@ def abstract_autoencoder_kl(
         lambda: AutoencoderKL(
             ddconfig, embed_dim, scale_factor=scale_factor, dtype=dtype, rngs=nnx.Rngs(0)
         )
-    )
-
-
-def make_autoencoder(
-    ae_config: Mapping[str, Any],
-    *,
-    image_channels: int = 3,
-    ddconfig: DDConfig | Mapping[str, Any] | None = None,
-    embed_dim: int | None = None,
-    seed: int = 0,
-) -> Autoencoder:
-    """Builds the autoencoder of `config.autoencoder`.
-
-    Args:
-      ae_config: `config.autoencoder` with `kind` ("identity" | "kl_f8"), `pretrained_path`,
-        `scale_factor`, `dtype`; optional `ddconfig` / `embed_dim` override the SD KL-f8 ones.
-      image_channels: channels of pixel-space images (identity autoencoder only).
-      ddconfig, embed_dim: architecture of a "kl_f8" model; default: `config` values, else
-        Stable Diffusion's (ch 128, ch_mult (1, 2, 4, 4), 2 res-blocks, z 4, embed_dim 4).
-        A converted checkpoint carries its own and must agree.
-      seed: initialisation seed when `pretrained_path` is empty (random weights: tests only).
-
-    `pretrained_path` may be an LDM file (`.pth`/`.ckpt`/`.safetensors`/`.npz`, with or without a
-    `first_stage_model.` prefix), a diffusers VAE file, or a folder written by
-    `uvit_jax.convert.autoencoder.save_converted`.
-    """
-    kind = ae_config.get("kind", "identity")
-    scale = float(ae_config.get("scale_factor", 1.0))
-    path = ae_config.get("pretrained_path", "") or ""
-    if kind == "identity":
-        if path:
-            raise ValueError(
-                f"autoencoder.pretrained_path={path!r} is set but autoencoder.kind='identity'"
-            )
-        return IdentityAutoencoder(image_channels, scale_factor=scale)
-    if kind != "kl_f8":
-        raise ValueError(f"autoencoder.kind={kind!r}; expected one of {AUTOENCODER_KINDS}")
-
-    dtype = parse_dtype(ae_config.get("dtype", "float32"))
-    if ddconfig is None and ae_config.get("ddconfig"):
-        ddconfig = ae_config["ddconfig"]
-        if hasattr(ddconfig, "to_dict"):  # an ml_collections ConfigDict is no Mapping
-            ddconfig = ddconfig.to_dict()
-    if isinstance(ddconfig, Mapping):
-        ddconfig = DDConfig.from_dict(ddconfig, source="autoencoder.ddconfig")
-    if embed_dim is None:
-        embed_dim = ae_config.get("embed_dim") or None  # 0 in a config: the default
-
-    if not path:
-        logging.warning("autoencoder.pretrained_path is empty: using a randomly initialised KL-f8")
-        return AutoencoderKL(
-            ddconfig or SD_KL_F8,
-            embed_dim or SD_EMBED_DIM,
-            scale_factor=scale,
-            dtype=dtype,
-            rngs=nnx.Rngs(seed),
-        )
-    from uvit_jax.convert import autoencoder as convert  # the converter imports this module
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"autoencoder.pretrained_path={path!r} does not exist")
-    return convert.load_autoencoder(
-        path, ddconfig=ddconfig, embed_dim=embed_dim, scale_factor=scale, dtype=dtype
     )

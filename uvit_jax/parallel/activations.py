@@ -2,7 +2,8 @@
 
 Inside `jax.set_mesh(mesh)` with the axes ("data", "fsdp"), `constrain_batch` pins an
 activation's leading (batch) dimension to both axes. Without it, XLA's propagation can pick
-layouts that force "involuntary full rematerialization" of FSDP-gathered weights (STACK_NOTES).
+layouts that force "involuntary full rematerialization" of FSDP-gathered weights (XLA warns of
+it when compiling: such a weight is gathered whole again, in memory and time).
 Outside a mesh (notebooks, one device) it is the identity.
 """
 

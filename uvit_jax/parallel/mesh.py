@@ -7,12 +7,10 @@ and optimizer state are split across the axis). The batch is split over both axe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -113,39 +111,3 @@ def batch_shard_count(mesh: Mesh) -> int:
     if missing:
         raise ValueError(f"mesh axes {mesh.axis_names} lack the batch axes {missing}")
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def run_process_local(
-    fn: Callable[[jax.Array], Any], x: np.ndarray, mesh: Mesh | None, *, pad_to: int | None = None
-) -> Any:
-    """Runs a batch-parallel `fn` on this process's rows `x` [n, ...]; returns its rows, as numpy.
-
-    `fn` returns an array or a pytree of arrays, each with the batch leading. With a mesh, `x`
-    is padded (repeating its last row; zeros when n = 0) to `pad_to` (default n) rounded up to a
-    multiple of this process's batch shards, assembled into a global array sharded over the
-    batch axes, and every output is cut back to this process's n rows. In multi-process runs
-    every process must pass the same padded size (the same `pad_to`, or the same n), since `fn`
-    is one collective program; a fixed `pad_to` also keeps the compiled shapes fixed. Without a
-    mesh, `fn(x)`.
-    """
-    x = np.asarray(x)
-    n = x.shape[0]
-    if mesh is None:
-        return jax.tree.map(np.asarray, fn(x))
-    if pad_to is not None and n > pad_to:
-        raise ValueError(f"a batch of {n} rows exceeds pad_to={pad_to}")
-    local_shards = max(1, batch_shard_count(mesh) // jax.process_count())
-    padded = -(-max(n, pad_to or 0, 1) // local_shards) * local_shards
-    if padded != n:
-        if n:
-            fill = np.repeat(x[-1:], padded - n, axis=0)
-        else:
-            fill = np.zeros((padded, *x.shape[1:]), x.dtype)
-        x = np.concatenate([x, fill])
-    out = fn(jax.make_array_from_process_local_data(batch_sharding(mesh), x))
-    if jax.process_count() > 1:
-        out = jax.tree.map(
-            lambda o: multihost_utils.global_array_to_host_local_array(o, mesh, P(BATCH_AXES)),
-            out,
-        )
-    return jax.tree.map(lambda o: np.asarray(o)[:n], out)

@@ -9,11 +9,13 @@ Each step is x <- A x + B eps + C z with A, B, C precomputed in float64; one `la
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvit_jax.diffusion.schedules import Schedule
+from uvit_jax.diffusion.schedules import Schedule, schedule_for
 from uvit_jax.sampling.dpm_solver import NoiseFn
 
 
@@ -83,3 +85,20 @@ def sample(
 
     x, _ = jax.lax.scan(body, x_T, xs)
     return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The reverse SDE (or, probability_flow, the ODE) as a named sampler
+    (`uvit_jax.sampling.samplers`), on the grid [0] + linspace(1e-3, 1, steps)."""
+
+    probability_flow: bool
+    predict_x0 = False  # noise prediction: there is no x0 to threshold
+
+    def __call__(
+        self, noise_fn: NoiseFn, x_T: jax.Array, formulation: str, *, steps: int, key: jax.Array
+    ) -> jax.Array:
+        schedule = schedule_for(formulation)
+        return sample(
+            noise_fn, x_T, schedule, steps=steps, key=key, probability_flow=self.probability_flow
+        )

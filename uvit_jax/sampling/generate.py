@@ -3,20 +3,12 @@
     samples = generate(model_fn, config, key, labels=...)   # [B, H, W, C] float32
 
 reads `config.diffusion.formulation`, `config.sample.{sampler, steps, cfg_scale}`,
-`config.model.{kind, img_size, in_chans, num_classes}` and `config.diffusion.p_uncond`, draws
+`config.model.{img_size, in_chans}` and what conditions the model (`Conditioning`), draws
 x_T (and random labels) for the whole global batch from `key` inside one jitted program, so a
 seed gives the same samples on any number of devices. Outputs are in the model's space (latents
 for latent models); `sample_images` adds the autoencoder's decoder.
 
-Samplers (SPEC section 4):
-  "dpm_solver_fast"   DPM-Solver, noise prediction, order-3 fast schedule, logSNR grid (VP models)
-  "dpm_solver++_3s"   DPM-Solver++, singlestep order 3, time-uniform grid (discrete models;
-                      logSNR grid for VP models)
-  "dpm_solver++_2m"   DPM-Solver++, multistep order 2, grid as for 3s
-  "euler_maruyama"    reverse SDE, grid [0] + linspace(1e-3, 1, steps)
-  "probability_flow"  probability-flow ODE (Euler), same grid
-All DPM-Solver variants end at `schedule.t_end` (1e-4 VP, 1/1000 discrete) without a final
-denoising step, as U-ViT does.
+The samplers, by `config.sample.sampler` name, are those of `uvit_jax.sampling.samplers`.
 """
 
 from __future__ import annotations
@@ -29,21 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.schedules import schedule_for
-from uvit_jax.sampling import dpm_solver, euler_maruyama
+from uvit_jax.sampling.dpm_solver import NoiseFn
 from uvit_jax.sampling.guidance import guided_noise_fn
-
-_DPM_SOLVERS = {
-    "dpm_solver_fast": dict(method="singlestep_fast", order=3, predict_x0=False),
-    "dpm_solver++_3s": dict(method="singlestep", order=3, predict_x0=True),
-    "dpm_solver++_2m": dict(method="multistep", order=2, predict_x0=True),
-}
-# Grid spacing: DPM-Solver-fast is defined on the logSNR grid. The DPM-Solver++ samplers use
-# U-ViT's time-uniform grid for discrete models, but logSNR for VP models: a time-uniform grid
-# down to t = 1e-4 leaves one huge logSNR step at the end (visible bias at 50 steps).
-_SKIP_TYPE = {"vp_continuous": "logSNR", "sd_discrete": "time_uniform"}
-_EULER = {"euler_maruyama": False, "probability_flow": True}
-SAMPLERS = tuple(_DPM_SOLVERS) + tuple(_EULER)
+from uvit_jax.sampling.samplers import SAMPLERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +37,7 @@ class SamplerSpec:
     steps: int
     cfg_scale: float
     shape: tuple[int, int, int]  # (H, W, C)
-    kind: str  # "uncond", "class" or "t2i"
-    num_classes: int  # labels drawn from [0, num_classes) (the null class excluded)
-    null_class: int | None
+    conditioning: Conditioning
     thresholding: bool = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel models)
 
     @classmethod
@@ -66,7 +46,8 @@ class SamplerSpec:
         sampler = config.sample.sampler
         if sampler not in SAMPLERS:
             raise ValueError(
-                f"config.sample.sampler: unknown sampler {sampler!r}; expected one of {SAMPLERS}"
+                f"config.sample.sampler: unknown sampler {sampler!r}; expected one of "
+                f"{tuple(SAMPLERS)}"
             )
         steps = int(config.sample.steps)
         if steps < 1:
@@ -74,29 +55,18 @@ class SamplerSpec:
         cfg_scale = float(config.sample.cfg_scale)
         m = config.model
         shape = (int(m.img_size), int(m.img_size), int(m.in_chans))
-        has_null = float(config.diffusion.p_uncond) > 0
-        if m.kind == "uvit_t2i":
-            kind, num_classes, null_class = "t2i", 0, None
-        elif m.kind == "uvit" and int(m.num_classes) > 0:
-            kind = "class"
-            # Models trained with label dropout (p_uncond > 0) reserve the last class as null.
-            num_classes = int(m.num_classes) - 1 if has_null else int(m.num_classes)
-            null_class = int(m.num_classes) - 1 if has_null else None
-        elif m.kind == "uvit":
-            kind, num_classes, null_class = "uncond", 0, None
-        else:
-            raise ValueError(f"config.model.kind: expected 'uvit' or 'uvit_t2i', got {m.kind!r}")
-        if cfg_scale != 0 and kind == "uncond":
+        conditioning = Conditioning.from_config(config)
+        if cfg_scale != 0 and conditioning.kind == "none":
             raise ValueError(
                 "config.sample.cfg_scale != 0 needs a conditional model (num_classes > 0, uvit_t2i)"
             )
-        if cfg_scale != 0 and not has_null:
+        if cfg_scale != 0 and not conditioning.has_null:
             raise ValueError(
                 "config.sample.cfg_scale != 0 needs a model trained for guidance "
                 "(config.diffusion.p_uncond > 0: null class / empty context)"
             )
         thresholding = bool(config.sample.get("thresholding", False))
-        if thresholding and not _DPM_SOLVERS.get(sampler, {}).get("predict_x0", False):
+        if thresholding and not SAMPLERS[sampler].predict_x0:
             raise ValueError(
                 "config.sample.thresholding needs a data-prediction sampler "
                 f"(dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
@@ -107,32 +77,17 @@ class SamplerSpec:
             steps,
             cfg_scale,
             shape,
-            kind,
-            num_classes,
-            null_class,
+            conditioning,
             thresholding,
         )
 
 
-def dpm_solver_kwargs(sampler: str, formulation: str) -> dict[str, Any]:
-    """`dpm_solver.sample` arguments (method, order, predict_x0, skip_type) of a DPM sampler."""
-    skip_type = "logSNR" if sampler == "dpm_solver_fast" else _SKIP_TYPE[formulation]
-    return dict(_DPM_SOLVERS[sampler], skip_type=skip_type)
-
-
-def sample_noise(
-    spec: SamplerSpec, noise_fn: dpm_solver.NoiseFn, x_T: jax.Array, key: jax.Array
-) -> jax.Array:
+def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
     """Runs the spec's sampler from x_T [B, H, W, C] (key: SDE noise only). Jittable."""
-    schedule = schedule_for(spec.formulation)
-    if spec.sampler in _DPM_SOLVERS:
-        kwargs = dpm_solver_kwargs(spec.sampler, spec.formulation)
-        return dpm_solver.sample(
-            noise_fn, x_T, schedule, steps=spec.steps, thresholding=spec.thresholding, **kwargs
-        )
-    return euler_maruyama.sample(
-        noise_fn, x_T, schedule, steps=spec.steps, key=key, probability_flow=_EULER[spec.sampler]
-    )
+    sampler = SAMPLERS[spec.sampler]
+    if spec.thresholding:
+        sampler = dataclasses.replace(sampler, thresholding=True)
+    return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
 
 @functools.lru_cache(maxsize=32)
@@ -151,6 +106,7 @@ def make_generate_fn(
     `sharding` (e.g. NamedSharding(mesh, P(("data", "fsdp")))) shards every batch-leading array.
     """
     schedule = schedule_for(spec.formulation)
+    cond = spec.conditioning
 
     def constrain(v):
         return (
@@ -160,8 +116,8 @@ def make_generate_fn(
     def run(params, key, labels, contexts, null_context):
         k_x, k_y, k_sde = jax.random.split(key, 3)
         x_T = constrain(jax.random.normal(k_x, (num, *spec.shape), jnp.float32))
-        if spec.kind == "class" and labels is None:
-            labels = jax.random.randint(k_y, (num,), 0, spec.num_classes, jnp.int32)
+        if cond.kind == "class" and labels is None:
+            labels = jax.random.randint(k_y, (num,), 0, cond.num_classes, jnp.int32)
         labels, contexts = constrain(labels), constrain(contexts)
         apply = functools.partial(model_fn, params) if with_params else model_fn
         noise_fn = guided_noise_fn(
@@ -170,7 +126,7 @@ def make_generate_fn(
             y=labels,
             context=contexts,
             cfg_scale=spec.cfg_scale,
-            null_class=spec.null_class,
+            null_class=cond.null_class,
             null_context=null_context,
         )
         return constrain(sample_noise(spec, noise_fn, x_T, k_sde))
@@ -209,17 +165,18 @@ def generate(
       [B, H, W, C] float32 samples in the model's space.
     """
     spec = SamplerSpec.from_config(config)
-    if spec.kind == "t2i" and contexts is None:
+    kind = spec.conditioning.kind
+    if kind == "text" and contexts is None:
         raise ValueError(
             "text-to-image sampling (config.model.kind='uvit_t2i') needs contexts [B, L, D]"
         )
-    if spec.kind != "t2i" and contexts is not None:
+    if kind != "text" and contexts is not None:
         raise ValueError(f"contexts given, but config.model.kind={config.model.kind!r} takes none")
-    if spec.kind != "class" and labels is not None:
+    if kind != "class" and labels is not None:
         raise ValueError(
             "labels given, but the config's model is not class-conditional (num_classes <= 0)"
         )
-    if spec.kind == "t2i" and spec.cfg_scale != 0 and null_context is None:
+    if kind == "text" and spec.cfg_scale != 0 and null_context is None:
         raise ValueError(
             "guided text-to-image sampling (config.sample.cfg_scale != 0) needs null_context [L, D]"
         )
@@ -261,8 +218,8 @@ def sample_images(
       config: the run config; `num` defaults to config.sample.num_samples.
       key, labels, contexts, null_context, sharding: as for `generate`.
       decode: scaled latents -> images; default: identity for pixel models
-          (config.autoencoder.kind == "identity"), else the config's autoencoder, built per call
-          (pass `decode` to reuse one).
+          (config.autoencoder.kind == "identity"), else the config's autoencoder
+          (`autoencoder_from_config`, on one device).
     Returns:
       [B, H, W, C] float32 images (nominally in [-1, 1]; not clipped).
     """
@@ -284,7 +241,7 @@ def sample_images(
     if decode is None:
         if config.autoencoder.kind == "identity":
             return z
-        from uvit_jax.models.autoencoder import JittedAutoencoder, make_autoencoder
+        from uvit_jax.autoencoder import autoencoder_from_config
 
-        decode = JittedAutoencoder(make_autoencoder(dict(config.autoencoder))).decode
+        decode = autoencoder_from_config(config).decode
     return decode(z)

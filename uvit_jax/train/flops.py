@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from uvit_jax.models.uvit import model_kwargs
+
 # Dense bf16 peak TFLOP/s per device, by `jax.Device.device_kind` prefix.
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "NVIDIA H100": 989.0,
@@ -37,7 +39,7 @@ def forward_flops(model: Mapping) -> float:
     p, c, side = model["patch_size"], model["in_chans"], model["img_size"]
     m = int(d * model["mlp_ratio"])
     n = (side // p) ** 2
-    text = model["kind"] == "uvit_t2i"
+    text = model_kwargs(model)["text"]
     extras = 1 + model["num_clip_token"] if text else (2 if model["num_classes"] > 0 else 1)
     tokens = extras + n
     blocks = depth + 1

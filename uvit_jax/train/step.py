@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.objective import drop_contexts, drop_labels, noise_prediction_loss
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
@@ -36,8 +37,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
     """
     formulation = config.diffusion.formulation
     p_uncond = float(config.diffusion.p_uncond)
-    num_classes = int(config.model.num_classes)
-    text = config.model.kind == "uvit_t2i"
+    conditioning = Conditioning.from_config(config)
     latent = config.autoencoder.kind != "identity"
     scale = float(config.autoencoder.scale_factor)
     weighting = dict(
@@ -50,15 +50,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
         k_z, k_drop, k_noise = jax.random.split(key, 3)
         x0 = sample_latent(batch["x"], k_z, scale) if latent else batch["x"]
         cond = {}
-        if text:
+        if conditioning.kind == "text":
             ctx = batch["context"]
-            if p_uncond > 0:
+            if conditioning.has_null:
                 ctx = drop_contexts(k_drop, ctx, p_uncond, batch["empty_context"])
             cond["context"] = ctx
-        elif num_classes > 0:
+        elif conditioning.kind == "class":
             y = batch["label"]
-            if p_uncond > 0:  # the last class index is the null class (1000 of 1001)
-                y = drop_labels(k_drop, y, p_uncond, num_classes - 1)
+            if conditioning.has_null:
+                y = drop_labels(k_drop, y, p_uncond, conditioning.null_class)
             cond["y"] = y
         predict = lambda x_t, t: model(x_t, t, **cond)
         return noise_prediction_loss(predict, k_noise, x0, formulation, **weighting)

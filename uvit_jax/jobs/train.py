@@ -1,7 +1,8 @@
 """The training job: `python main.py --mode train --config ... --workdir W`.
 
-Builds the mesh, data, state and step; resumes from the latest checkpoint in W; trains with
-periodic metrics, sample grids and checkpoints; saves on SIGTERM (preemption) and at the end.
+Extracts the dataset if it is not there yet; builds the mesh, data, state and step; resumes
+from the latest checkpoint in W; trains with periodic metrics, sample grids, FID and
+checkpoints; saves on SIGTERM (preemption) and at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from uvit_jax import checkpoints
+from input_pipeline import extract, latent_dataset
+from uvit_jax import checkpoints, images
+from uvit_jax.conditioning import Conditioning
+from uvit_jax.jobs.extract import extract as extract_job
 from uvit_jax.models.uvit import build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
+from uvit_jax.sampling.generate import sample_images
+from uvit_jax.sampling.prompts import TextConditions, dataset_conditions
 from uvit_jax.train import flops
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
@@ -119,12 +125,10 @@ class PreemptionFlag:
 
 def ensure_dataset(config, workdir: str) -> str:
     """The extracted dataset's directory, extracting it first if it is not complete."""
-    from input_pipeline import extract, latent_dataset
-
     directory = extract.resolve_latent_dir(config, workdir)
     if not latent_dataset.is_finalized(directory):
         logging.info("dataset %s is not extracted yet: extracting it now", directory)
-        directory = extract.run_extraction(config, workdir)
+        directory = extract_job(config, workdir)
     return directory
 
 
@@ -148,11 +152,8 @@ def _text_inputs(config, data_dir: str, mesh):
     (None, None) for other models. The empty context [L, D] (CLIP of "") replaces dropped
     contexts in the step; the grid uses the dataset's first captions (no text encoder needed).
     """
-    if config.model.kind != "uvit_t2i":
+    if Conditioning.from_config(config).kind != "text":
         return None, None
-    from input_pipeline import latent_dataset
-    from uvit_jax.sampling.prompts import dataset_conditions
-
     empty = latent_dataset.read_empty_context(
         latent_dataset.open_dataset(data_dir, config.data.split)
     )
@@ -165,17 +166,15 @@ def _text_inputs(config, data_dir: str, mesh):
 # ---- sample grids ------------------------------------------------------------------------
 
 
-def write_sample_grid(config, graphdef, ema, step: int, workdir: str, writer, text=None) -> None:
+def write_sample_grid(
+    config, graphdef, ema, step: int, workdir: str, writer, text: TextConditions | None = None
+) -> None:
     """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image.
 
     text: the `TextConditions` of text-to-image models (the same captions every time).
     """
-    from uvit_jax import images
-    from uvit_jax.sampling.generate import sample_images
-    from uvit_jax.sampling.job import grid_labels
-
     n = int(config.sample.num_samples)
-    labels = grid_labels(config, n)
+    labels = Conditioning.from_config(config).labels(n)
     conditions = {}
     if text is not None:
         conditions = dict(contexts=text.contexts, null_context=text.null_context)
@@ -206,7 +205,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # FID during training: its weights and reference must be there before anything compiles.
     fid_every = int(config.train.fid_every)
     if fid_every:
-        from uvit_jax.evaluation.job import caption_sampler, make_evaluator, metrics_of_samples
+        from uvit_jax.evaluation.evaluator import (
+            caption_sampler,
+            make_evaluator,
+            metrics_of_samples,
+        )
 
         evaluator = make_evaluator(config, mesh)
 

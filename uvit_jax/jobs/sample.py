@@ -2,8 +2,9 @@
 
 Writes `W/samples/sample_step<step>_seed<seed>.png` (a grid) and `.npz` (`arr_0`: uint8
 [N, H, W, C], `labels`), sharded over every device and host. Text-to-image models draw from
-`config.sample.prompts` (or the dataset's captions, see `sampling/prompts.py`); the captions go
-to the `.npz` (`captions`) and a `.txt` beside the grid, one line per image in grid order.
+`config.sample.prompts` (or the dataset's captions, see `uvit_jax/sampling/prompts.py`); the
+captions go to the `.npz` (`captions`) and a `.txt` beside the grid, one line per image in grid
+order.
 Batch i is drawn with `fold_in(key(config.seed), i)`: the same images on any device count, and
 batch 0 equals `uvit_jax.sample(uvit_jax.load(W), seed=config.seed)` for the same labels.
 """
@@ -16,36 +17,25 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from uvit_jax import images
+from uvit_jax.api import load
+from uvit_jax.api import sample as draw
+from uvit_jax.conditioning import Conditioning
 from uvit_jax.parallel.mesh import batch_size_per_shard, make_mesh
-
-
-def grid_labels(config, n: int) -> np.ndarray | None:
-    """Labels 0, 1, ..., K-1, 0, 1, ... for class models (K real classes), else None."""
-    if config.model.kind != "uvit" or config.model.num_classes <= 0:
-        return None
-    real = config.model.num_classes - (1 if config.diffusion.p_uncond > 0 else 0)
-    return (np.arange(n) % real).astype(np.int32)
+from uvit_jax.sampling.prompts import text_conditions
 
 
 def sample_job(config, workdir: str) -> str:
     """Samples `config.sample.num_samples` images; returns the `.npz` path."""
-    from jax.experimental import multihost_utils
-
-    from uvit_jax.api import load
-    from uvit_jax.api import sample as draw
-
     mesh = make_mesh(config.mesh)
     loaded = load(workdir, mesh=mesh)
     n, batch = int(config.sample.num_samples), int(config.sample.batch_size)
     batch_size_per_shard(mesh, batch, field="config.sample.batch_size")
-    labels = grid_labels(loaded.config, n)
-    text = None
-    if loaded.config.model.kind == "uvit_t2i":
-        from uvit_jax.sampling.prompts import text_conditions
-
-        text = text_conditions(config, n, workdir)
+    conditioning = Conditioning.from_config(loaded.config)
+    labels = conditioning.labels(n)
+    text = text_conditions(config, n, workdir) if conditioning.kind == "text" else None
     overrides = dict(
         steps=config.sample.steps, cfg_scale=config.sample.cfg_scale, sampler=config.sample.sampler
     )

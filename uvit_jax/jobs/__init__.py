@@ -1,0 +1,47 @@
+"""The jobs `main.py --mode` runs, one file each; every job is a function of (config, workdir).
+
+train.py     train            extract the dataset if needed, train, resume, sample grids, FID
+extract.py   extract          images -> autoencoder moments (or pixels) -> dataset
+sample.py    sample           images from a checkpoint's EMA weights
+evaluate.py  eval, fid_stats  FID & co. of a checkpoint; reference statistics of a dataset
+convert.py   convert, convert_autoencoder, convert_inception   official weights -> ours
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import jax
+
+from uvit_jax.parallel.distributed import initialize_distributed
+
+# mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
+# TensorFlow (clu) and `--mode train` never loads torch.
+MODES: dict[str, str] = {
+    "train": "uvit_jax.jobs.train:train_and_evaluate",
+    "extract": "uvit_jax.jobs.extract:extract",
+    "convert": "uvit_jax.jobs.convert:convert",
+    "convert_autoencoder": "uvit_jax.jobs.convert:convert_autoencoder",
+    "convert_inception": "uvit_jax.jobs.convert:convert_inception",
+    "fid_stats": "uvit_jax.jobs.evaluate:fid_stats",
+    "eval": "uvit_jax.jobs.evaluate:evaluate",
+    "sample": "uvit_jax.jobs.sample:sample_job",
+}
+
+
+def run(mode: str, config, workdir: str) -> None:
+    """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
+    initialize_distributed()  # before any device use; a no-op for one process
+    logging.info(
+        "%s on %d devices (%s), workdir %s",
+        mode,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        os.path.abspath(workdir),
+    )
+    module, function = MODES[mode].split(":")
+    getattr(importlib.import_module(module), function)(config, workdir)

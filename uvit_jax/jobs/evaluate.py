@@ -1,0 +1,262 @@
+"""The evaluation jobs: `--mode eval` (FID, sFID, IS, precision/recall, KID of a checkpoint)
+and `--mode fid_stats` (a reference file of the config's dataset).
+
+Every number is written with a protocol fingerprint (sample count, reference file and digest,
+Inception weights, input protocol, quantisation, sampler, guidance, weights, seed, labels,
+config digest), and `--mode eval` refuses a reference whose features were made another way.
+`--mode eval` keeps each batch's features in `workdir/eval/step_<N>/<settings digest>/`, so a
+preempted evaluation continues where it stopped, and one with other settings starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from input_pipeline.extract import resolve_latent_dir
+from input_pipeline.preprocess import make_preprocessor
+from input_pipeline.sources import load_image, make_source
+from uvit_jax.api import load
+from uvit_jax.convert.inception import sha256_of
+from uvit_jax.evaluation.evaluator import (
+    Evaluator,
+    caption_sampler,
+    label_mode,
+    make_evaluator,
+    make_sample_batches,
+    metrics,
+    min_samples,
+)
+from uvit_jax.evaluation.metrics import FeatureSet, feature_set
+from uvit_jax.evaluation.reference import save_reference
+from uvit_jax.images import QUANTISATION, to_rgb
+from uvit_jax.parallel.mesh import make_mesh
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- --mode eval ---------------------------------------------------------------------------
+
+
+class _Progress:
+    """One log line per batch: done/total, images/s, ETA (long jobs on CPUs take hours)."""
+
+    def __init__(self, job: str, total: int, first: int, images_per_batch: int):
+        self.job, self.total, self.first, self.per_batch = job, total, first, images_per_batch
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (done - self.first) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        logging.info(
+            "%s: %d/%d batches, %.1f images/s, ETA %.0f s",
+            self.job,
+            done,
+            self.total,
+            rate * self.per_batch,
+            eta,
+        )
+
+
+def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, Any]:
+    """Everything a reader needs to know what an eval number measures (and to compare two).
+
+    `config` is the job's (eval/sample settings), `run_config` the checkpoint's own config
+    with those settings applied, `loaded` the restored checkpoint.
+    """
+    ref = evaluator.reference
+    trained = {k: v for k, v in loaded.config.to_dict().items() if k not in ("eval", "sample")}
+    return dict(
+        num_samples=int(config.eval.num_samples),
+        reference=dict(
+            file=os.path.basename(ref.path),
+            sha256=sha256_of(ref.path),
+            num_images=ref.num_images,
+            protocol=ref.protocol or "not recorded (made outside uvit_jax)",
+        ),
+        inception=dict(
+            source=evaluator.inception["source"],
+            source_sha256=evaluator.inception["source_sha256"],
+            feature_sha256=evaluator.inception["feature_sha256"],
+        ),
+        input_protocol=evaluator.features["input_protocol"],
+        quantisation=QUANTISATION,
+        sampler=run_config.sample.sampler,
+        steps=int(run_config.sample.steps),
+        cfg_scale=float(run_config.sample.cfg_scale),
+        thresholding=bool(run_config.sample.get("thresholding", False)),
+        weights="ema" if loaded.ema else "raw",
+        step=int(loaded.step),
+        seed=int(config.seed),
+        labels=label_mode(run_config),
+        batch_size=int(config.eval.batch_size),
+        config_sha256=_sha256_text(json.dumps(trained, sort_keys=True, default=str)),
+    )
+
+
+def _settings_digest(fp: dict[str, Any]) -> str:
+    """What the samples' features depend on: the fingerprint without the sample count (more
+    samples extend an evaluation) and the reference (features do not depend on it)."""
+    same = {k: v for k, v in fp.items() if k not in ("num_samples", "reference")}
+    return _sha256_text(json.dumps(same, sort_keys=True))[:16]
+
+
+def _batch_path(folder: epath.Path, i: int) -> epath.Path:
+    return folder / f"batch_{i:05d}_process{jax.process_index()}.npz"
+
+
+def _done_batches(folder: epath.Path, n_batches: int) -> int:
+    """How many leading batches every process has stored (processes must resume together)."""
+    done = 0
+    while done < n_batches and _batch_path(folder, done).exists():
+        done += 1
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = int(np.min(multihost_utils.process_allgather(np.asarray([done], np.int32))))
+    return done
+
+
+def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(n_batches):
+        with np.load(os.fspath(_batch_path(folder, i))) as f:
+            yield {k: f[k] for k in f.files}
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
+    writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
+    if int(config.eval.num_samples) < min_samples(config):
+        raise ValueError(
+            f"config.eval.num_samples={config.eval.num_samples} is below "
+            f"config.eval.min_samples={min_samples(config)}: FID needs at least as many "
+            "samples as feature dimensions (2048)"
+        )
+    mesh = make_mesh(config.mesh)
+    evaluator = make_evaluator(config, mesh)
+    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+    run_config = loaded.config.copy_and_resolve_references()
+    run_config.update(eval=config.eval, sample=config.sample)
+    captions = caption_sampler(run_config, resolve_latent_dir(config, workdir), config.seed)
+    images = make_sample_batches(
+        run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed, captions=captions
+    )
+    fp = fingerprint(config, run_config, evaluator, loaded)
+    n_batches = -(-int(config.eval.num_samples) // int(config.eval.batch_size))
+    folder = epath.Path(workdir) / "eval" / f"step_{loaded.step}" / _settings_digest(fp)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "settings.json").write_text(json.dumps(fp, indent=2))
+    first = _done_batches(folder, n_batches)
+    if first:
+        logging.info("eval: resuming after %d of %d batches (%s)", first, n_batches, folder)
+    progress = _Progress("eval", n_batches, first, int(config.eval.batch_size))
+    for i in range(first, n_batches):
+        out = evaluator.feature_fn(images(i))
+        tmp = folder / f"batch_{i:05d}_process{jax.process_index()}.tmp.npz"
+        np.savez(os.fspath(tmp), **out)
+        os.replace(os.fspath(tmp), os.fspath(_batch_path(folder, i)))
+        progress(i + 1)
+    samples = FeatureSet.merge_all(
+        FeatureSet.of(out) for out in _stored_batches(folder, n_batches)
+    ).gather()
+    result: dict[str, Any] = metrics(config, samples, evaluator.reference)
+    result.update(step=loaded.step, protocol=fp)
+    if jax.process_index() == 0:
+        text = json.dumps(result, indent=2)
+        (folder / "result.json").write_text(text)
+        (folder.parent.parent / f"result_step_{loaded.step}.json").write_text(text)
+        from clu import metric_writers
+
+        writer = metric_writers.create_default_writer(workdir)
+        writer.write_scalars(
+            loaded.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
+        )
+        writer.write_texts(loaded.step, {"eval/protocol": json.dumps(fp, indent=2)})
+        writer.flush()
+    logging.info(
+        "eval at step %d: %s",
+        loaded.step,
+        {k: v for k, v in result.items() if isinstance(v, float)},
+    )
+    return result
+
+
+# ---- --mode fid_stats ------------------------------------------------------------------------
+
+
+def dataset_batches(config, batch_size: int, limit: int) -> tuple[Iterator[np.ndarray], int]:
+    """This process's uint8 RGB batches of the config's (preprocessed) dataset images."""
+    source = make_source(config.data)
+    n = min(len(source), limit) if limit > 0 else len(source)
+    channels = 1 if config.model.in_chans == 1 else 3
+    preprocess = make_preprocessor(config.data.preprocess, config.data.resolution, channels)
+    mine = range(jax.process_index(), n, jax.process_count())
+    n_batches = -(-n // (batch_size * jax.process_count()))
+
+    def batches():
+        for b in range(n_batches):
+            idx = mine[b * batch_size : (b + 1) * batch_size]
+            # Every process runs the same number of programs, so a process whose share has run
+            # out still takes part, with no images.
+            images = [preprocess(load_image(source[i])) for i in idx]
+            res = config.data.resolution
+            yield to_rgb(
+                np.stack(images) if images else np.zeros((0, res, res, channels), np.uint8)
+            )
+
+    return batches(), n
+
+
+def fid_stats(config, workdir: str) -> str:
+    """A reference file of the config's dataset (`config.data`, e.g. its test split) ->
+    config.eval.ref_stats (default `workdir/fid_stats.npz`): moments, spatial moments, pool3
+    vectors (config.eval.ref_features) and the protocol record."""
+    mesh = make_mesh(config.mesh)
+    evaluator = make_evaluator(config, mesh, with_reference=False)
+    per_process = int(config.eval.batch_size) // jax.process_count()
+    limit = int(config.eval.get("ref_num_images", 0))
+    batches, n = dataset_batches(config, per_process, limit)
+    n_batches = -(-n // (per_process * jax.process_count()))
+    logging.info("fid_stats: %d images of %s", n, config.data.name or config.data.source)
+    progress = _Progress("fid_stats", n_batches, 0, per_process * jax.process_count())
+    features = feature_set(
+        _reporting(batches, progress),
+        evaluator.feature_fn,
+        pad_to=per_process,
+        keep_features=bool(config.eval.get("ref_features", True)),
+    ).gather()
+    d = config.data
+    protocol = dict(
+        evaluator.features,
+        dataset=dict(
+            source=d.source,
+            name=d.name,
+            split=d.split,
+            preprocess=d.preprocess,
+            resolution=int(d.resolution),
+            num_images=features.n,
+        ),
+    )
+    path = config.eval.ref_stats or os.path.join(workdir, "fid_stats.npz")
+    if jax.process_index() == 0:
+        save_reference(path, features, protocol)
+    logging.info("fid_stats: wrote %s (%d images)", path, features.n)
+    return path
+
+
+def _reporting(batches: Iterable[np.ndarray], progress: _Progress) -> Iterator[np.ndarray]:
+    for i, batch in enumerate(batches):
+        yield batch
+        progress(i + 1)  # the consumer asks for the next batch once this one is done

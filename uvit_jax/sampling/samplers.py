@@ -1,0 +1,38 @@
+"""Every sampler by its `config.sample.sampler` name.
+
+A sampler is a frozen dataclass instance, callable as
+
+    sampler(noise_fn, x_T, formulation, *, steps, key) -> x_0
+
+that runs from noise x_T [B, H, W, C] at t = 1 to the sample in the model's space, jittable,
+with `noise_fn(x, t_continuous) -> eps` (guidance already applied) and the schedule of
+`config.diffusion.formulation`; `key` feeds stochastic samplers only. Its `predict_x0` says
+whether it predicts data, the only kind that can threshold it: such a sampler has a
+`thresholding` field, and `config.sample.thresholding` runs a copy with it set.
+
+The DPM-Solver variants end at `schedule.t_end` (1e-4 for VP models, 1/1000 for discrete ones)
+without a final denoising step, as U-ViT samples.
+
+A new sampler is one file in this folder with such a callable, and one line below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from uvit_jax.sampling import dpm_solver, euler_maruyama
+
+SAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    # DPM-Solver, noise prediction, the order-3 fast schedule on the logSNR grid (VP models).
+    "dpm_solver_fast": dpm_solver.Variant(
+        "singlestep_fast", order=3, predict_x0=False, skip_type="logSNR"
+    ),
+    # DPM-Solver++, singlestep order 3 / multistep order 2 (discrete models).
+    "dpm_solver++_3s": dpm_solver.Variant("singlestep", order=3, predict_x0=True),
+    "dpm_solver++_2m": dpm_solver.Variant("multistep", order=2, predict_x0=True),
+    # U-ViT's `sde.py`: the reverse SDE and the probability-flow ODE.
+    "euler_maruyama": euler_maruyama.Variant(probability_flow=False),
+    "probability_flow": euler_maruyama.Variant(probability_flow=True),
+}
