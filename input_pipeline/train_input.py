@@ -245,26 +245,8 @@ def make_train_dataset(
     return it
 
 
-def make_train_iterator(
-    config: Any,
-    *,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    data_dir: str | os.PathLike | None = None,
-    include_index: bool = False,
-    start_step: int = 0,
-) -> grain.DatasetIterator:
-    """`iter(make_train_dataset(...))`: save/restore it with `grain.checkpoint.CheckpointSave`
-    / `CheckpointRestore` (orbax); restore with the same `config.data.num_workers`."""
-    return iter(
-        make_train_dataset(
-            config,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            data_dir=data_dir,
-            include_index=include_index,
-            start_step=start_step,
-        )
-    )
+def make_train_iterator(config: Any, **kwargs: Any) -> grain.DatasetIterator:
+    """`iter(make_train_dataset(config, **kwargs))`: save/restore it with
+    `grain.checkpoint.CheckpointSave` / `CheckpointRestore` (orbax); restore with the same
+    `config.data.num_workers`."""
+    return iter(make_train_dataset(config, **kwargs))

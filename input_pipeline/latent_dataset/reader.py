@@ -7,6 +7,7 @@ record), never import TensorFlow, and name the shard file when a read fails.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import pathlib
@@ -21,7 +22,8 @@ from input_pipeline.preprocess import to_model_range
 
 @dataclasses.dataclass(frozen=True)
 class DatasetOnDisk:
-    """A finalized dataset directory: its spec, metadata and shard files."""
+    """A finalized dataset directory: its spec, metadata and shard files (image shards, then
+    context shards: `spec.tables` order)."""
 
     directory: str
     spec: layout.DatasetSpec
@@ -81,18 +83,9 @@ def open_dataset(directory: str | os.PathLike, split: str | None = None) -> Data
         )
     metadata = dict(tfds.builder_from_directory(os.fspath(directory)).info.metadata)
     spec = layout.DatasetSpec.from_json(metadata)
+    # (paths, record counts) of each table's shards, in the order of DatasetOnDisk's fields.
     files = [_table_files(directory, t, split or spec.split, metadata) for t in spec.tables]
-    (shard_paths, shard_lengths), *contexts = files
-    context_paths, context_lengths = contexts[0] if contexts else ((), ())
-    return DatasetOnDisk(
-        directory=os.fspath(directory),
-        spec=spec,
-        metadata=metadata,
-        shard_paths=shard_paths,
-        shard_lengths=shard_lengths,
-        context_paths=context_paths,
-        context_lengths=context_lengths,
-    )
+    return DatasetOnDisk(os.fspath(directory), spec, metadata, *itertools.chain(*files))
 
 
 def read_empty_context(dataset: DatasetOnDisk) -> np.ndarray:

@@ -39,6 +39,21 @@ def _open(path: str | os.PathLike):
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
 
 
+def _moments(
+    f: Any, path: str, mean_key: str, cov_key: str, dim: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mean [dim] and covariance [dim, dim] stored under two keys of an open `.npz`, as
+    float64; ValueError naming the file and both shapes when they are not those of `what`."""
+    mean = np.asarray(f[mean_key], np.float64)
+    cov = np.asarray(f[cov_key], np.float64)
+    if mean.shape != (dim,) or cov.shape != (dim, dim):
+        raise ValueError(
+            f"{path}: {mean_key} has shape {mean.shape} and {cov_key} {cov.shape}; expected "
+            f"({dim},) and ({dim}, {dim}) ({what})"
+        )
+    return mean, cov
+
+
 def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """Reads `mu` [dim] and `sigma` [dim, dim] as float64 from a pytorch-fid/U-ViT/ADM `.npz`.
 
@@ -59,13 +74,7 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
                 f"{path}: missing key(s) {', '.join(missing)}; FID statistics need `mu` and "
                 f"`sigma`, the file has {', '.join(f.files) or 'no arrays'}{hint}"
             )
-        mu = np.asarray(f["mu"], np.float64)
-        sigma = np.asarray(f["sigma"], np.float64)
-    if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ValueError(
-            f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected ({dim},) and "
-            f"({dim}, {dim}) (pool3 features of the FID Inception)"
-        )
+        mu, sigma = _moments(f, path, "mu", "sigma", dim, "pool3 features of the FID Inception")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
         raise ValueError(f"{path}: mu or sigma has non-finite values")
     return mu, sigma
@@ -140,13 +149,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
     with f:
         mu_s = sigma_s = features = None
         if "mu_s" in f.files and "sigma_s" in f.files:
-            mu_s = np.asarray(f["mu_s"], np.float64)
-            sigma_s = np.asarray(f["sigma_s"], np.float64)
-            if mu_s.shape != (SPATIAL_DIM,) or sigma_s.shape != (SPATIAL_DIM, SPATIAL_DIM):
-                raise ValueError(
-                    f"{path}: mu_s has shape {mu_s.shape} and sigma_s {sigma_s.shape}; expected "
-                    f"({SPATIAL_DIM},) and ({SPATIAL_DIM}, {SPATIAL_DIM}) (spatial features)"
-                )
+            mu_s, sigma_s = _moments(f, path, "mu_s", "sigma_s", SPATIAL_DIM, "spatial features")
         if "features" in f.files:
             features = np.asarray(f["features"], np.float32)
             if features.ndim != 2 or features.shape[1] != FEATURE_DIM:

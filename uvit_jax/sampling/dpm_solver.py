@@ -238,7 +238,27 @@ def build_program(
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
 ) -> Program:
-    """The per-NFE coefficient table of a DPM-Solver run (see `sample` for the arguments)."""
+    """The per-NFE coefficient table of a DPM-Solver run.
+
+    Args:
+      ns: a `uvit_jax.diffusion.schedules` schedule.
+      steps: number of network evaluations (NFE), not counting `denoise_to_zero`.
+      order: highest solver order, 1-3.
+      method: "singlestep_fast": the DPM-Solver paper's fast version: the singlestep order
+          schedule over len(orders) steps spaced by `skip_type` (the paper: "logSNR"), inner
+          points at lambda fractions 1/3, 2/3 (order 3) or 1/2 (order 2);
+          "singlestep": the current official singlestep solver: for "logSNR" as above, otherwise
+          the outer points are taken from a `steps`-interval grid (order-k steps span k intervals)
+          and the inner points are the grid points in between;
+          "singlestep_fixed": steps // order steps of one order;
+          "multistep": multistep 1..3 (2M / 3M), lower orders to warm up.
+      skip_type: time grid spacing: "time_uniform", "logSNR" or "time_quadratic".
+      predict_x0: True: DPM-Solver++ (data prediction); False: DPM-Solver (noise prediction).
+      t_start, t_end: time range; t_end=None uses `schedule.t_end` (U-ViT's: 1e-4 for the VP
+          schedule, 1/N for the discrete one).
+      lower_order_final: multistep only: lower orders for the final steps when steps < 10.
+      denoise_to_zero: one more NFE returning the data prediction at t_end.
+    """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     if skip_type not in SKIP_TYPES:
@@ -355,16 +375,8 @@ def sample(
     x_T: jax.Array,
     schedule: Schedule,
     *,
-    steps: int,
-    order: int = 3,
-    method: str = "singlestep_fast",
-    skip_type: str = "time_uniform",
-    predict_x0: bool,
-    t_start: float = 1.0,
-    t_end: float | None = None,
-    lower_order_final: bool = True,
-    denoise_to_zero: bool = False,
     thresholding: bool = False,
+    **program: Any,
 ) -> jax.Array:
     """Solves the diffusion ODE from t_start to t_end with DPM-Solver(++). Jittable.
 
@@ -372,41 +384,16 @@ def sample(
       noise_fn: noise_fn(x [B, ...], t_continuous [B]) -> eps [B, ...].
       x_T: [B, ...] float32 (or float64 under x64) noise at t_start.
       schedule: a `uvit_jax.diffusion.schedules` schedule.
-      steps: number of network evaluations (NFE), not counting `denoise_to_zero`.
-      order: highest solver order, 1-3.
-      method: "singlestep_fast": the DPM-Solver paper's fast version: the singlestep order
-          schedule over len(orders) steps spaced by `skip_type` (the paper: "logSNR"), inner
-          points at lambda fractions 1/3, 2/3 (order 3) or 1/2 (order 2);
-          "singlestep": the current official singlestep solver: for "logSNR" as above, otherwise
-          the outer points are taken from a `steps`-interval grid (order-k steps span k intervals)
-          and the inner points are the grid points in between;
-          "singlestep_fixed": steps // order steps of one order;
-          "multistep": multistep 1..3 (2M / 3M), lower orders to warm up.
-      skip_type: time grid spacing: "time_uniform", "logSNR" or "time_quadratic".
-      predict_x0: True: DPM-Solver++ (data prediction); False: DPM-Solver (noise prediction).
-      t_start, t_end: time range; t_end=None uses `schedule.t_end` (U-ViT's: 1e-4 for the VP
-          schedule, 1/N for the discrete one).
-      lower_order_final: multistep only: lower orders for the final steps when steps < 10.
-      denoise_to_zero: one more NFE returning the data prediction at t_end.
       thresholding: dynamic thresholding of the data prediction (needs predict_x0).
+      **program: the solver, as `build_program` takes it: steps, predict_x0, order, method,
+          skip_type, t_start, t_end, lower_order_final, denoise_to_zero.
     Returns:
       x at t_end, shape and dtype of x_T.
     """
-    if thresholding and not predict_x0:
+    if thresholding and not program.get("predict_x0"):
         raise ValueError("thresholding needs predict_x0=True (DPM-Solver++)")
-    program = build_program(
-        schedule,
-        steps=steps,
-        order=order,
-        method=method,
-        skip_type=skip_type,
-        predict_x0=predict_x0,
-        t_start=t_start,
-        t_end=t_end,
-        lower_order_final=lower_order_final,
-        denoise_to_zero=denoise_to_zero,
-    )
-    return run_program(noise_fn, x_T, program, thresholding=thresholding)
+    table = build_program(schedule, **program)
+    return run_program(noise_fn, x_T, table, thresholding=thresholding)
 
 
 # The time grid of the DPM-Solver++ samplers by formulation: U-ViT's time-uniform grid for

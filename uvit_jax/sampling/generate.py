@@ -204,40 +204,28 @@ def sample_images(
     config: Any,
     key: jax.Array,
     *,
-    labels: jax.Array | None = None,
-    contexts: jax.Array | None = None,
-    null_context: jax.Array | None = None,
-    num: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
     decode: Callable[[jax.Array], jax.Array] | None = None,
+    **conditions: Any,
 ) -> jax.Array:
     """Samples images in [-1, 1] from U-ViT weights: `generate`, then the autoencoder's decoder.
 
     Args:
       graphdef, params: the U-ViT's `nnx.split` structure and weights (e.g. the EMA state).
-      config: the run config; `num` defaults to config.sample.num_samples.
-      key, labels, contexts, null_context, sharding: as for `generate`.
+      config: the run config.
+      key: as for `generate`.
       decode: scaled latents -> images; default: identity for pixel models
           (config.autoencoder.kind == "identity"), else the config's autoencoder
           (`autoencoder_from_config`, on one device).
+      **conditions: `generate`'s labels, contexts, null_context, num and sharding; `num`
+          defaults to config.sample.num_samples when neither labels nor contexts give it.
     Returns:
       [B, H, W, C] float32 images (nominally in [-1, 1]; not clipped).
     """
     from uvit_jax.models.uvit import apply_fn
 
-    if num is None and labels is None and contexts is None:
-        num = int(config.sample.num_samples)
-    z = generate(
-        apply_fn(graphdef),
-        config,
-        key,
-        labels=labels,
-        contexts=contexts,
-        null_context=null_context,
-        num=num,
-        params=params,
-        sharding=sharding,
-    )
+    if all(conditions.get(k) is None for k in ("num", "labels", "contexts")):
+        conditions["num"] = int(config.sample.num_samples)
+    z = generate(apply_fn(graphdef), config, key, params=params, **conditions)
     if decode is None:
         if config.autoencoder.kind == "identity":
             return z
