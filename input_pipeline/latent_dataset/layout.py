@@ -46,6 +46,15 @@ from typing import Any
 
 import numpy as np
 
+# TFDS replaces Python's import function for the whole process while `import
+# tensorflow_datasets` runs (its lazy dataset-builder imports), so the first import of it must
+# not overlap other threads' imports: an image-decoding or record-reading thread importing a
+# PIL plugin or a protobuf module meanwhile fails (skipped images) or deadlocks (a stuck grain
+# worker). Importing it here, with the data layer, does it once from the importing thread,
+# before any of this package's threads start.
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import naming
+
 DATASET_NAME = "uvit_latents"
 CONTEXTS_NAME = "uvit_contexts"
 VERSION = "1.0.0"
@@ -89,8 +98,6 @@ class Table:
 
     def features(self):
         """The TFDS `FeaturesDict` of one record."""
-        import tensorflow_datasets as tfds
-
         feats = {
             self.tensor: tfds.features.Tensor(
                 shape=self.shape, dtype=np.dtype(self.dtype), encoding="bytes"
@@ -102,8 +109,6 @@ class Table:
 
     def template(self, directory: str | os.PathLike, split: str):
         """TFDS's file-name template of this table's shards in the dataset `directory`."""
-        from tensorflow_datasets.core import naming
-
         return naming.ShardedFileTemplate(
             data_dir=pathlib.Path(directory) / self.subdir,
             dataset_name=self.name,

@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_data_source
+from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline.latent_dataset import layout
 from input_pipeline.preprocess import to_model_range
@@ -48,8 +51,6 @@ def _table_files(
     directory: pathlib.Path, table: layout.Table, split: str, metadata: dict[str, Any]
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(shard paths, record counts) of one table of a finalized dataset, sizes checked."""
-    import tensorflow_datasets as tfds
-
     info = tfds.builder_from_directory(os.fspath(directory / table.subdir)).info
     if split not in info.splits:
         raise layout.DatasetMismatchError(
@@ -69,8 +70,6 @@ def open_dataset(directory: str | os.PathLike, split: str | None = None) -> Data
       FileNotFoundError: no finalized dataset there (the message says how to make one).
       CorruptShardError: a shard file is missing or truncated (names the file).
     """
-    import tensorflow_datasets as tfds
-
     directory = pathlib.Path(directory)
     if not layout.is_finalized(directory):
         state = (
@@ -173,8 +172,6 @@ class _ShardFiles:
 
     def get(self, ids: Sequence[int]) -> list[bytes]:
         if self._source is None:
-            from array_record.python import array_record_data_source
-
             try:
                 self._source = array_record_data_source.ArrayRecordDataSource(list(self.paths))
             except Exception as e:  # array_record raises plain RuntimeError/ValueError
@@ -212,8 +209,6 @@ def _read_table(
 ) -> dict[str, np.ndarray]:
     """Records `ids` of `table` -> {its array feature [n, *shape] in the stored dtype, each
     integer feature [n] in its dtype, each text feature [n] (object array of str)}."""
-    from tensorflow_datasets.proto import tf_example_pb2
-
     raw = files.get(ids)
     dtype = np.dtype(table.dtype)
     out = {table.tensor: np.empty((len(ids), *table.shape), dtype)}

@@ -15,6 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from tensorflow_datasets.core import utils as tfds_utils
 
 from input_pipeline.latent_dataset import layout
 
@@ -75,7 +78,6 @@ def completed_shards(directory: str | os.PathLike) -> dict[int, dict[str, Any]]:
 
 def _write_atomic(final: pathlib.Path, serialized: Iterable[bytes]) -> tuple[int, int]:
     """Writes serialized records to `final` through a temporary file; (records, bytes)."""
-    from array_record.python import array_record_module
 
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(final.name + ".tmp*"):  # left by a killed run
@@ -195,8 +197,6 @@ def _write_info(
     markers: Sequence[Mapping[str, Any]],
 ) -> None:
     """Writes the TFDS metadata of one table of the dataset `directory`."""
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import utils as tfds_utils
 
     table_dir = directory / table.subdir
     identity = tfds.core.DatasetIdentity(
