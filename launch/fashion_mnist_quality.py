@@ -46,7 +46,7 @@ SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def padded_rgb(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 32, 32, 1] -> [N, 32, 32, 3] (Inception reads RGB)."""
+    """uint8 [N, H, W, 1] -> [N, H, W, 3] (Inception reads RGB)."""
     return np.repeat(images, 3, axis=-1)
 
 
@@ -119,8 +119,8 @@ def median_steps_per_s(workdir: str) -> float:
 
 
 def parse_overrides(text: str) -> dict:
-    """"cfg_scale=3 thresholding=True" -> {"cfg_scale": 3, "thresholding": True} (values as
-    Python literals, else strings)."""
+    """Parses "cfg_scale=3 thresholding=True" -> {"cfg_scale": 3, "thresholding": True} (values
+    as Python literals, else strings)."""
     import ast
 
     out = {}

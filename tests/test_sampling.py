@@ -544,8 +544,16 @@ def test_sample_images_with_the_default_uvit():
     assert x.shape == (4, 28, 28, 1) and np.isfinite(np.asarray(x)).all()
 
 
-def test_generate_thresholding_is_dpm_solver_plus_plus_with_dynamic_thresholding():
-    c = small_config(sampler="dpm_solver++_2m", thresholding=True)
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(thresholding=True),
+        dict(denoise_to_zero=True),
+        dict(thresholding=True, denoise_to_zero=True),
+    ],
+)
+def test_generate_options_are_dpm_solver_plus_plus_with_them(option):
+    c = small_config(sampler="dpm_solver++_2m", **option)
     key = jax.random.key(5)
     labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
     got = generate(params_model, c, key, labels=labels, params=PARAMS)
@@ -559,10 +567,19 @@ def test_generate_thresholding_is_dpm_solver_plus_plus_with_dynamic_thresholding
         null_class=10,
     )
     kwargs = dict(method="multistep", order=2, skip_type="logSNR", predict_x0=True)
-    want = jax.jit(
-        lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, thresholding=True, **kwargs)
-    )(x_T)
+    want = jax.jit(lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, **option, **kwargs))(x_T)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    plain = generate(
+        params_model, small_config(sampler="dpm_solver++_2m"), key, labels=labels, params=PARAMS
+    )
+    assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3  # the option changed samples
+
+
+def test_generate_options_need_samplers_that_have_them():
+    key = jax.random.key(5)
     with pytest.raises(ValueError, match=r"config.sample.thresholding needs a data-prediction"):
         c = small_config(sampler="dpm_solver_fast", thresholding=True)
+        generate(params_model, c, key, num=4, params=PARAMS)
+    with pytest.raises(ValueError, match=r"config.sample.denoise_to_zero needs a DPM-Solver"):
+        c = small_config(sampler="euler_maruyama", denoise_to_zero=True)
         generate(params_model, c, key, num=4, params=PARAMS)

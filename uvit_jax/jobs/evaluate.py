@@ -97,6 +97,7 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         steps=int(run_config.sample.steps),
         cfg_scale=float(run_config.sample.cfg_scale),
         thresholding=bool(run_config.sample.get("thresholding", False)),
+        denoise_to_zero=bool(run_config.sample.get("denoise_to_zero", False)),
         weights="ema" if loaded.ema else "raw",
         step=int(loaded.step),
         seed=int(config.seed),

@@ -406,9 +406,10 @@ FORMULATION_GRIDS = {"vp_continuous": "logSNR", "sd_discrete": "time_uniform"}
 class Variant:
     """A DPM-Solver configuration as a named sampler (`uvit_jax.sampling.samplers`).
 
-    method, order, predict_x0, thresholding: as for `sample`. skip_type: the time grid; None:
-    the formulation's (`FORMULATION_GRIDS`). Every variant ends at `schedule.t_end` without a
-    final denoising step, as U-ViT samples.
+    method, order, predict_x0, thresholding, denoise_to_zero: as for `sample`. skip_type: the
+    time grid; None: the formulation's (`FORMULATION_GRIDS`). Every variant ends at
+    `schedule.t_end`, without a final denoising step unless `denoise_to_zero` (U-ViT samples
+    without it).
     """
 
     method: str
@@ -416,6 +417,7 @@ class Variant:
     predict_x0: bool
     skip_type: str | None = None
     thresholding: bool = False
+    denoise_to_zero: bool = False
 
     def kwargs(self, formulation: str) -> dict[str, Any]:
         """`sample`'s method, order, predict_x0 and skip_type for `config.diffusion.formulation`."""
@@ -433,5 +435,11 @@ class Variant:
         schedule = schedule_for(formulation)
         kwargs = self.kwargs(formulation)
         return sample(
-            noise_fn, x_T, schedule, steps=steps, thresholding=self.thresholding, **kwargs
+            noise_fn,
+            x_T,
+            schedule,
+            steps=steps,
+            thresholding=self.thresholding,
+            denoise_to_zero=self.denoise_to_zero,
+            **kwargs,
         )

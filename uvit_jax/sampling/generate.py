@@ -39,6 +39,7 @@ class SamplerSpec:
     shape: tuple[int, int, int]  # (H, W, C)
     conditioning: Conditioning
     thresholding: bool = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel models)
+    denoise_to_zero: bool = False  # DPM-Solver only: a last NFE returning x0 at t_end
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -71,6 +72,12 @@ class SamplerSpec:
                 "config.sample.thresholding needs a data-prediction sampler "
                 f"(dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
             )
+        denoise_to_zero = bool(config.sample.get("denoise_to_zero", False))
+        if denoise_to_zero and not hasattr(SAMPLERS[sampler], "denoise_to_zero"):
+            raise ValueError(
+                "config.sample.denoise_to_zero needs a DPM-Solver sampler "
+                f"(dpm_solver_fast, dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
+            )
         return cls(
             config.diffusion.formulation,
             sampler,
@@ -79,6 +86,7 @@ class SamplerSpec:
             shape,
             conditioning,
             thresholding,
+            denoise_to_zero,
         )
 
 
@@ -87,6 +95,8 @@ def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.
     sampler = SAMPLERS[spec.sampler]
     if spec.thresholding:
         sampler = dataclasses.replace(sampler, thresholding=True)
+    if spec.denoise_to_zero:
+        sampler = dataclasses.replace(sampler, denoise_to_zero=True)
     return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
 

@@ -11,7 +11,8 @@ whether it predicts data, the only kind that can threshold it: such a sampler ha
 `thresholding` field, and `config.sample.thresholding` runs a copy with it set.
 
 The DPM-Solver variants end at `schedule.t_end` (1e-4 for VP models, 1/1000 for discrete ones)
-without a final denoising step, as U-ViT samples.
+without a final denoising step, as U-ViT samples; `config.sample.denoise_to_zero` runs a copy
+whose `denoise_to_zero` field adds one (a sampler without that field cannot).
 
 A new sampler is one file in this folder with such a callable, and one line below.
 """
