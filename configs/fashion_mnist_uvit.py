@@ -62,7 +62,7 @@ def get_config(arg: str = ""):
     c.optim.update(lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.03, warmup_steps=200)
     c.train.update(
         batch_size=16,
-        num_steps=4500,
+        num_steps=6000,
         ema_rate=0.995,
         log_every=100,
         ckpt_every=500,
