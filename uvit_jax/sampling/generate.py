@@ -93,10 +93,9 @@ class SamplerSpec:
 def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
     """Runs the spec's sampler from x_T [B, H, W, C] (key: SDE noise only). Jittable."""
     sampler = SAMPLERS[spec.sampler]
-    if spec.thresholding:
-        sampler = dataclasses.replace(sampler, thresholding=True)
-    if spec.denoise_to_zero:
-        sampler = dataclasses.replace(sampler, denoise_to_zero=True)
+    options = {f: True for f in ("thresholding", "denoise_to_zero") if getattr(spec, f)}
+    if options:  # validated by from_config: the sampler has these fields
+        sampler = dataclasses.replace(sampler, **options)
     return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
 
