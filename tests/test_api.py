@@ -138,6 +138,9 @@ def test_step_folder_overrides_and_model(saved8):
         labels=jnp.asarray(LABELS[:4]),
     )
     np.testing.assert_array_equal(np.asarray(unguided), np.clip(np.asarray(want), -1, 1))
+    # An interval holding no step's noise level: guidance never applies.
+    outside = uvit_jax.sample(m, labels=LABELS[:4], seed=SEED, steps=3, cfg_interval=(1e8, 1e9))
+    np.testing.assert_allclose(np.asarray(outside), np.asarray(unguided), atol=1e-6)
     saved = small_config().sample
     assert (m.config.sample.cfg_scale, m.config.sample.steps) == (saved.cfg_scale, 5), "changed"
     with pytest.raises(ValueError, match="inconsistent batch sizes"):

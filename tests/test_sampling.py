@@ -584,3 +584,51 @@ def test_generate_options_need_samplers_that_have_them():
     with pytest.raises(ValueError, match=r"config.sample.denoise_to_zero needs a DPM-Solver"):
         c = small_config(sampler="euler_maruyama", denoise_to_zero=True)
         generate(params_model, c, key, num=4, params=PARAMS)
+
+
+def test_guidance_interval_guides_only_inside_its_noise_levels():
+    """cfg_interval (lo, hi]: guided eps where lo < sigma_t / alpha_t <= hi, conditional eps
+    elsewhere; checked against a noise function that computes both and selects per step."""
+    key = jax.random.key(7)
+    labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
+    interval = (0.5, 5.0)
+    run = lambda **s: np.asarray(
+        generate(params_model, small_config(sampler="dpm_solver++_2m", **s), key, labels=labels,
+                 params=PARAMS)
+    )  # fmt: skip
+    got = run(cfg_scale=1.5, cfg_interval=interval)
+
+    ns = LinearVPSchedule()
+    model = functools.partial(params_model, PARAMS)
+
+    def selecting_noise_fn(x, t):
+        t_net = 999.0 * t
+        eps_c = model(x, t_net, labels, None)
+        eps_u = model(x, t_net, jnp.full_like(labels, 10), None)
+        sigma = ns.marginal_std(t) / ns.marginal_alpha(t)
+        inside = ((sigma > interval[0]) & (sigma <= interval[1]))[:, None, None, None]
+        return jnp.where(inside, eps_c + 1.5 * (eps_c - eps_u), eps_c)
+
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 28, 28, 1), jnp.float32)
+    kwargs = dict(method="multistep", order=2, skip_type="logSNR", predict_x0=True)
+    want = jax.jit(lambda x: dpm_solver.sample(selecting_noise_fn, x, ns, steps=6, **kwargs))(x_T)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    # The interval holds some of the 6 steps, not all: the samples differ from both ends.
+    assert np.abs(got - run(cfg_scale=1.5)).max() > 1e-3
+    assert np.abs(got - run(cfg_scale=0.0)).max() > 1e-3
+    # An interval holding every noise level is plain guidance; one holding none, no guidance.
+    np.testing.assert_allclose(run(cfg_scale=1.5, cfg_interval=(0.0, 1e9)), run(cfg_scale=1.5))
+    np.testing.assert_allclose(run(cfg_scale=1.5, cfg_interval=(1e8, 1e9)), run(cfg_scale=0.0))
+
+
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (dict(cfg_scale=1.0, cfg_interval=(5.0, 0.5)), r"cfg_interval=\(5.0, 0.5\): expected"),
+        (dict(cfg_scale=1.0, cfg_interval=(1.0,)), r"cfg_interval=\(1.0,\): expected"),
+        (dict(cfg_scale=0.0, cfg_interval=(0.5, 5.0)), r"cfg_interval is set but cfg_scale is 0"),
+    ],
+)
+def test_guidance_interval_errors_name_the_field(sample, message):
+    with pytest.raises(ValueError, match=message):
+        generate(params_model, small_config(**sample), jax.random.key(0), num=4, params=PARAMS)

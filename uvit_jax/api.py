@@ -204,6 +204,7 @@ def sample(
     steps: int | None = None,
     cfg_scale: float | None = None,
     sampler: str | None = None,
+    cfg_interval: tuple[float, float] | tuple[()] | None = None,
     seed: int = 0,
     batch: int = 0,
     decode: bool = True,
@@ -222,6 +223,8 @@ def sample(
           config.sample.num_samples).
       steps, cfg_scale, sampler: override config.sample.{steps, cfg_scale, sampler} for this
           call (cfg_scale=0 samples without guidance); `loaded.config` is left unchanged.
+      cfg_interval: overrides config.sample.cfg_interval: (lo, hi) guides only at noise levels
+          lo < sigma_t / alpha_t <= hi; () guides at every step.
       seed, batch: x_T, random labels and SDE noise come from
           `fold_in(jax.random.key(seed), batch)`, so a seed gives the same samples on any number
           of devices, and batch i equals batch i of `main.py --mode sample` with that seed.
@@ -236,6 +239,8 @@ def sample(
     for (field, value), cast in zip(overrides.items(), (int, float, str), strict=True):
         if value is not None:
             config.sample[field] = cast(value)
+    if cfg_interval is not None:
+        config.sample.cfg_interval = tuple(float(v) for v in cfg_interval)
     if labels is not None:
         labels = jnp.asarray(np.asarray(labels, np.int32).reshape(-1))
     if prompts is not None:

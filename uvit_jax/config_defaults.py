@@ -149,6 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
             # "euler_maruyama", "probability_flow"
             steps=50,
             cfg_scale=0.0,  # U-ViT's s: eps = eps_c + s (eps_c - eps_u)
+            # Guidance only at noise levels lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al.
+            # 2024; EDM2 uses (0.28, 5.42)); elsewhere one conditional pass. (): every step.
+            cfg_interval=(),
             # DPM-Solver++ only: clip the predicted x0 to the data range (dynamic thresholding,
             # ratio 0.995), which keeps short-trained pixel models' samples from diverging.
             thresholding=False,

@@ -40,6 +40,7 @@ class SamplerSpec:
     conditioning: Conditioning
     thresholding: bool = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel models)
     denoise_to_zero: bool = False  # DPM-Solver only: a last NFE returning x0 at t_end
+    cfg_interval: tuple[float, float] | None = None  # guided sigma range (lo, hi]; None: all
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -87,7 +88,24 @@ class SamplerSpec:
             conditioning,
             thresholding,
             denoise_to_zero,
+            cfg_interval_from_config(config),
         )
+
+
+def cfg_interval_from_config(config: Any) -> tuple[float, float] | None:
+    """`config.sample.cfg_interval` checked: () -> None (guidance at every step), else (lo, hi)
+    with 0 <= lo < hi in EDM's noise level sigma_t / alpha_t."""
+    interval = tuple(config.sample.get("cfg_interval", ()) or ())
+    if not interval:
+        return None
+    if len(interval) != 2 or not 0 <= float(interval[0]) < float(interval[1]):
+        raise ValueError(
+            f"config.sample.cfg_interval={interval}: expected () or (lo, hi) noise levels "
+            "sigma_t / alpha_t with 0 <= lo < hi, e.g. (0.28, 5.42)"
+        )
+    if float(config.sample.cfg_scale) == 0:
+        raise ValueError("config.sample.cfg_interval is set but cfg_scale is 0 (no guidance)")
+    return float(interval[0]), float(interval[1])
 
 
 def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
@@ -137,6 +155,7 @@ def make_generate_fn(
             cfg_scale=spec.cfg_scale,
             null_class=cond.null_class,
             null_context=null_context,
+            cfg_interval=spec.cfg_interval,
         )
         return constrain(sample_noise(spec, noise_fn, x_T, k_sde))
 
