@@ -214,6 +214,11 @@ def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_de
         ("train.batch_size", 12, r"config.train.batch_size=12 is not divisible by the "
                                  r"data-parallel size 8"),
         ("mesh.fsdp", 3, r"config.mesh: 8 devices are not divisible by the fixed axis size 3"),
+        ("train.batch_size", 0, r"config.train.batch_size=0: expected an integer >= 1"),
+        ("train.ckpt_every", 0, r"config.train.ckpt_every=0: expected an integer >= 1"),
+        ("train.log_every", 0, r"config.train.log_every=0: expected an integer >= 1"),
+        ("train.sample_every", -1, r"config.train.sample_every=-1: expected an integer >= 0 "
+                                   r"\(0: never\)"),
     ],
 )  # fmt: skip
 def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, field, value,

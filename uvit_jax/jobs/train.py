@@ -56,6 +56,15 @@ class NonFiniteLossError(FloatingPointError):
 def check_config(config, mesh) -> None:
     """Fails early, naming the fields, on configs that cannot work."""
     nnx.eval_shape(lambda: build_uvit(config.model))  # patch size / heads / remat checks
+    # Positive counts (they divide step numbers in the loop); sample/FID intervals may be 0: off.
+    for field, least in (("batch_size", 1), ("num_steps", 1), ("log_every", 1),
+                         ("ckpt_every", 1), ("sample_every", 0), ("fid_every", 0)):  # fmt: skip
+        value = config.train.get(field, least)
+        if not isinstance(value, int) or value < least:
+            raise ValueError(
+                f"config.train.{field}={value!r}: expected an integer >= {least}"
+                + (" (0: never)" if least == 0 else "")
+            )
     accum = int(config.train.accum_steps)
     if accum < 1 or config.train.batch_size % accum:
         raise ValueError(
