@@ -12,11 +12,14 @@ from the schedule before tracing:
     eps    = noise_fn(x, t[i])
     m      = p[i] x + q[i] eps            # model output: eps (DPM-Solver) or x0 (DPM-Solver++)
     buf    = (m, buf[0], buf[1])          # model outputs by lag
+    base   = ca[i] base + sum_j cc[i, j] buf[j]   # a corrector (UniPC's UniC); else ca=1, cc=0
     x      = a[i] base + sum_j c[i, j] buf[j]
     base   = x if end[i] else base        # end[i]: the NFE closes a (singlestep) step
 
 and one `lax.scan` over the table runs it with a single traced network call. Compilation
 therefore happens once per (NFE count, buffer depth, x shape/dtype); `jax.jit` the caller.
+The other table-driven samplers (`unipc`, `heun`) build their tables with `ProgramBuilder` and
+run them with `run_program`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ NoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 """noise_fn(x [B, ...], t_continuous [B]) -> predicted noise, same shape as x."""
 
 METHODS = ("singlestep_fast", "singlestep", "singlestep_fixed", "multistep")
-SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
+KARRAS_RHO = 7.0  # EDM's exponent of the sigma spacing (Karras et al. 2022, eq. 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Program:
       a: [n] coefficient of the step's starting point.
       c: [n, K] coefficients of the last K model outputs, lag 0 first.
       end: [n] bool, whether the NFE's result starts the next step.
+      ca, cc: [n] and [n, K] the corrector, base <- ca base + cc . buf before the update
+          (ca = 1, cc = 0: none; UniPC's UniC corrects the step's start with the new output).
     """
 
     t: np.ndarray
@@ -56,18 +62,20 @@ class Program:
     a: np.ndarray
     c: np.ndarray
     end: np.ndarray
+    ca: np.ndarray
+    cc: np.ndarray
 
     @property
     def nfe(self) -> int:
         return int(self.t.shape[0])
 
 
-class _Builder:
+class ProgramBuilder:
     """Accumulates Program rows; coefficients are float64 and follow the official formulas."""
 
     def __init__(self, ns: Schedule, predict_x0: bool, depth: int):
         self.ns, self.predict_x0, self.depth = ns, predict_x0, depth
-        self.rows: list[tuple[float, float, float, float, np.ndarray, bool]] = []
+        self.rows: list[tuple[float, float, float, float, np.ndarray, bool, float, np.ndarray]] = []
 
     # -- schedule helpers (float64 scalars) --
     def lam(self, u: float) -> float:
@@ -87,15 +95,24 @@ class _Builder:
         v[: len(coeffs)] = coeffs
         return v
 
-    def add(self, t_eval: float, a: float, c: np.ndarray, end: bool) -> None:
-        """One NFE at t_eval, then x <- a * base + c . buf."""
+    def add(
+        self,
+        t_eval: float,
+        a: float,
+        c: np.ndarray,
+        end: bool,
+        corrector: tuple[float, np.ndarray] | None = None,
+    ) -> None:
+        """One NFE at t_eval, then base <- ca base + cc . buf (corrector=(ca, cc), if given)
+        and x <- a * base + c . buf."""
         if self.predict_x0:
             # Data prediction x0 = (x - sigma eps) / alpha (DPM-Solver++'s `data_prediction_fn`).
             alpha = float(np.exp(self.log_alpha(t_eval)))
             p, q = 1.0 / alpha, -self.sigma(t_eval) / alpha
         else:
             p, q = 0.0, 1.0
-        self.rows.append((t_eval, p, q, a, c, end))
+        ca, cc = (1.0, self.lag()) if corrector is None else corrector
+        self.rows.append((t_eval, p, q, a, c, end, ca, cc))
 
     def linear_part(self, s: float, u: float) -> float:
         """Coefficient of x_s in the exact linear part from s to u."""
@@ -191,13 +208,22 @@ class _Builder:
             self.add(t0, 1.0 / alpha, self.lag(-self.sigma(t0) / alpha), True)
 
     def program(self) -> Program:
-        t, p, q, a, c, end = zip(*self.rows, strict=True)
+        t, p, q, a, c, end, ca, cc = zip(*self.rows, strict=True)
         f64 = lambda v: np.asarray(v, np.float64)
-        return Program(f64(t), f64(p), f64(q), f64(a), np.stack(c), np.asarray(end, bool))
+        return Program(
+            f64(t),
+            f64(p),
+            f64(q),
+            f64(a),
+            np.stack(c),
+            np.asarray(end, bool),
+            f64(ca),
+            np.stack(cc),
+        )
 
 
 def time_steps(ns: Schedule, skip_type: str, t_T: float, t_0: float, n: int) -> np.ndarray:
-    """n + 1 float64 times from t_T down to t_0 (official `get_time_steps`)."""
+    """n + 1 float64 times from t_T down to t_0 (official `get_time_steps`, plus EDM's "karras")."""
     if skip_type == "logSNR":
         lam_T, lam_0 = ns.marginal_lambda(np.float64(t_T)), ns.marginal_lambda(np.float64(t_0))
         return np.asarray(ns.inverse_lambda(np.linspace(lam_T, lam_0, n + 1)), np.float64)
@@ -205,6 +231,11 @@ def time_steps(ns: Schedule, skip_type: str, t_T: float, t_0: float, n: int) -> 
         return np.linspace(t_T, t_0, n + 1, dtype=np.float64)
     if skip_type == "time_quadratic":
         return np.linspace(np.sqrt(t_T), np.sqrt(t_0), n + 1, dtype=np.float64) ** 2
+    if skip_type == "karras":
+        # EDM's noise levels sigma = sigma_t / alpha_t = exp(-lambda), uniform in sigma^(1/rho).
+        lam_T, lam_0 = ns.marginal_lambda(np.float64(t_T)), ns.marginal_lambda(np.float64(t_0))
+        root = np.linspace(np.exp(-lam_T / KARRAS_RHO), np.exp(-lam_0 / KARRAS_RHO), n + 1)
+        return np.asarray(ns.inverse_lambda(-KARRAS_RHO * np.log(root)), np.float64)
     raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
 
 
@@ -269,9 +300,9 @@ def build_program(
     t_T = float(t_start)
     if not 0.0 < t_0 < t_T:
         raise ValueError(f"need 0 < t_end < t_start, got t_end={t_0}, t_start={t_T}")
-    b = _Builder(ns, predict_x0, depth=order)
 
     if method in ("singlestep_fast", "singlestep", "singlestep_fixed"):
+        b = ProgramBuilder(ns, predict_x0, depth=order)
         if method == "singlestep_fixed":
             orders = [order] * (steps // order)
             if not orders:
@@ -296,23 +327,55 @@ def build_program(
                 r1 = float((lam_inner[1] - lam_inner[0]) / h)
                 r2 = float((lam_inner[2] - lam_inner[0]) / h) if k == 3 else None
             b.singlestep(s, t, k, r1, r2)
-    elif method == "multistep":
+        if denoise_to_zero:
+            b.denoise_to_zero(t_0)
+        return b.program()
+    if method == "multistep":
         if steps < order:
             raise ValueError(f"multistep needs steps >= order, got {steps} < {order}")
-        ts = [float(v) for v in time_steps(ns, skip_type, t_T, t_0, steps)]
-        for j in range(1, steps + 1):
-            if j < order:  # warm-up with lower orders
-                k = j
-            elif lower_order_final and steps < 10:  # official: lower orders at the end, < 10 steps
-                k = min(order, steps + 1 - j)
-            else:
-                k = order
-            b.multistep(ts[max(0, j - k) : j], ts[j], k)
-    else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        return multistep_program(
+            ns,
+            time_steps(ns, skip_type, t_T, t_0, steps),
+            order=order,
+            predict_x0=predict_x0,
+            lower_order_final=lower_order_final,
+            denoise_to_zero=denoise_to_zero,
+        )
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
+
+def multistep_program(
+    ns: Schedule,
+    times: np.ndarray,
+    *,
+    order: int,
+    predict_x0: bool,
+    lower_order_final: bool = True,
+    denoise_to_zero: bool = False,
+) -> Program:
+    """The table of multistep DPM-Solver(++) (2M / 3M) on an explicit time grid.
+
+    Args:
+      ns: a `uvit_jax.diffusion.schedules` schedule.
+      times: [steps + 1] float64 times, decreasing (`time_steps`, or another sampler's grid such
+          as diffusers' integer timesteps in the parity tests); one NFE per interval.
+      order: 1-3; the first steps warm up with orders 1, 2.
+      predict_x0, denoise_to_zero: as for `build_program`.
+      lower_order_final: the official rule: lower orders for the final steps when steps < 10.
+    """
+    steps = len(times) - 1
+    b = ProgramBuilder(ns, predict_x0, depth=order)
+    ts = [float(v) for v in times]
+    for j in range(1, steps + 1):
+        if j < order:  # warm-up with lower orders
+            k = j
+        elif lower_order_final and steps < 10:  # official: lower orders at the end, < 10 steps
+            k = min(order, steps + 1 - j)
+        else:
+            k = order
+        b.multistep(ts[max(0, j - k) : j], ts[j], k)
     if denoise_to_zero:
-        b.denoise_to_zero(t_0)
+        b.denoise_to_zero(ts[-1])
     return b.program()
 
 
@@ -324,6 +387,14 @@ def dynamic_threshold(x0: jax.Array, ratio: float = 0.995, max_val: float = 1.0)
     return jnp.clip(x0, -s, s) / s
 
 
+def _combine(a: jax.Array, start: jax.Array, c: jax.Array, buf: tuple[jax.Array, ...]):
+    """a start + sum_j c[j] buf[j]: a scalar, c [K], start and buf[j] like x."""
+    out = a * start
+    for j, m in enumerate(buf):
+        out = out + c[j] * m
+    return out
+
+
 def run_program(
     noise_fn: NoiseFn, x_T: jax.Array, program: Program, *, thresholding: bool = False
 ) -> jax.Array:
@@ -332,14 +403,16 @@ def run_program(
     Args:
       noise_fn: noise_fn(x [B, ...], t [B]) -> eps, same shape as x.
       x_T: [B, ...] starting point at the program's first time; its dtype is the state dtype.
-      program: from `build_program`.
-      thresholding: dynamic thresholding of the data prediction (DPM-Solver++ only).
+      program: from `build_program` (or another `ProgramBuilder`).
+      thresholding: dynamic thresholding of the data prediction (data-prediction tables only).
     Returns:
       x at the program's final time, shape and dtype of x_T.
     """
     dtype = x_T.dtype
     depth = program.c.shape[1]
+    # Decided on the host table, so samplers without these parts trace none of their work.
     needs_base = not bool(program.end.all())  # multistep: every NFE closes a step
+    has_corrector = bool((program.ca != 1.0).any() or program.cc.any())
     xs = dict(
         t=jnp.asarray(program.t, dtype),
         p=jnp.asarray(program.p, dtype),
@@ -347,6 +420,8 @@ def run_program(
         a=jnp.asarray(program.a, dtype),
         c=jnp.asarray(program.c, dtype),
         end=jnp.asarray(program.end),
+        ca=jnp.asarray(program.ca, dtype),
+        cc=jnp.asarray(program.cc, dtype),
     )
     batch = x_T.shape[0]
 
@@ -357,10 +432,9 @@ def run_program(
         if thresholding:
             m = dynamic_threshold(m)
         buf = (m,) + buf[:-1]
-        start = base if needs_base else x
-        x_new = row["a"] * start
-        for j in range(depth):
-            x_new = x_new + row["c"][j] * buf[j]
+        if has_corrector:
+            base = _combine(row["ca"], base, row["cc"], buf)
+        x_new = _combine(row["a"], base if needs_base else x, row["c"], buf)
         if needs_base:
             base = jnp.where(row["end"], x_new, base)
         return (x_new, base, buf), None
@@ -402,8 +476,32 @@ def sample(
 FORMULATION_GRIDS = {"vp_continuous": "logSNR", "sd_discrete": "time_uniform"}
 
 
+class TableSampler:
+    """Base of the named table-driven samplers (`uvit_jax.sampling.samplers`).
+
+    A subclass is a frozen dataclass with a `predict_x0` field (or attribute) and a `program`
+    method building its table; calling it runs the table. `thresholding` (dynamic thresholding
+    of the data prediction) is off unless a subclass declares it as a field.
+    """
+
+    thresholding: bool = False
+
+    def program(self, formulation: str, steps: int) -> Program:
+        """The float64 table for `config.diffusion.formulation` and `steps` NFE."""
+        raise NotImplementedError
+
+    def __call__(
+        self, noise_fn: NoiseFn, x_T: jax.Array, formulation: str, *, steps: int, key: jax.Array
+    ) -> jax.Array:
+        del key  # deterministic
+        if self.thresholding and not self.predict_x0:
+            raise ValueError("thresholding needs a data-prediction sampler (predict_x0=True)")
+        table = self.program(formulation, steps)
+        return run_program(noise_fn, x_T, table, thresholding=self.thresholding)
+
+
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class Variant(TableSampler):
     """A DPM-Solver configuration as a named sampler (`uvit_jax.sampling.samplers`).
 
     method, order, predict_x0, thresholding, denoise_to_zero: as for `sample`. skip_type: the
@@ -428,18 +526,10 @@ class Variant:
             skip_type=self.skip_type or FORMULATION_GRIDS[formulation],
         )
 
-    def __call__(
-        self, noise_fn: NoiseFn, x_T: jax.Array, formulation: str, *, steps: int, key: jax.Array
-    ) -> jax.Array:
-        del key  # deterministic
-        schedule = schedule_for(formulation)
-        kwargs = self.kwargs(formulation)
-        return sample(
-            noise_fn,
-            x_T,
-            schedule,
+    def program(self, formulation: str, steps: int) -> Program:
+        return build_program(
+            schedule_for(formulation),
             steps=steps,
-            thresholding=self.thresholding,
             denoise_to_zero=self.denoise_to_zero,
-            **kwargs,
+            **self.kwargs(formulation),
         )

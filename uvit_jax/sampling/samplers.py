@@ -30,9 +30,10 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "dpm_solver_fast": dpm_solver.Variant(
         "singlestep_fast", order=3, predict_x0=False, skip_type="logSNR"
     ),
-    # DPM-Solver++, singlestep order 3 / multistep order 2 (discrete models).
+    # DPM-Solver++, singlestep order 3 / multistep orders 2 and 3 (discrete models).
     "dpm_solver++_3s": dpm_solver.Variant("singlestep", order=3, predict_x0=True),
     "dpm_solver++_2m": dpm_solver.Variant("multistep", order=2, predict_x0=True),
+    "dpm_solver++_3m": dpm_solver.Variant("multistep", order=3, predict_x0=True),
     # U-ViT's `sde.py`: the reverse SDE and the probability-flow ODE.
     "euler_maruyama": euler_maruyama.Variant(probability_flow=False),
     "probability_flow": euler_maruyama.Variant(probability_flow=True),
