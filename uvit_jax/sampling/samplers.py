@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import jax
 
-from uvit_jax.sampling import dpm_solver, euler_maruyama
+from uvit_jax.sampling import dpm_solver, euler_maruyama, heun, unipc
 
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     # DPM-Solver, noise prediction, the order-3 fast schedule on the logSNR grid (VP models).
@@ -34,6 +34,12 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "dpm_solver++_3s": dpm_solver.Variant("singlestep", order=3, predict_x0=True),
     "dpm_solver++_2m": dpm_solver.Variant("multistep", order=2, predict_x0=True),
     "dpm_solver++_3m": dpm_solver.Variant("multistep", order=3, predict_x0=True),
+    # UniPC (data prediction, UniC corrector): bh2 order 2, diffusers' default and the paper's
+    # choice for guided sampling; bh1 order 3, the paper's for unconditional sampling.
+    "unipc_bh2": unipc.Variant("bh2", order=2),
+    "unipc_bh1": unipc.Variant("bh1", order=3),
+    # EDM's deterministic Heun on the Karras sigma grid.
+    "heun": heun.Variant(),
     # U-ViT's `sde.py`: the reverse SDE and the probability-flow ODE.
     "euler_maruyama": euler_maruyama.Variant(probability_flow=False),
     "probability_flow": euler_maruyama.Variant(probability_flow=True),
