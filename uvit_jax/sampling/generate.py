@@ -71,13 +71,14 @@ class SamplerSpec:
         if thresholding and not SAMPLERS[sampler].predict_x0:
             raise ValueError(
                 "config.sample.thresholding needs a data-prediction sampler "
-                f"(dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
+                f"({', '.join(n for n, s in SAMPLERS.items() if s.predict_x0)}), not {sampler!r}"
             )
         denoise_to_zero = bool(config.sample.get("denoise_to_zero", False))
         if denoise_to_zero and not hasattr(SAMPLERS[sampler], "denoise_to_zero"):
+            with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "denoise_to_zero"))
             raise ValueError(
-                "config.sample.denoise_to_zero needs a DPM-Solver sampler "
-                f"(dpm_solver_fast, dpm_solver++_3s or dpm_solver++_2m), not {sampler!r}"
+                "config.sample.denoise_to_zero needs a DPM-Solver sampler or another with the "
+                f"option ({', '.join(with_option)}), not {sampler!r}"
             )
         return cls(
             config.diffusion.formulation,
