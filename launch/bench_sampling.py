@@ -6,6 +6,7 @@ checks that new batches (other noise, other labels) reuse the compiled programs.
 
   python launch/bench_sampling.py                       # Fashion-MNIST-sized U-ViT, batch 8
   python launch/bench_sampling.py --sampler dpm_solver++_3s --formulation sd_discrete
+  python launch/bench_sampling.py --sampler unipc_bh2 --formulation sd_discrete   # any registered
 
 With no U-ViT available it falls back to a stand-in MLP noise function.
 """
@@ -108,12 +109,10 @@ def main() -> None:
     shape = (args.batch, args.img_size, args.img_size, args.in_chans)
     if args.sampler not in SAMPLERS:
         raise SystemExit(f"--sampler must be one of {sorted(SAMPLERS)}")
-    if args.sampler not in ("euler_maruyama", "probability_flow"):
-        kwargs = SAMPLERS[args.sampler].kwargs(args.formulation)
-        program = dpm_solver.build_program(ns, steps=args.steps, **kwargs)
-        times_eval = program.t
+    sampler = SAMPLERS[args.sampler]
+    if isinstance(sampler, dpm_solver.TableSampler):  # DPM-Solver, UniPC, Heun
+        times_eval = sampler.program(args.formulation, args.steps).t
     else:
-        kwargs = None
         pf = args.sampler == "probability_flow"
         times_eval = euler_maruyama.coefficients(ns, steps=args.steps, probability_flow=pf)[0]
 
@@ -136,16 +135,7 @@ def main() -> None:
         @jax.jit
         def sample(prm, x_T, labels, key):
             noise_fn = noise_fn_for(prm, labels)
-            if kwargs is not None:
-                return dpm_solver.sample(noise_fn, x_T, ns, steps=args.steps, **kwargs)
-            return euler_maruyama.sample(
-                noise_fn,
-                x_T,
-                ns,
-                steps=args.steps,
-                key=key,
-                probability_flow=args.sampler == "probability_flow",
-            )
+            return sampler(noise_fn, x_T, args.formulation, steps=args.steps, key=key)
 
         @jax.jit
         def network_only(prm, x_T, labels, key):
