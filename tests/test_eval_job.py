@@ -140,3 +140,68 @@ def test_fid_during_training_is_written_to_tensorboard(eval_setup, tmp_path):
     assert fid.step == 2 and np.isfinite(float(tensor_util.make_ndarray(fid.tensor_proto)))
     (n,) = events.Tensors("train_fid/num_samples")
     assert float(tensor_util.make_ndarray(n.tensor_proto)) == 16
+
+
+def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path, monkeypatch):
+    import shutil
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from uvit_jax.jobs import evaluate as evaluate_job
+    from uvit_jax.jobs import sweep as sweep_job
+
+    config, root = eval_setup
+    workdir = tmp_path / "w"
+    shutil.copytree(root / "w" / "checkpoints", workdir / "checkpoints")
+    c = config.copy_and_resolve_references()
+    c.eval.ref_stats = str(tmp_path / "ref.npz")  # its own: another test writes the module's
+    jobs.run("fid_stats", c, str(workdir))
+    c.sample.update(sampler="dpm_solver++_3s", steps=2, cfg_scale=1.0)
+    jobs.run("eval", c, str(workdir))
+    plain = json.loads((workdir / "eval" / "result_step_2.json").read_text())
+
+    c.sweep.update(samplers=("dpm_solver++_3s", "unipc_bh2"), steps=(2, 3))
+    rows = sweep_job.sweep(c, str(workdir))
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("dpm_solver++_3s", 2, 3),  # + the final denoising step
+        ("dpm_solver++_3s", 3, 4),
+        ("unipc_bh2", 2, 3),
+        ("unipc_bh2", 3, 4),
+    ]
+    # The cell with the eval's own settings is that evaluation, read back.
+    assert rows[0]["fid"] == plain["fid"] and rows[0]["protocol"] == plain["protocol"]
+    assert len({r["fid"] for r in rows}) == 4  # each cell sampled with its own settings
+    for r in rows:
+        assert (r["protocol"]["sampler"], r["protocol"]["steps"]) == (r["sampler"], r["steps"])
+        assert r["cfg_interval"] == "all" and np.isfinite(r["fid"]) and r["seconds"] >= 0
+    csv_lines = (workdir / "sweep" / "step_2.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("sampler,steps,nfe,cfg_scale,cfg_interval,grid,num_samples,fid")
+    assert len(csv_lines) == 5
+    with Image.open(workdir / "sweep" / "step_2.png") as png:
+        assert png.size == (640, 400)
+    events = EventAccumulator(str(workdir / "sweep"), size_guidance={"tensors": 0})
+    events.Reload()
+    curve = events.Tensors("sweep/fid/unipc_bh2, cfg 1")
+    assert sorted(e.step for e in curve) == [3, 4]
+
+    # Run again: every cell is read back, nothing is sampled.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a finished sweep cell sampled again")
+
+    monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: no_sampling)
+    again = sweep_job.sweep(c, str(workdir))
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_sweep_checks_every_cell_before_sampling(eval_setup, monkeypatch):
+    from uvit_jax.jobs import evaluate as evaluate_job
+
+    config, root = eval_setup
+    c = config.copy_and_resolve_references()
+    c.sample.denoise_to_zero = False  # Euler-Maruyama has none
+    c.sweep.update(samplers=("dpm_solver++_3s", "euler_maruyama"), grids=("karras",))
+    monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: pytest.fail("sampled"))
+    message = r"config.sweep: the cell \(euler_maruyama, .*\): config.sample.grid needs a sampler"
+    with pytest.raises(ValueError, match=message):
+        jobs.run("sweep", c, str(root / "w"))

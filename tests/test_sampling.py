@@ -586,6 +586,26 @@ def test_generate_options_need_samplers_that_have_them():
         generate(params_model, c, key, num=4, params=PARAMS)
 
 
+def test_generate_grid_option_is_the_sampler_on_that_grid():
+    key = jax.random.key(5)
+    labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
+    c = small_config(sampler="dpm_solver++_2m", grid="karras")
+    got = generate(params_model, c, key, labels=labels, params=PARAMS)
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 28, 28, 1), jnp.float32)
+    ns = LinearVPSchedule()
+    noise_fn = guided_noise_fn(
+        functools.partial(params_model, PARAMS), ns, y=labels, cfg_scale=c.sample.cfg_scale,
+        null_class=10,
+    )  # fmt: skip
+    kwargs = dict(method="multistep", order=2, skip_type="karras", predict_x0=True)
+    want = jax.jit(lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, **kwargs))(x_T)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"config.sample.grid='cosine': expected .* 'karras'"):
+        SamplerSpec.from_config(small_config(grid="cosine"))
+    with pytest.raises(ValueError, match=r"config.sample.grid needs a sampler with a time grid"):
+        SamplerSpec.from_config(small_config(sampler="euler_maruyama", grid="logSNR"))
+
+
 def test_guidance_interval_guides_only_inside_its_noise_levels():
     """cfg_interval (lo, hi]: guided eps where lo < sigma_t / alpha_t <= hi, conditional eps
     elsewhere; checked against a noise function that computes both and selects per step."""

@@ -145,9 +145,14 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- sampling (uvit_jax/sampling/samplers.py) ----
     c.sample = ml_collections.ConfigDict(
         dict(
-            sampler="dpm_solver_fast",  # "dpm_solver_fast", "dpm_solver++_3s", "dpm_solver++_2m",
+            # uvit_jax/sampling/samplers.py: "dpm_solver_fast", "dpm_solver++_3s",
+            # "dpm_solver++_2m", "dpm_solver++_3m", "unipc_bh2", "unipc_bh1", "heun",
             # "euler_maruyama", "probability_flow"
-            steps=50,
+            sampler="dpm_solver_fast",
+            steps=50,  # network evaluations (NFE; + 1 with denoise_to_zero)
+            # Time grid of the deterministic solvers: "time_uniform", "logSNR", "time_quadratic",
+            # "karras" (EDM's sigma spacing); "": the sampler's own.
+            grid="",
             cfg_scale=0.0,  # U-ViT's s: eps = eps_c + s (eps_c - eps_u)
             # Guidance only at noise levels lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al.
             # 2024; EDM2 uses (0.28, 5.42)); elsewhere one conditional pass. (): every step.
@@ -191,6 +196,13 @@ def default_config() -> ml_collections.ConfigDict:
             # (MS-COCO val); "" = the training dataset.
             context_dir="",
         )
+    )
+
+    # ---- --mode sweep: eval metrics over samplers x steps x guidance (jobs/sweep.py) ----
+    # Each field lists the values to try; () keeps config.sample's own value. Samples and
+    # reference as for --mode eval (config.eval).
+    c.sweep = ml_collections.ConfigDict(
+        dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), grids=())
     )
 
     # ---- conversion of official checkpoints (--mode convert) ----

@@ -4,6 +4,7 @@ train.py     train            extract the dataset if needed, train, resume, samp
 extract.py   extract          images -> autoencoder moments (or pixels) -> dataset
 sample.py    sample           images from a checkpoint's EMA weights
 evaluate.py  eval, fid_stats  FID & co. of a checkpoint; reference statistics of a dataset
+sweep.py     sweep            eval metrics of a checkpoint over samplers x steps x guidance
 convert.py   convert, convert_autoencoder, convert_inception   official weights -> ours
 """
 
@@ -28,6 +29,7 @@ MODES: dict[str, str] = {
     "fid_stats": "uvit_jax.jobs.evaluate:fid_stats",
     "eval": "uvit_jax.jobs.evaluate:evaluate",
     "sample": "uvit_jax.jobs.sample:sample_job",
+    "sweep": "uvit_jax.jobs.sweep:sweep",
 }
 
 

@@ -98,6 +98,7 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         steps=int(run_config.sample.steps),
         cfg_scale=float(run_config.sample.cfg_scale),
         cfg_interval=list(cfg_interval_from_config(run_config) or ()),
+        grid=str(run_config.sample.get("grid", "") or "sampler's own"),
         thresholding=bool(run_config.sample.get("thresholding", False)),
         denoise_to_zero=bool(run_config.sample.get("denoise_to_zero", False)),
         weights="ema" if loaded.ema else "raw",
@@ -138,27 +139,39 @@ def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np
             yield {k: f[k] for k in f.files}
 
 
-def evaluate(config, workdir: str) -> dict[str, Any]:
-    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
-    writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
+def check_sample_count(config) -> None:
+    """Refuses, before any sampling, a sample count FID cannot use."""
     if int(config.eval.num_samples) < min_samples(config):
         raise ValueError(
             f"config.eval.num_samples={config.eval.num_samples} is below "
             f"config.eval.min_samples={min_samples(config)}: FID needs at least as many "
             "samples as feature dimensions (2048)"
         )
-    mesh = make_mesh(config.mesh)
-    evaluator = make_evaluator(config, mesh)
-    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+
+
+def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) -> dict[str, Any]:
+    """The metrics of `loaded`'s weights sampled with `config.sample` (and `config.eval`'s
+    count, labels and seed), as a dict with "step", "seconds" and the "protocol" fingerprint.
+
+    Features are kept per batch in `workdir/eval/step_<N>/<settings digest>/`, so an interrupted
+    evaluation resumes there, and a finished one with the same fingerprint is read back from its
+    `result.json` without sampling.
+    """
+    start = time.perf_counter()
     run_config = loaded.config.copy_and_resolve_references()
     run_config.update(eval=config.eval, sample=config.sample)
+    fp = fingerprint(config, run_config, evaluator, loaded)
+    folder = epath.Path(workdir) / "eval" / f"step_{loaded.step}" / _settings_digest(fp)
+    if (folder / "result.json").exists():
+        done = json.loads((folder / "result.json").read_text())
+        if done.get("protocol") == fp:
+            logging.info("eval: %s holds this evaluation's result", folder)
+            return done
     captions = caption_sampler(run_config, resolve_latent_dir(config, workdir), config.seed)
     images = make_sample_batches(
         run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed, captions=captions
     )
-    fp = fingerprint(config, run_config, evaluator, loaded)
     n_batches = -(-int(config.eval.num_samples) // int(config.eval.batch_size))
-    folder = epath.Path(workdir) / "eval" / f"step_{loaded.step}" / _settings_digest(fp)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(fp, indent=2))
     first = _done_batches(folder, n_batches)
@@ -175,18 +188,32 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
         FeatureSet.of(out) for out in _stored_batches(folder, n_batches)
     ).gather()
     result: dict[str, Any] = metrics(config, samples, evaluator.reference)
-    result.update(step=loaded.step, protocol=fp)
+    # Wall time of the run that finished it (sampling, features, metrics; after a resume, the
+    # resumed part only).
+    result.update(step=loaded.step, seconds=round(time.perf_counter() - start, 1), protocol=fp)
     if jax.process_index() == 0:
-        text = json.dumps(result, indent=2)
-        (folder / "result.json").write_text(text)
-        (folder.parent.parent / f"result_step_{loaded.step}.json").write_text(text)
+        (folder / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
+    writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
+    check_sample_count(config)
+    mesh = make_mesh(config.mesh)
+    evaluator = make_evaluator(config, mesh)
+    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+    result = evaluate_loaded(config, workdir, loaded, evaluator, mesh)
+    if jax.process_index() == 0:
+        path = epath.Path(workdir) / "eval" / f"result_step_{loaded.step}.json"
+        path.write_text(json.dumps(result, indent=2))
         from clu import metric_writers
 
         writer = metric_writers.create_default_writer(workdir)
         writer.write_scalars(
             loaded.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
         )
-        writer.write_texts(loaded.step, {"eval/protocol": json.dumps(fp, indent=2)})
+        writer.write_texts(loaded.step, {"eval/protocol": json.dumps(result["protocol"], indent=2)})
         writer.flush()
     logging.info(
         "eval at step %d: %s",

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.schedules import schedule_for
-from uvit_jax.sampling.dpm_solver import NoiseFn
+from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
 from uvit_jax.sampling.guidance import guided_noise_fn
 from uvit_jax.sampling.samplers import SAMPLERS
 
@@ -41,6 +41,7 @@ class SamplerSpec:
     thresholding: bool = False  # DPM-Solver++ only: dynamic thresholding of x0 (pixel models)
     denoise_to_zero: bool = False  # DPM-Solver only: a last NFE returning x0 at t_end
     cfg_interval: tuple[float, float] | None = None  # guided sigma range (lo, hi]; None: all
+    grid: str = ""  # the time grid (`dpm_solver.SKIP_TYPES`); "": the sampler's own
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -80,6 +81,18 @@ class SamplerSpec:
                 "config.sample.denoise_to_zero needs a DPM-Solver sampler or another with the "
                 f"option ({', '.join(with_option)}), not {sampler!r}"
             )
+        grid = str(config.sample.get("grid", "") or "")
+        if grid and grid not in SKIP_TYPES:
+            raise ValueError(
+                f'config.sample.grid={grid!r}: expected "" (the sampler\'s own) or one of '
+                f"{SKIP_TYPES}"
+            )
+        if grid and not hasattr(SAMPLERS[sampler], "skip_type"):
+            with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "skip_type"))
+            raise ValueError(
+                f"config.sample.grid needs a sampler with a time grid ({', '.join(with_option)}), "
+                f"not {sampler!r}"
+            )
         return cls(
             config.diffusion.formulation,
             sampler,
@@ -90,6 +103,7 @@ class SamplerSpec:
             thresholding,
             denoise_to_zero,
             cfg_interval_from_config(config),
+            grid,
         )
 
 
@@ -112,7 +126,11 @@ def cfg_interval_from_config(config: Any) -> tuple[float, float] | None:
 def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
     """Runs the spec's sampler from x_T [B, H, W, C] (key: SDE noise only). Jittable."""
     sampler = SAMPLERS[spec.sampler]
-    options = {f: True for f in ("thresholding", "denoise_to_zero") if getattr(spec, f)}
+    options: dict[str, Any] = {
+        f: True for f in ("thresholding", "denoise_to_zero") if getattr(spec, f)
+    }
+    if spec.grid:
+        options["skip_type"] = spec.grid
     if options:  # validated by from_config: the sampler has these fields
         sampler = dataclasses.replace(sampler, **options)
     return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)

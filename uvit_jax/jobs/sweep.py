@@ -1,0 +1,195 @@
+"""`--mode sweep`: one checkpoint's eval metrics over a grid of sampler settings.
+
+    python main.py --mode sweep --config configs/fashion_mnist_uvit.py --workdir W \\
+        --config.eval.ref_stats=test.npz --config.eval.num_samples=2048 \\
+        "--config.sweep.samplers=('dpm_solver++_3s', 'unipc_bh2', 'dpm_solver++_3m')" \\
+        "--config.sweep.steps=(5, 10, 15, 20, 25)" "--config.sweep.cfg_intervals=((), (0.3, 6))"
+
+Every cell (sampler x steps x guidance scale x guidance interval x time grid; a field left
+empty keeps `config.sample`'s value) is an `--mode eval` of the same weights with those sample
+settings, and the same sample count, seed, labels and reference (`config.eval`). A cell resumes
+like `--mode eval` (its features are kept per batch; a finished cell is read back), so a
+stopped sweep continues cell by cell. After each cell the table is rewritten:
+  W/sweep/step_<N>.csv    one row per cell: settings, NFE, metrics, wall seconds;
+  W/sweep/step_<N>.json   the same rows, each with its cell's protocol fingerprint;
+  W/sweep/step_<N>.png    FID against NFE, one line per sampler and guidance setting;
+and TensorBoard (`W/sweep`) gets `sweep/<metric>/<line>` with the NFE as its step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+from etils import epath
+
+from uvit_jax.api import load
+from uvit_jax.evaluation.evaluator import make_evaluator
+from uvit_jax.jobs.evaluate import check_sample_count, evaluate_loaded
+from uvit_jax.parallel.mesh import make_mesh
+from uvit_jax.sampling.generate import SamplerSpec
+
+METRICS = ("fid", "sfid", "precision", "recall", "kid", "inception_score")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One setting of the sweep: what `config.sample` gets for this evaluation."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+    cfg_interval: tuple[float, ...]
+    grid: str
+
+    def apply(self, config) -> Any:
+        """A copy of `config` whose `sample` section holds this cell's settings."""
+        config = config.copy_and_resolve_references()
+        config.sample.update(
+            sampler=self.sampler,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
+            cfg_interval=self.cfg_interval,
+            grid=self.grid,
+        )
+        return config
+
+    def nfe(self, config) -> int:
+        """Network evaluations per sample (guided ones batch both passes into one call)."""
+        return self.steps + int(bool(config.sample.get("denoise_to_zero", False)))
+
+    @property
+    def line(self) -> str:
+        """The curve this cell belongs to in the plot: everything but the step count."""
+        name = f"{self.sampler}, cfg {self.cfg_scale:g}"
+        if self.cfg_interval:
+            name += f" in ({self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        return name + (f", {self.grid} grid" if self.grid else "")
+
+
+def sweep_cells(config) -> list[Cell]:
+    """The product of `config.sweep`'s lists; an empty list is `config.sample`'s own value."""
+    s, own = config.sweep, config.sample
+
+    def values(field: str, default: Any) -> tuple:
+        return tuple(s.get(field, ()) or ()) or (default,)
+
+    return [
+        Cell(sampler, int(steps), float(scale), tuple(float(v) for v in interval), str(grid))
+        for sampler, steps, scale, interval, grid in itertools.product(
+            values("samplers", own.sampler),
+            values("steps", own.steps),
+            values("cfg_scales", own.cfg_scale),
+            values("cfg_intervals", tuple(own.get("cfg_interval", ()) or ())),
+            values("grids", own.get("grid", "")),
+        )
+    ]
+
+
+def _row(cell: Cell, config, result: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(
+        sampler=cell.sampler,
+        steps=cell.steps,
+        nfe=cell.nfe(config),
+        cfg_scale=cell.cfg_scale,
+        cfg_interval=" ".join(f"{v:g}" for v in cell.cfg_interval) or "all",
+        grid=cell.grid or "own",
+        num_samples=int(result["protocol"]["num_samples"]),
+    )
+    row.update({k: result[k] for k in METRICS if isinstance(result.get(k), float)})
+    row["seconds"] = result.get("seconds")
+    return row
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row if k != "protocol"))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def plot_fid_vs_nfe(rows: list[dict[str, Any]], path: epath.Path, title: str) -> None:
+    """FID against NFE, one line per sampler and guidance setting, as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training host
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for line in dict.fromkeys(r["line"] for r in rows):
+        points = sorted((r["nfe"], r["fid"]) for r in rows if r["line"] == line and "fid" in r)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=line)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+    plt.close(fig)
+
+
+def sweep(config, workdir: str) -> list[dict[str, Any]]:
+    """Evaluates the latest checkpoint at every cell of `config.sweep`; returns the rows."""
+    check_sample_count(config)
+    mesh = make_mesh(config.mesh)
+    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+    cells = sweep_cells(config)
+    for cell in cells:  # every setting checked before the first sample is drawn
+        run_config = loaded.config.copy_and_resolve_references()
+        run_config.update(sample=cell.apply(config).sample)
+        try:
+            SamplerSpec.from_config(run_config)
+        except ValueError as e:
+            raise ValueError(
+                f"config.sweep: the cell ({cell.line}, {cell.steps} steps): {e}"
+            ) from e
+    evaluator = make_evaluator(config, mesh)
+    out = epath.Path(workdir) / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"step_{loaded.step}"
+    weights = "EMA" if loaded.ema else "raw"
+    title = (
+        f"step {loaded.step} ({weights}), {int(config.eval.num_samples)} samples vs "
+        f"{evaluator.reference.num_images} reference images"
+    )
+    rows: list[dict[str, Any]] = []
+    for i, cell in enumerate(cells):
+        logging.info("sweep: cell %d/%d: %s, %d steps", i + 1, len(cells), cell.line, cell.steps)
+        result = evaluate_loaded(cell.apply(config), workdir, loaded, evaluator, mesh)
+        rows.append(dict(_row(cell, config, result), line=cell.line, protocol=result["protocol"]))
+        if jax.process_index() == 0:
+            _write_table(rows, stem, title)
+            logging.info("sweep: %s", {k: v for k, v in rows[-1].items() if k != "protocol"})
+    if jax.process_index() == 0:
+        _write_tensorboard(rows, out)
+    return rows
+
+
+def _write_table(rows: list[dict[str, Any]], stem: epath.Path, title: str) -> None:
+    stem.with_suffix(".csv").write_text(_csv_text(rows))
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    try:
+        plot_fid_vs_nfe(rows, stem.with_suffix(".png"), title)
+    except ImportError:
+        logging.warning("sweep: no plot (matplotlib missing: pip install -e '.[eval]')")
+
+
+def _write_tensorboard(rows: list[dict[str, Any]], out: epath.Path) -> None:
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(os.fspath(out))
+    for row in rows:
+        scalars = {f"sweep/{k}/{row['line']}": row[k] for k in METRICS if k in row}
+        writer.write_scalars(row["nfe"], scalars)
+    writer.flush()
