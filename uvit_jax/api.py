@@ -102,15 +102,15 @@ def load(
           without raw weights.
     """
     with _quiet_orbax():
-        root, step = _locate(workdir_or_checkpoint, step)
-        saved, step = checkpoints.read_saved_config(root, step)
-        config = config_from_dict(saved)
+        root, step = _locate(workdir_or_checkpoint, step, "ema" if ema else "state")
+        config = config_from_dict(checkpoints.read_step_config(root, step))
         graphdef, abstract = nnx.split(abstract_uvit(config.model))
         target = _placed(abstract, mesh)
         if ema:
-            params, _, _ = checkpoints.load_ema_and_config(root, step, target)
+            params = checkpoints.load_ema(root, step, target)
         else:
             params = checkpoints.load_raw_params(root, step, target)
+    logging.info("loaded checkpoint step %d from %s", step, root / str(step))
     return Loaded(
         model=nnx.merge(graphdef, params),
         graphdef=graphdef,
@@ -144,8 +144,9 @@ def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.Co
             _fill_missing(config[key], value)
 
 
-def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
-    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder."""
+def _locate(path: str | os.PathLike, step: int | None, item: str) -> tuple[epath.Path, int]:
+    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder,
+    once the step's `item` and config pass their checksums (`checkpoints.check_step`)."""
     p = checkpoints.absolute(path)
     if p.is_file():
         raise CheckpointError(
@@ -156,8 +157,8 @@ def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int 
     if p.name.isdigit() and (p / "config").exists():
         if step is not None and step != int(p.name):
             raise CheckpointError(f"{p} is the checkpoint of step {p.name}, but step={step} given")
-        return p.parent, int(p.name)
-    return checkpoints.find_step(p, step)
+        return p.parent, checkpoints.verified_step(p.parent, int(p.name), (item,))
+    return checkpoints.find_step(p, step, (item,))
 
 
 def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:

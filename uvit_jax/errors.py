@@ -1,0 +1,13 @@
+"""The one base of the errors a user can fix: `main.py` prints their message alone and exits 2.
+
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """An expected failure (a config field, a checkpoint, a dataset, a weights file, a locked
+    workdir) whose message names the thing and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config field (or the data it points to) that cannot work; the message names the field."""
