@@ -15,12 +15,14 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from uvit_jax.errors import UserError
+
 StateDict = dict[str, np.ndarray]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model it is converted into."""
 
 

@@ -27,6 +27,7 @@ from input_pipeline.preprocess import make_preprocessor
 from input_pipeline.sources import load_image, make_source
 from uvit_jax.api import load
 from uvit_jax.convert.inception import sha256_of
+from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import (
     Evaluator,
     caption_sampler,
@@ -142,7 +143,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
     writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
     if int(config.eval.num_samples) < min_samples(config):
-        raise ValueError(
+        raise ConfigError(
             f"config.eval.num_samples={config.eval.num_samples} is below "
             f"config.eval.min_samples={min_samples(config)}: FID needs at least as many "
             "samples as feature dimensions (2048)"

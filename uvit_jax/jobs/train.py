@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from input_pipeline import extract, latent_dataset
-from uvit_jax import checkpoints, images
+from uvit_jax import checkpoints, images, workdir_lock
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.errors import ConfigError, UserError
 from uvit_jax.jobs.extract import extract as extract_job
@@ -254,13 +254,19 @@ def write_sample_grid(
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state.
+    Holds the workdir's lock throughout: a second trainer there stops at once."""
+    workdir = os.fspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
     from clu import metric_writers, periodic_actions
 
     from input_pipeline.train_input import make_train_iterator
 
-    workdir = os.fspath(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
     # FID during training: its weights and reference must be there before anything compiles.
