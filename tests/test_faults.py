@@ -1,20 +1,26 @@
 """Fault injection: damaged checkpoints (fallback to the last good step, explicit steps refused),
 non-finite states never saved, labels outside the model's classes, disk bounded by keep_ckpts,
-the workdir lock, and clean exits of main.py. Each test checks the outcome and the message."""
+the workdir lock, clean exits of main.py, and weight files that are not checkpoints. Each test
+checks the outcome and the message."""
 
+import json
 import logging
 import os
 import pathlib
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from runs import small_config
+from runs import REPO, small_config, subprocess_env, train_cmd
 
 import uvit_jax
-from uvit_jax import checkpoints
+from uvit_jax import checkpoints, workdir_lock
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import make_mesh
 
@@ -235,3 +241,100 @@ def test_keep_ckpts_bounds_the_disk_during_the_run(trained):
     assert len(seen) == STEPS
     assert max(len(folders) for folders in seen) <= KEEP + 2, seen
     assert sorted(step_folders(workdir)) == [str(STEPS - 1), str(STEPS)]
+
+
+# ---- the workdir lock ----------------------------------------------------------------------------
+
+
+def write_lock(workdir: pathlib.Path, **holder) -> None:
+    record = dict(host=socket.gethostname(), started="2026-01-02T03:04:05", heartbeat=time.time())
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / workdir_lock.LOCK).write_text(json.dumps(dict(record, **holder)))
+
+
+def run_main(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True,
+                          text=True, env=env or subprocess_env(), timeout=300)  # fmt: skip
+
+
+def test_second_trainer_on_a_locked_workdir_exits_naming_the_holder(fmnist_dir, tmp_path):
+    holder = subprocess.Popen(["sleep", "300"])  # a live process on this host holds the lock
+    try:
+        write_lock(tmp_path / "w", pid=holder.pid)
+        run = subprocess.run(train_cmd(tmp_path / "w", fmnist_dir), capture_output=True,
+                             text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'w'} is in use by another training run: host "
+        f"{socket.gethostname()}, pid {holder.pid}, started 2026-01-02T03:04:05 "
+        f"({tmp_path / 'w' / workdir_lock.LOCK}); stop it or use another --workdir"
+    )
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists(), "nothing may run before the lock"
+
+
+def test_stale_locks_are_taken_over_and_released(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_lock(tmp_path, pid=dead.pid)
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(str(tmp_path)):
+        assert json.loads((tmp_path / workdir_lock.LOCK).read_text())["pid"] == os.getpid()
+    assert f"pid {dead.pid} on this host is not running" in caplog.text
+    assert not (tmp_path / workdir_lock.LOCK).exists()
+
+    write_lock(
+        tmp_path, host="another-host", pid=1, heartbeat=time.time() - 2 * workdir_lock.STALE_S
+    )
+    with caplog.at_level(logging.WARNING), workdir_lock.hold(str(tmp_path)):
+        pass
+    taken = r"taking over the lock .* of host another-host, pid 1, started 2026-01-02T03:04:05: "
+    assert re.search(taken + r"its last heartbeat was 1\d\d\d s ago", caplog.text)
+
+    write_lock(tmp_path, host="another-host", pid=1)  # alive as far as anyone here can tell
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="host another-host, pid 1"):
+        workdir_lock.acquire(str(tmp_path))
+
+
+def test_a_finished_run_leaves_no_lock(trained):
+    assert not (trained[0] / workdir_lock.LOCK).exists()
+
+
+# ---- clean exits ---------------------------------------------------------------------------------
+
+
+def test_config_error_is_one_line_and_exit_status_2(tmp_path):
+    args = ["--config", f"{REPO / 'configs/fashion_mnist_uvit.py'}:runlocal",
+            "--workdir", str(tmp_path), "--config.train.ckpt_every=0"]  # fmt: skip
+    run = run_main(*args)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: config.train.ckpt_every=0: expected an integer >= 1"
+    )
+    assert "Traceback" not in run.stderr
+    debug = run_main(*args, env=dict(subprocess_env(), UVIT_DEBUG="1"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".npz", ".safetensors"])
+def test_garbage_weight_files_are_named_without_unsafe_advice(tmp_path, suffix):
+    from uvit_jax.convert.state_dict import ConversionError, load_state_dict
+
+    path = tmp_path / f"nnet_ema{suffix}"
+    path.write_bytes(b"<html>not found</html>" * 10)
+    with pytest.raises(ConversionError, match=rf"{path}: not a .* checkpoint \(expected ") as e:
+        load_state_dict(path)
+    assert "weights_only" not in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+def test_convert_of_a_garbage_file_exits_2_naming_it(tmp_path):
+    path = tmp_path / "nnet_ema.pth"
+    path.write_bytes(b"\x80\x02garbage")
+    run = run_main("--config", str(REPO / "configs/fashion_mnist_uvit.py"), "--mode", "convert",
+                   "--workdir", str(tmp_path / "w"), f"--config.convert.source={path}")  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}: not a PyTorch checkpoint (expected a state dict")
+    assert "weights_only" not in run.stderr
