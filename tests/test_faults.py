@@ -338,3 +338,67 @@ def test_convert_of_a_garbage_file_exits_2_naming_it(tmp_path):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {path}: not a PyTorch checkpoint (expected a state dict")
     assert "weights_only" not in run.stderr
+
+
+# ---- saves that fail -----------------------------------------------------------------------------
+
+
+def test_a_failed_save_stops_the_run_naming_step_and_error(fmnist_dir, tmp_path, monkeypatch,
+                                                          one_device):  # fmt: skip
+    """A full disk while step 3 is written (here: its checksums) stops the run with the path
+    and the error; steps 1 and 2 stay intact."""
+    real = checkpoints.write_checksums
+
+    def disk_full(step_dir):
+        if step_dir.name.startswith("3."):
+            raise OSError(28, "No space left on device", str(step_dir))
+        real(step_dir)
+
+    monkeypatch.setattr(checkpoints, "write_checksums", disk_full)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=rf"saving checkpoint step 3 into {tmp_path / 'checkpoints'} failed "
+                             r"\(OSError: \[Errno 28\] No space left on device: .*3\.orbax-check"
+                             r"point-tmp'\); the steps saved before it are intact"):  # fmt: skip
+        train_job.train_and_evaluate(fault_config(fmnist_dir, keep_ckpts=10), tmp_path)
+    assert [uvit_jax.load(tmp_path, step=s).step for s in (1, 2)] == [1, 2]
+    assert not (tmp_path / workdir_lock.LOCK).exists()
+
+
+READ_ONLY_RUN = """
+import subprocess, sys
+import conftest  # noqa: F401  (the tests' devices and compilation cache)
+import jax
+from runs import small_config
+from uvit_jax import checkpoints
+from uvit_jax.jobs import train as train_job
+from uvit_jax.parallel.mesh import make_mesh
+from test_faults import fault_config
+
+train_job.make_mesh = lambda cfg: make_mesh(cfg, jax.devices()[:1])
+real = checkpoints.save
+
+def read_only_from_step_3(manager, step, **kw):
+    if step == 3:  # the folder turns read-only once step 2 is written (remounting a folder
+        manager.wait_until_finished()  # with files open for writing fails: "busy")
+        d = str(manager.directory)
+        subprocess.run(["mount", "--bind", d, d], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", d], check=True)
+    return real(manager, step, **kw)
+
+checkpoints.save = read_only_from_step_3
+train_job.train_and_evaluate(fault_config(sys.argv[1], keep_ckpts=10), sys.argv[2])
+"""
+
+
+def test_a_folder_turning_read_only_stops_the_run_without_hanging(fmnist_dir, tmp_path):
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs a mount namespace (unshare -m) to make a folder read-only")
+    (tmp_path / "run.py").write_text(READ_ONLY_RUN)
+    env = dict(subprocess_env(), PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+    run = subprocess.run(["unshare", "-m", sys.executable, str(tmp_path / "run.py"), fmnist_dir,
+                          str(tmp_path / "w")], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert run.returncode != 0
+    failed = rf"CheckpointError: saving checkpoint step 3 into {tmp_path / 'w' / 'checkpoints'} "
+    assert re.search(failed + r"failed \(.*Read-only file system", run.stderr), run.stderr[-3000:]
+    assert sorted(step_folders(tmp_path / "w")) == ["1", "2"]

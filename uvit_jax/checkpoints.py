@@ -67,17 +67,28 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
 
 class _SealingManager(ocp.CheckpointManager):
     """orbax's CheckpointManager that writes `checksums.json` into each step before orbax
-    commits it, and empties the trash once a save and its deletions have finished."""
+    commits it, empties the trash once a save and its deletions have finished, and turns a
+    failed save into a CheckpointError naming the step folder and the error."""
 
     def __init__(self, directory: epath.Path, options: ocp.CheckpointManagerOptions):
         self._sealing: int | None = None  # the step being saved (orbax saves one at a time)
-        options.async_options = ocp.AsyncOptions(post_finalization_callback=self._seal)
+        self._unchecked: int | None = None  # a started save whose outcome is not checked yet
+        # Step folders are created in the caller's thread: created in the background, a failure
+        # (a read-only folder) leaves the caller waiting for orbax's signal until it times out.
+        options.async_options = ocp.AsyncOptions(
+            post_finalization_callback=self._seal, create_directories_asynchronously=False
+        )
         super().__init__(directory, options=options, item_names=ITEMS)
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # the previous step is sealed before `_sealing` moves on
         self._sealing = step
-        return super().save(step, *args, **kwargs)
+        try:
+            started = super().save(step, *args, **kwargs)
+        except Exception as e:  # orbax and the filesystem fail in many ways; all are fatal
+            raise self._failed(e) from e
+        self._unchecked = step if started else None
+        return started
 
     def _seal(self) -> None:
         # Runs on process 0 after every process has written, before orbax renames the
@@ -85,8 +96,26 @@ class _SealingManager(ocp.CheckpointManager):
         tmp = self.directory / f"{self._sealing}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
         write_checksums(tmp if tmp.exists() else self.directory / str(self._sealing))
 
+    def _failed(self, error: BaseException | None) -> CheckpointError:
+        cause = (
+            "see the error logged above" if error is None else f"{type(error).__name__}: {error}"
+        )
+        return CheckpointError(
+            f"saving checkpoint step {self._sealing} into {self.directory} failed ({cause}); "
+            "the steps saved before it are intact"
+        )
+
     def wait_until_finished(self) -> None:
-        super().wait_until_finished()
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # raised again from the background save thread
+            self._unchecked = None  # reported once: a later wait (at exit) must not mask it
+            raise self._failed(e) from e
+        # orbax logs (and swallows) some failures of the background thread; the step folder
+        # then never appears.
+        if self._unchecked is not None and not (self.directory / str(self._unchecked)).exists():
+            raise self._failed(None)
+        self._unchecked = None
         trash = self.directory / _TRASH
         if jax.process_index() == 0 and trash.exists():
             trash.rmtree()
