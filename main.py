@@ -7,7 +7,7 @@
 Config fields are overridden with --config.a.b=value; unknown fields are rejected.
 
 An expected error (a config field, a checkpoint, a dataset, a weights file, a locked workdir:
-`uvit_jax.errors.UserError`) ends the program with its message alone and exit status 2; the
+`uvit_jax.errors.EXPECTED`) ends the program with its message alone and exit status 2; the
 traceback is shown with --verbose or UVIT_DEBUG=1.
 """
 
@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax import jobs  # noqa: E402
-from uvit_jax.errors import UserError  # noqa: E402
+from uvit_jax.errors import EXPECTED  # noqa: E402
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()  # before the first device use
@@ -48,7 +48,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         jobs.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-    except UserError as e:
+    except EXPECTED as e:
         if FLAGS.verbose or os.environ.get("UVIT_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""The one base of the errors a user can fix: `main.py` prints their message alone and exits 2.
+"""The errors a user can fix: `main.py` prints their message alone and exits 2 (`EXPECTED`).
 
 Everything else is a bug and keeps its traceback.
 """
+
+from input_pipeline.errors import DataError
 
 
 class UserError(Exception):
@@ -11,3 +13,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config field (or the data it points to) that cannot work; the message names the field."""
+
+
+# What main.py reports without a traceback: uvit_jax's base and the data layer's.
+EXPECTED: tuple[type[Exception], ...] = (UserError, DataError)
