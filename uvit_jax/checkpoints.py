@@ -24,6 +24,11 @@ Safety, and why a listed step is always restorable:
   (which takes it out of the listing at once); the trash is emptied as soon as each save and its
   deletions have finished, so `keep` bounds the disk during the run (at most `keep` + 2 steps:
   the kept ones, one being written, one in the trash).
+- A save that fails (read-only folder, full disk) raises CheckpointError naming the step folder
+  and the error at the next save or wait, never a hang: step folders are created in the
+  caller's thread (created in orbax's background, a failure left the caller waiting).
+Checking reads every file of the items restored, once per restore (and, on a multi-host run,
+on every process).
 """
 
 from __future__ import annotations
