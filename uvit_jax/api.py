@@ -88,7 +88,8 @@ def load(
     Args:
       workdir_or_checkpoint: a run's workdir, its `checkpoints` folder, or one step's folder
           (`<workdir>/checkpoints/<step>`).
-      step: the training step to load; default the latest (or the folder's step).
+      step: the training step to load; default the newest one whose files pass their
+          checksums (a warning names each damaged newer step skipped), or the folder's step.
       ema: True: the EMA weights (what sampling and FID use); False: the raw training weights
           from the `state` item (training checkpoints only).
       mesh: None: everything on the first device (`jax.devices()[0]`). A ("data", "fsdp") mesh
@@ -98,8 +99,9 @@ def load(
       A `Loaded` (model, graphdef, params, config, step).
     Raises:
       CheckpointError: no checkpoint there, no such step (the message lists the steps there
-          are), a checkpoint format newer than this uvit_jax, or ema=False on a checkpoint
-          without raw weights.
+          are), a damaged step asked for by number (or every step damaged: the message names
+          the file and the reason), a checkpoint format newer than this uvit_jax, or ema=False
+          on a checkpoint without raw weights.
     """
     with _quiet_orbax():
         root, step = _locate(workdir_or_checkpoint, step, "ema" if ema else "state")
