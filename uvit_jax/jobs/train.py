@@ -121,6 +121,7 @@ def check_labels(batch: Mapping[str, np.ndarray], config, data_dir: str) -> None
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
+    """Whether every number of `tree` is finite: one reduction on the devices, one bool back."""
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
@@ -263,6 +264,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 
 def _train(config, workdir: str) -> TrainState:
+    """`train_and_evaluate` once the workdir is held."""
     from clu import metric_writers, periodic_actions
 
     from input_pipeline.train_input import make_train_iterator
