@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from input_pipeline import latent_dataset, preprocess, sources
+from input_pipeline.errors import DataConfigError
 
 EncodeFn = Callable[[np.ndarray], Any]
 # Captions -> contexts float32 [n, L, D] (any n, including 0).
@@ -48,7 +49,7 @@ def resolve_latent_dir(config: Any, workdir: str | os.PathLike | None = None) ->
     if config.data.latent_dir:
         return os.fspath(config.data.latent_dir)
     if not workdir:
-        raise ValueError("config.data.latent_dir is empty and no workdir was given")
+        raise DataConfigError("config.data.latent_dir is empty and no workdir was given")
     return os.path.join(os.fspath(workdir), "latent_dataset")
 
 
@@ -63,7 +64,7 @@ def make_spec(
     """The dataset an extraction of `config` from `source` writes."""
     identity = config.autoencoder.kind == "identity"
     if identity and config.data.resolution != config.model.img_size:
-        raise ValueError(
+        raise DataConfigError(
             f"pixel config: config.data.resolution={config.data.resolution} must equal "
             f"config.model.img_size={config.model.img_size}"
         )

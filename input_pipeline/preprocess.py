@@ -22,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from input_pipeline.errors import DataConfigError
+
 # U-ViT's CelebA crop: centre (cx, cy) = (89, 121), 128 x 128; PIL box (left, top, right, bottom).
 CELEBA_BOX = (89 - 64, 121 - 64, 89 + 64, 121 + 64)
 
@@ -106,7 +108,7 @@ def make_preprocessor(name: str, res: int, channels: int) -> Callable[[Image.Ima
         "center_crop": center_crop,
     }
     if name not in fns:
-        raise ValueError(f"config.data.preprocess={name!r}; expected one of {PREPROCESSORS}")
+        raise DataConfigError(f"config.data.preprocess={name!r}; expected one of {PREPROCESSORS}")
     if channels not in (1, 3):
         raise ValueError(f"images have 1 or 3 channels, the config asks for {channels}")
     mode = "RGB" if channels == 3 else "L"

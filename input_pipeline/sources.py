@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from input_pipeline.errors import DataConfigError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Feature names of the image, label and caption in the TFDS datasets this project reads.
@@ -329,14 +331,14 @@ def make_source(data_config: Any) -> ImageSource:
         return CocoCaptionsFilesSource(data_config.source_dir, data_config.captions_file)
     if kind == "tfds":
         if not data_config.name:
-            raise ValueError("config.data.name must name a TFDS dataset for source='tfds'")
+            raise DataConfigError("config.data.name must name a TFDS dataset for source='tfds'")
         return TfdsSource(
             data_config.name,
             data_config.split,
             data_dir=data_config.get("tfds_data_dir", "") or None,
             manual_dir=data_config.source_dir or None,
         )
-    raise ValueError(
+    raise DataConfigError(
         f"config.data.source={kind!r}; expected 'tfds', 'image_folder', 'fashion_mnist_files' "
         "or 'coco_files'"
     )

@@ -37,6 +37,7 @@ import grain
 import numpy as np
 
 from input_pipeline import latent_dataset
+from input_pipeline.errors import DataConfigError
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -200,13 +201,13 @@ def make_train_dataset(
         process_count = jax.process_count() if process_count is None else process_count
     directory = config.data.latent_dir or data_dir
     if not directory:
-        raise ValueError("config.data.latent_dir is empty: set it to the extracted dataset")
+        raise DataConfigError("config.data.latent_dir is empty: set it to the extracted dataset")
     dataset = latent_dataset.open_dataset(directory, config.data.split)
     latent_dataset.check_compatible(dataset, config)
 
     global_batch = config.train.batch_size
     if global_batch % process_count:
-        raise ValueError(
+        raise DataConfigError(
             f"config.train.batch_size={global_batch} is not divisible by {process_count} processes"
         )
     batch = global_batch // process_count

@@ -19,6 +19,8 @@ LAYERS = [
         "uvit_jax.parallel",
         "uvit_jax.config_defaults",
         "uvit_jax.checkpoints",
+        "uvit_jax.errors",
+        "uvit_jax.workdir_lock",
         "uvit_jax.images",
         "uvit_jax.conditioning",
     ],

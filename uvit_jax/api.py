@@ -88,7 +88,8 @@ def load(
     Args:
       workdir_or_checkpoint: a run's workdir, its `checkpoints` folder, or one step's folder
           (`<workdir>/checkpoints/<step>`).
-      step: the training step to load; default the latest (or the folder's step).
+      step: the training step to load; default the newest one whose files pass their
+          checksums (a warning names each damaged newer step skipped), or the folder's step.
       ema: True: the EMA weights (what sampling and FID use); False: the raw training weights
           from the `state` item (training checkpoints only).
       mesh: None: everything on the first device (`jax.devices()[0]`). A ("data", "fsdp") mesh
@@ -98,19 +99,20 @@ def load(
       A `Loaded` (model, graphdef, params, config, step).
     Raises:
       CheckpointError: no checkpoint there, no such step (the message lists the steps there
-          are), a checkpoint format newer than this uvit_jax, or ema=False on a checkpoint
-          without raw weights.
+          are), a damaged step asked for by number (or every step damaged: the message names
+          the file and the reason), a checkpoint format newer than this uvit_jax, or ema=False
+          on a checkpoint without raw weights.
     """
     with _quiet_orbax():
-        root, step = _locate(workdir_or_checkpoint, step)
-        saved, step = checkpoints.read_saved_config(root, step)
-        config = config_from_dict(saved)
+        root, step = _locate(workdir_or_checkpoint, step, "ema" if ema else "state")
+        config = config_from_dict(checkpoints.read_step_config(root, step))
         graphdef, abstract = nnx.split(abstract_uvit(config.model))
         target = _placed(abstract, mesh)
         if ema:
-            params, _, _ = checkpoints.load_ema_and_config(root, step, target)
+            params = checkpoints.load_ema(root, step, target)
         else:
             params = checkpoints.load_raw_params(root, step, target)
+    logging.info("loaded checkpoint step %d from %s", step, root / str(step))
     return Loaded(
         model=nnx.merge(graphdef, params),
         graphdef=graphdef,
@@ -144,8 +146,9 @@ def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.Co
             _fill_missing(config[key], value)
 
 
-def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
-    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder."""
+def _locate(path: str | os.PathLike, step: int | None, item: str) -> tuple[epath.Path, int]:
+    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder,
+    once the step's `item` and config pass their checksums (`checkpoints.check_step`)."""
     p = checkpoints.absolute(path)
     if p.is_file():
         raise CheckpointError(
@@ -156,8 +159,8 @@ def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int 
     if p.name.isdigit() and (p / "config").exists():
         if step is not None and step != int(p.name):
             raise CheckpointError(f"{p} is the checkpoint of step {p.name}, but step={step} given")
-        return p.parent, int(p.name)
-    return checkpoints.find_step(p, step)
+        return p.parent, checkpoints.verified_step(p.parent, int(p.name), (item,))
+    return checkpoints.find_step(p, step, (item,))
 
 
 def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from uvit_jax.convert.autoencoder import load_autoencoder
+from uvit_jax.errors import ConfigError
 from uvit_jax.models.autoencoder import (
     SD_EMBED_DIM,
     SD_KL_F8,
@@ -41,7 +42,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def parse_dtype(name: str, *, field: str = "autoencoder.dtype") -> Any:
     """A dtype name of the config ("float32", "bfloat16", "float16") -> the jnp dtype."""
     if name not in _DTYPES:
-        raise ValueError(f"{field}={name!r}; expected one of {sorted(_DTYPES)}")
+        raise ConfigError(f"{field}={name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -73,12 +74,12 @@ def make_autoencoder(
     path = ae_config.get("pretrained_path", "") or ""
     if kind == "identity":
         if path:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder.pretrained_path={path!r} is set but autoencoder.kind='identity'"
             )
         return IdentityAutoencoder(image_channels, scale_factor=scale)
     if kind != "kl_f8":
-        raise ValueError(f"autoencoder.kind={kind!r}; expected one of {AUTOENCODER_KINDS}")
+        raise ConfigError(f"autoencoder.kind={kind!r}; expected one of {AUTOENCODER_KINDS}")
 
     dtype = parse_dtype(ae_config.get("dtype", "float32"))
     if ddconfig is None and ae_config.get("ddconfig"):

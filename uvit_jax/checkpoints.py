@@ -7,31 +7,58 @@ A workdir's `checkpoints/<step>/` holds up to four items:
   config    JSON: the resolved config, the checkpoint format version and what wrote it.
 A converted official checkpoint has only `ema` and `config`.
 
-Safety: orbax writes into a temporary folder and renames it, so a kill -9 during
-a save never leaves a listed half-written step; deleting old steps is not atomic, so they are
-first moved into `checkpoints/trash/`, emptied at start-up.
+Each step also holds `checksums.json`: the size and SHA-256 of every file of every item.
+
+Safety, and why a listed step is always restorable:
+- orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every
+  process has written its part; the checksums are written into the temporary folder after all
+  the data (orbax's post-finalization callback, which runs on process 0 just before the rename),
+  so they are committed with the step by the same rename, and a kill -9 at any moment leaves
+  either no `<step>` or a complete one with its checksums.
+- Restoring checks the items it reads against the checksums (`check_step`); a step that fails
+  (changed or truncated file, missing file or item, empty folder, unreadable config) is named
+  with the path and reason. Training and `uvit_jax.load` without a step fall back to the newest
+  step that passes, with a warning naming each skipped one; an explicit step that fails raises.
+  Steps written before checksums existed have none and are restored unverified.
+- Deleting an old step is not atomic, so orbax first renames it into `checkpoints/trash/`
+  (which takes it out of the listing at once); the trash is emptied as soon as each save and its
+  deletions have finished, so `keep` bounds the disk during the run (at most `keep` + 2 steps:
+  the kept ones, one being written, one in the trash).
+- A save that fails (read-only folder, full disk) raises CheckpointError naming the step folder
+  and the error at the next save or wait, never a hang: step folders are created in the
+  caller's thread (created in orbax's background, a failure left the caller waiting).
+Checking reads every file of the items restored, once per restore (and, on a multi-host run,
+on every process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
-import shutil
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from uvit_jax.errors import UserError
+
 FORMAT_VERSION = 1
 ITEMS = ("state", "ema", "data_iter", "config")
+CHECKSUMS = "checksums.json"
 _TRASH = "trash"
+# Aside from the listing: steps newer than the one a run resumed from that failed verification
+# (kept for inspection; the run writes those step numbers again).
+_REJECTED = "rejected"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, of another model, or of an unknown format."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, damaged, of another model, or of an unknown format."""
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -43,23 +70,201 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return absolute(workdir) / "checkpoints"
 
 
+class _SealingManager(ocp.CheckpointManager):
+    """orbax's CheckpointManager that writes `checksums.json` into each step before orbax
+    commits it, empties the trash once a save and its deletions have finished, and turns a
+    failed save into a CheckpointError naming the step folder and the error."""
+
+    def __init__(self, directory: epath.Path, options: ocp.CheckpointManagerOptions):
+        self._sealing: int | None = None  # the step being saved (orbax saves one at a time)
+        self._unchecked: int | None = None  # a started save whose outcome is not checked yet
+        # Step folders are created in the caller's thread: created in the background, a failure
+        # (a read-only folder) leaves the caller waiting for orbax's signal until it times out.
+        options.async_options = ocp.AsyncOptions(
+            post_finalization_callback=self._seal, create_directories_asynchronously=False
+        )
+        super().__init__(directory, options=options, item_names=ITEMS)
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()  # the previous step is sealed before `_sealing` moves on
+        self._sealing = step
+        try:
+            started = super().save(step, *args, **kwargs)
+        except Exception as e:  # orbax and the filesystem fail in many ways; all are fatal
+            raise self._failed(e) from e
+        self._unchecked = step if started else None
+        return started
+
+    def _seal(self) -> None:
+        # Runs on process 0 after every process has written, before orbax renames the
+        # temporary folder; storages that commit in place (a commit file) have no such folder.
+        tmp = self.directory / f"{self._sealing}{ocp.path.atomicity.TMP_DIR_SUFFIX}"
+        write_checksums(tmp if tmp.exists() else self.directory / str(self._sealing))
+
+    def _failed(self, error: BaseException | None) -> CheckpointError:
+        cause = (
+            "see the error logged above" if error is None else f"{type(error).__name__}: {error}"
+        )
+        return CheckpointError(
+            f"saving checkpoint step {self._sealing} into {self.directory} failed ({cause}); "
+            "the steps saved before it are intact"
+        )
+
+    def wait_until_finished(self) -> None:
+        try:
+            super().wait_until_finished()
+        except Exception as e:  # raised again from the background save thread
+            self._unchecked = None  # reported once: a later wait (at exit) must not mask it
+            raise self._failed(e) from e
+        # orbax logs (and swallows) some failures of the background thread; the step folder
+        # then never appears.
+        if self._unchecked is not None and not (self.directory / str(self._unchecked)).exists():
+            raise self._failed(None)
+        self._unchecked = None
+        trash = self.directory / _TRASH
+        if jax.process_index() == 0 and trash.exists():
+            trash.rmtree()
+
+
 def open_manager(
     workdir: str | os.PathLike, *, keep: int | None = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """A CheckpointManager over `workdir/checkpoints` (async saves, keep-N, safe deletes)."""
+    """A CheckpointManager over `workdir/checkpoints` (async sealed saves, keep-N, safe deletes)."""
     directory = checkpoint_dir(workdir)
-    if not read_only:
-        if jax.process_index() == 0 and (directory / _TRASH).exists():
-            shutil.rmtree(os.fspath(directory / _TRASH), ignore_errors=True)
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=not read_only,
-        read_only=read_only,
-        cleanup_tmp_directories=not read_only,
-        todelete_subdir=None if read_only else _TRASH,
-        enable_async_checkpointing=not read_only,
+        max_to_keep=keep, cleanup_tmp_directories=True, todelete_subdir=_TRASH
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    manager = _SealingManager(directory, options)
+    manager.wait_until_finished()  # empties a trash left by a killed run
+    return manager
+
+
+# ---- checksums -------------------------------------------------------------------------------
+
+
+def _digest(path: epath.Path) -> str:
+    """The SHA-256 of file `path`, read in 1 MiB blocks (state files can be gigabytes)."""
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _item_files(folder: epath.Path) -> dict[str, dict]:
+    """{path relative to `folder`: {"bytes", "sha256"}} of every file under `folder`."""
+    paths = sorted(top / name for top, _, names in folder.walk() for name in names)
+    return {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().length, "sha256": _digest(p)}
+        for p in paths
+    }
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+    """Writes `step_dir/checksums.json`: size and SHA-256 of every file of each item there."""
+    items = {n: _item_files(step_dir / n) for n in ITEMS if (step_dir / n).is_dir()}
+    (step_dir / CHECKSUMS).write_text(json.dumps({"version": 1, "items": items}, indent=1))
+
+
+def _check_files(folder: epath.Path, files: Mapping[str, Mapping]) -> None:
+    """Raises CheckpointError naming the first file under `folder` that differs from `files`."""
+    for name, want in files.items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().length
+        if size != want["bytes"]:
+            raise CheckpointError(
+                f"{path} is truncated or changed: {size} bytes, saved {want['bytes']}"
+            )
+        if _digest(path) != want["sha256"]:
+            raise CheckpointError(
+                f"{path} is corrupt: its SHA-256 differs from the one saved with the step"
+            )
+
+
+# Why an item may be missing from a step that is otherwise fine.
+_MISSING_HINTS = {
+    "state": " (no raw training weights: a converted official checkpoint holds only EMA "
+    "weights; read those with ema=True)",
+}
+
+
+def check_step(manager: ocp.CheckpointManager, step: int, items: Sequence[str]) -> bool:
+    """Checks that `items` of `step` (and its config) can be restored: present, a config this
+    version reads, every file as saved. True when checksums were checked, False for a step
+    written before checksums existed. Raises CheckpointError naming the path and the reason."""
+    folder = epath.Path(manager.directory) / str(step)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise CheckpointError(f"{folder} is empty")
+    for name in ("config", *items):
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"{folder} has no `{name}` item{_MISSING_HINTS.get(name, '')}")
+    try:
+        read_config(manager, step)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax reports a damaged JSON item with various exception types
+        raise CheckpointError(f"{folder / 'config'} is unreadable ({type(e).__name__}: {e})") from e
+    record = folder / CHECKSUMS
+    if not record.exists():
+        return False
+    try:
+        saved = json.loads(record.read_text())["items"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{record} is unreadable ({type(e).__name__}: {e})") from e
+    for name in dict.fromkeys(("config", *items)):
+        _check_files(folder / name, saved.get(name, {}))
+    return True
+
+
+def newest_good_step(manager: ocp.CheckpointManager, items: Sequence[str]) -> int | None:
+    """The newest step whose `items` pass `check_step`, warning about each newer one that does
+    not; None when there is no step. Raises CheckpointError when no step passes."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    reasons = []
+    for step in steps:
+        try:
+            verified = check_step(manager, step, items)
+        except CheckpointError as e:
+            logging.warning("skipping checkpoint step %d: %s", step, e)
+            reasons.append(f"step {step}: {e}")
+            continue
+        if not verified:
+            logging.info(
+                "checkpoint step %d has no %s (older uvit_jax): not verified", step, CHECKSUMS
+            )
+        if reasons:
+            logging.warning("falling back to checkpoint step %d", step)
+        return step
+    if reasons:
+        raise CheckpointError(
+            f"no restorable checkpoint in {manager.directory}:\n  " + "\n  ".join(reasons)
+        )
+    return None
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int | None) -> None:
+    """Moves the steps newer than `step` (those that failed verification) into
+    `checkpoints/rejected/`, out of the listing, so a resumed run can write their step numbers
+    again; they stay there for inspection."""
+    root = epath.Path(manager.directory)
+    newer = [s for s in manager.all_steps() if step is None or s > step]
+    if newer and jax.process_index() == 0:
+        (root / _REJECTED).mkdir(exist_ok=True)
+        for s in newer:
+            target = root / _REJECTED / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+            (root / str(s)).rename(target)
+            logging.warning("moved the failed checkpoint step %d to %s", s, target)
+    if newer:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("uvit_jax set_aside_newer")
+        manager.reload()
 
 
 def config_record(config: Mapping) -> dict:
@@ -94,14 +299,18 @@ def save(
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def _check_step(manager: ocp.CheckpointManager, step: int | None, where: str) -> int:
+def _pick_step(
+    manager: ocp.CheckpointManager, step: int | None, items: Sequence[str], where: str
+) -> int:
+    """`step` once `check_step` passes, or the newest step that passes when `step` is None."""
     steps = sorted(manager.all_steps())
     if not steps:
         raise CheckpointError(f"no checkpoint in {where}")
     if step is None:
-        return steps[-1]
+        return newest_good_step(manager, items)
     if step not in steps:
         raise CheckpointError(f"{where} has no checkpoint at step {step}; it has steps {steps}")
+    check_step(manager, step, items)
     return step
 
 
@@ -151,16 +360,40 @@ def _read_only(root: epath.Path) -> Iterator[ocp.CheckpointManager]:
         manager.close()
 
 
-def find_step(workdir: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
-    """(checkpoint directory, step) for `workdir` or a `.../checkpoints` folder; latest if None."""
+def find_step(
+    workdir: str | os.PathLike, step: int | None = None, items: Sequence[str] = ("ema",)
+) -> tuple[epath.Path, int]:
+    """(checkpoint directory, step) for `workdir` or a `.../checkpoints` folder, after checking
+    `items` of the step (`check_step`); the newest step that passes if `step` is None."""
     path = absolute(workdir)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     root = path if path.name == "checkpoints" else checkpoint_dir(path)
     if not root.exists():
         raise CheckpointError(f"no checkpoint in {path}: {root} does not exist")
+    return root, verified_step(root, step, items, where=os.fspath(path))
+
+
+def verified_step(
+    root: epath.Path, step: int | None, items: Sequence[str], where: str | None = None
+) -> int:
+    """`step` of the step folders in `root` once `items` pass `check_step` (the newest step
+    that passes if None); `where` names the place in messages (default `root`)."""
     with _read_only(root) as manager:
-        return root, _check_step(manager, step, os.fspath(path))
+        return _pick_step(manager, step, items, where or os.fspath(root))
+
+
+def read_step_config(root: epath.Path, step: int) -> dict:
+    """The config saved at `step` in the step folders of `root` (already verified)."""
+    with _read_only(root) as manager:
+        return read_config(manager, step)
+
+
+def load_ema(root: epath.Path, step: int, ema_target: Any) -> Any:
+    """The EMA item of `step` in `root` (already verified), restored onto `ema_target`."""
+    args = ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target))
+    with _read_only(root) as manager:
+        return manager.restore(step, args=args)["ema"]
 
 
 def load_ema_and_config(
@@ -168,24 +401,14 @@ def load_ema_and_config(
 ) -> tuple[Any, dict, int]:
     """Restores only the EMA item (and the config): what notebooks, sampling and eval need."""
     root, step = find_step(workdir, step)
-    with _read_only(root) as manager:
-        config = read_config(manager, step)
-        ema = manager.restore(
-            step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target))
-        )
-        return ema["ema"], config, step
+    return load_ema(root, step, ema_target), read_step_config(root, step), step
 
 
 def load_raw_params(root: str | os.PathLike, step: int, target: Any) -> Any:
     """The `params` of the `state` item alone (a partial restore: the optimizer state is not
-    read). `target`: abstract params carrying the shardings to restore onto."""
+    read) of `step` (already verified). `target`: abstract params carrying the shardings to
+    restore onto."""
     root = absolute(root)
-    folder = root / str(step)
-    if not (folder / "state").exists():
-        raise CheckpointError(
-            f"{folder} has no `state` item, so no raw training weights (a converted official "
-            "checkpoint holds only EMA weights): load it with ema=True"
-        )
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     args = ocp.args.PyTreeRestore(
         item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
@@ -203,9 +426,8 @@ def has_data_iter_for_this_topology(manager: ocp.CheckpointManager, step: int) -
 
 def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
     """(config dict, step) of the checkpoint at `step` (latest if None) without loading arrays."""
-    root, step = find_step(workdir, step)
-    with _read_only(root) as manager:
-        return read_config(manager, step), step
+    root, step = find_step(workdir, step, items=())
+    return read_step_config(root, step), step
 
 
 # ---- standalone weight folders (converted autoencoders) -----------------------------------

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from uvit_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
@@ -42,7 +44,7 @@ class Conditioning:
             shape = (int(model.num_clip_token), int(model.clip_dim))
             return cls("text", context_shape=shape, has_null=has_null)
         if model.kind != "uvit":
-            raise ValueError(
+            raise ConfigError(
                 f"config.model.kind: expected 'uvit' or 'uvit_t2i', got {model.kind!r}"
             )
         labels = int(model.num_classes)

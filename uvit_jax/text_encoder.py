@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from uvit_jax.convert.clip_text import load_clip_text, read_clip_text_config
+from uvit_jax.errors import ConfigError
 from uvit_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from uvit_jax.parallel.frozen import FrozenNetwork
 from uvit_jax.parallel.mesh import batch_shard_count
@@ -172,7 +173,7 @@ def text_encoder_from_config(config: Any) -> TextEncoder:
     drawing prompt after prompt read the 123M weights once per process.
     """
     if not config.text_encoder.path:
-        raise ValueError(
+        raise ConfigError(
             "config.text_encoder.path is empty: text-to-image extraction and prompts need the "
             "CLIP text encoder's Hugging Face folder (e.g. openai/clip-vit-large-patch14)"
         )

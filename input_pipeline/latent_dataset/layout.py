@@ -55,6 +55,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 
+from input_pipeline.errors import DataError
+
 DATASET_NAME = "uvit_latents"
 CONTEXTS_NAME = "uvit_contexts"
 VERSION = "1.0.0"
@@ -65,11 +67,11 @@ EMPTY_CONTEXT_FILE = "empty_context.npy"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(DataError, ValueError):
     """The dataset on disk does not fit the config (or the extraction being resumed)."""
 
 
-class CorruptShardError(OSError):
+class CorruptShardError(DataError, OSError):
     """A shard file is missing, truncated or unreadable; the message names the file."""
 
 

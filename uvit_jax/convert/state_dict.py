@@ -15,12 +15,14 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from uvit_jax.errors import UserError
+
 StateDict = dict[str, np.ndarray]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model it is converted into."""
 
 
@@ -40,29 +42,51 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> St
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    lower = path.lower()
-    if lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            state = {k: np.asarray(f[k]) for k in f.files}
-    elif lower.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        try:
-            state = dict(load_file(path))
-        except Exception as e:  # bf16 tensors are not representable in numpy's safetensors
-            state = _load_safetensors_via_torch(path, e)
-    elif lower.endswith(_TORCH_SUFFIXES):
-        state = _load_torch(path)
-    else:
+    kind = _format_of(path)
+    try:
+        state = _READERS[kind](path)
+    except (ConversionError, ImportError):
+        raise
+    except Exception as e:  # each reader fails its own way on a file of another kind
+        # `from None`: torch's and numpy's messages suggest loading the file unsafely.
         raise ConversionError(
-            f"{path}: unknown checkpoint format; expected one of "
-            f"{', '.join(_TORCH_SUFFIXES + ('.npz', '.safetensors'))}"
-        )
+            f"{path}: not a {kind} checkpoint (expected {_EXPECTED[kind]}; "
+            f"reading it failed with {type(e).__name__})"
+        ) from None
     if prefix is not None:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise ConversionError(f"{path}: no key starts with the prefix {prefix!r}")
     return {k: _to_numpy_dtype(v) for k, v in state.items()}
+
+
+def _format_of(path: str) -> str:
+    """The format `path`'s suffix names: "PyTorch", "NumPy .npz" or "safetensors"."""
+    lower = path.lower()
+    if lower.endswith(_TORCH_SUFFIXES):
+        return "PyTorch"
+    if lower.endswith(".npz"):
+        return "NumPy .npz"
+    if lower.endswith(".safetensors"):
+        return "safetensors"
+    raise ConversionError(
+        f"{path}: unknown checkpoint format; expected one of "
+        f"{', '.join(_TORCH_SUFFIXES + ('.npz', '.safetensors'))}"
+    )
+
+
+def _load_npz(path: str) -> StateDict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: np.asarray(f[k]) for k in f.files}
+
+
+def _load_safetensors(path: str) -> StateDict:
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(path))
+    except KeyError as e:  # a dtype numpy lacks (bf16): torch reads it
+        return _load_safetensors_via_torch(path, e)
 
 
 def _to_numpy_dtype(x: np.ndarray) -> np.ndarray:
@@ -118,6 +142,14 @@ def _load_safetensors_via_torch(path: str, cause: Exception) -> StateDict:
 
     del cause
     return {k: _tensor_to_numpy(torch, v) for k, v in load_file(path).items()}
+
+
+_READERS = {"PyTorch": _load_torch, "NumPy .npz": _load_npz, "safetensors": _load_safetensors}
+_EXPECTED = {
+    "PyTorch": "a state dict of tensors saved with torch.save, or a TorchScript archive",
+    "NumPy .npz": "arrays saved with numpy.savez, no Python objects",
+    "safetensors": "a safetensors file",
+}
 
 
 def check_keys(

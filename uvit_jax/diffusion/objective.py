@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from uvit_jax.diffusion.schedules import FORMULATIONS, schedule_for
+from uvit_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -71,7 +72,7 @@ def loss_weights(snr: Array, weighting: str = "none", gamma: float = 5.0) -> Arr
         return jnp.minimum(snr, gamma) / snr
     if weighting == "snr_plus_one":
         return 1.0 + 1.0 / snr
-    raise ValueError(
+    raise ConfigError(
         f"config.diffusion.loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}"
     )
 

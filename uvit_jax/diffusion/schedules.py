@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvit_jax.errors import ConfigError
+
 ArrayLike = np.ndarray | jax.Array | float
 
 
@@ -221,7 +223,7 @@ def schedule_for(formulation: str) -> Schedule:
         return LinearVPSchedule()
     if formulation == "sd_discrete":
         return DiscreteSchedule()
-    raise ValueError(
+    raise ConfigError(
         f"config.diffusion.formulation: unknown formulation {formulation!r}; "
         f"expected one of {FORMULATIONS}"
     )

@@ -19,6 +19,7 @@ import numpy as np
 from uvit_jax.autoencoder import autoencoder_from_config
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.convert.inception import inception_info, load_inception, resolve_inception_path
+from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.features import FeatureFn, make_feature_fn
 from uvit_jax.evaluation.metrics import FeatureSet, evaluation_metrics, feature_set
 from uvit_jax.evaluation.reference import Reference, load_reference
@@ -90,7 +91,7 @@ def check_reference_protocol(reference: Reference, ours: dict[str, Any]) -> None
         return
     for key in ("input_protocol", "inception_feature_sha256"):
         if theirs.get(key) != ours[key]:
-            raise ValueError(
+            raise ConfigError(
                 f"{reference.path} was made with {key}={theirs.get(key)!r}, but this evaluation "
                 f"uses {key}={ours[key]!r}: FIDs across the two are not comparable. Remake the "
                 "reference with --mode fid_stats under this config, or set config.eval.protocol "
@@ -104,7 +105,7 @@ def make_evaluator(config, mesh, *, with_reference: bool = True) -> Evaluator:
     reference = None
     if with_reference:
         if not config.eval.ref_stats:
-            raise ValueError(
+            raise ConfigError(
                 "evaluation needs a reference: --config.eval.ref_stats=<.npz> "
                 "(make one with --mode fid_stats)"
             )
@@ -131,7 +132,7 @@ def label_mode(config) -> str:
         return "unconditional"
     mode = config.eval.get("labels", "balanced")
     if mode not in LABEL_MODES:
-        raise ValueError(f"config.eval.labels={mode!r}; expected one of {LABEL_MODES}")
+        raise ConfigError(f"config.eval.labels={mode!r}; expected one of {LABEL_MODES}")
     return mode
 
 
@@ -189,7 +190,7 @@ def caption_sampler(config, dataset_dir: str | None, seed: int) -> CaptionSample
         return None
     directory = config.eval.get("context_dir", "") or dataset_dir
     if not directory:
-        raise ValueError(
+        raise ConfigError(
             "FID of a text-to-image model needs captions: set config.eval.context_dir to an "
             "extracted dataset (e.g. MS-COCO val, --mode extract with data.split=val)"
         )

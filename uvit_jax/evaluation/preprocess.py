@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvit_jax.errors import ConfigError
+
 Array = jax.Array
 INCEPTION_SIZE = 299
 PROTOCOLS = ("pytorch_fid", "tf_graph")
@@ -87,7 +89,7 @@ def resize_bilinear(x: Array, size: tuple[int, int], half_pixel: bool = True) ->
 
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
-        raise ValueError(
+        raise ConfigError(
             f"config.eval.protocol={protocol!r}: unknown Inception input protocol; expected one "
             f"of {PROTOCOLS}"
         )

@@ -16,6 +16,7 @@ import os
 
 import jax
 
+from uvit_jax.errors import ConfigError
 from uvit_jax.parallel.distributed import initialize_distributed
 
 # mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
@@ -36,7 +37,7 @@ MODES: dict[str, str] = {
 def run(mode: str, config, workdir: str) -> None:
     """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
     if mode not in MODES:
-        raise ValueError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
+        raise ConfigError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
     initialize_distributed()  # before any device use; a no-op for one process
     logging.info(
         "%s on %d devices (%s), workdir %s",

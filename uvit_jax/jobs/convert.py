@@ -19,6 +19,7 @@ from uvit_jax.convert import autoencoder as autoencoder_weights
 from uvit_jax.convert import inception as inception_weights
 from uvit_jax.convert.state_dict import load_state_dict
 from uvit_jax.convert.uvit import uvit_from_official
+from uvit_jax.errors import ConfigError
 
 
 def convert(config, workdir: str) -> None:
@@ -30,7 +31,7 @@ def convert(config, workdir: str) -> None:
     """
     source = config.convert.source
     if not source:
-        raise ValueError("--mode convert needs --config.convert.source=<official .pth file>")
+        raise ConfigError("--mode convert needs --config.convert.source=<official .pth file>")
     model = uvit_from_official(load_state_dict(source), config.model)
     manager = checkpoints.open_manager(workdir, keep=None)
     if manager.latest_step() is not None:
@@ -47,7 +48,7 @@ def convert(config, workdir: str) -> None:
 def convert_autoencoder(config, workdir: str) -> None:
     """LDM / Stable Diffusion / diffusers autoencoder file -> config.autoencoder.pretrained_path."""
     if not config.convert.source or not config.autoencoder.pretrained_path:
-        raise ValueError(
+        raise ConfigError(
             "--mode convert_autoencoder needs --config.convert.source=<autoencoder file> and "
             "--config.autoencoder.pretrained_path=<output folder>"
         )
@@ -62,7 +63,7 @@ def convert_inception(config, workdir: str) -> str:
     source = config.convert.source or inception_weights.packaged_torchscript()
     if not source:
         hint = inception_weights.IMPORT_HINT
-        raise ValueError(f"--mode convert_inception needs --config.convert.source: {hint}")
+        raise ConfigError(f"--mode convert_inception needs --config.convert.source: {hint}")
     dst = config.eval.inception_path or os.path.expanduser(inception_weights.DEFAULT_PATH)
     path = inception_weights.convert_inception(source, dst)
     logging.info("convert_inception: %s -> %s", source, path)

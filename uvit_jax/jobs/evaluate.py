@@ -27,6 +27,7 @@ from input_pipeline.preprocess import make_preprocessor
 from input_pipeline.sources import load_image, make_source
 from uvit_jax.api import load
 from uvit_jax.convert.inception import sha256_of
+from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import (
     Evaluator,
     caption_sampler,
@@ -142,7 +143,7 @@ def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np
 def check_sample_count(config) -> None:
     """Refuses, before any sampling, a sample count FID cannot use."""
     if int(config.eval.num_samples) < min_samples(config):
-        raise ValueError(
+        raise ConfigError(
             f"config.eval.num_samples={config.eval.num_samples} is below "
             f"config.eval.min_samples={min_samples(config)}: FID needs at least as many "
             "samples as feature dimensions (2048)"

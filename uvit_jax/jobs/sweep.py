@@ -31,6 +31,7 @@ import jax
 from etils import epath
 
 from uvit_jax.api import load
+from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import make_evaluator
 from uvit_jax.jobs.evaluate import check_sample_count, evaluate_loaded
 from uvit_jax.parallel.mesh import make_mesh
@@ -151,7 +152,7 @@ def sweep(config, workdir: str) -> list[dict[str, Any]]:
         try:
             SamplerSpec.from_config(run_config)
         except ValueError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"config.sweep: the cell ({cell.line}, {cell.steps} steps): {e}"
             ) from e
     evaluator = make_evaluator(config, mesh)

@@ -15,13 +15,15 @@ import time
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 
 from input_pipeline import extract, latent_dataset
-from uvit_jax import checkpoints, images
+from uvit_jax import checkpoints, images, workdir_lock
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.errors import ConfigError, UserError
 from uvit_jax.jobs.extract import extract as extract_job
 from uvit_jax.models.uvit import build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
@@ -46,8 +48,12 @@ ARCHITECTURE_FIELDS = (
 )  # fmt: skip
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a non-finite loss or gradient."""
+# What a resumed run restores (with the config); each is checked against its checksums.
+RESUMED_ITEMS = ("state", "ema", "data_iter")
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient, or non-finite weights."""
 
 
 # ---- checks before anything compiles ---------------------------------------------------------
@@ -61,19 +67,19 @@ def check_config(config, mesh) -> None:
                          ("ckpt_every", 1), ("sample_every", 0), ("fid_every", 0)):  # fmt: skip
         value = config.train.get(field, least)
         if not isinstance(value, int) or value < least:
-            raise ValueError(
+            raise ConfigError(
                 f"config.train.{field}={value!r}: expected an integer >= {least}"
                 + (" (0: never)" if least == 0 else "")
             )
     accum = int(config.train.accum_steps)
     if accum < 1 or config.train.batch_size % accum:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
             f"config.train.accum_steps={accum}"
         )
     batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
     if config.train.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(
+        raise ConfigError(
             f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected 'stop' or 'skip'"
         )
 
@@ -90,6 +96,53 @@ def check_same_model(saved: Mapping, config, workdir: str) -> None:
         raise checkpoints.CheckpointError(
             f"{workdir} holds a checkpoint of another model; use a new --workdir or the "
             "matching config:\n  " + "\n  ".join(diffs)
+        )
+
+
+def check_labels(batch: Mapping[str, np.ndarray], config, data_dir: str) -> None:
+    """Refuses a class-conditional run whose dataset has labels outside the model's classes
+    (the embedding lookup would read past its table and train into NaN); checks one batch."""
+    cond = Conditioning.from_config(config)
+    if cond.kind != "class":
+        return
+    labels = np.asarray(batch["label"])
+    bad = labels[(labels < 0) | (labels >= cond.num_classes)]
+    if bad.size:
+        null = " plus the null class" if cond.has_null else ""
+        raise ConfigError(
+            f"dataset {config.data.name!r} ({data_dir}) has label {int(bad[0])}, but "
+            f"config.model.num_classes={config.model.num_classes} gives {cond.num_classes} "
+            f"classes{null}: expected labels in [0, {cond.num_classes})"
+        )
+
+
+# ---- non-finite values -----------------------------------------------------------------------
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every number of `tree` is finite: one reduction on the devices, one bool back."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def check_finite(state: TrainState, on_nonfinite: str, last_good: int | None) -> None:
+    """Raises NonFiniteLossError when `state` must not be saved or trained on: a non-finite step
+    happened under on_nonfinite='stop', or the weights hold non-finite numbers (which a
+    skipped step cannot cause). Called before every save, so `last_good` is truthful."""
+    bad, first_bad = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+    good = (
+        "no checkpoint yet"
+        if last_good is None
+        else f"the last good checkpoint is step {last_good}"
+    )
+    if bad and on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {int(first_bad)} (not applied); {good}. "
+            "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps."
+        )
+    if not bool(_all_finite((state.params, state.ema))):
+        raise NonFiniteLossError(
+            f"non-finite weights (params or EMA) after step {int(state.step)}: not saved; {good}"
         )
 
 
@@ -202,13 +255,20 @@ def write_sample_grid(
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state.
+    Holds the workdir's lock throughout: a second trainer there stops at once."""
+    workdir = os.fspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
+    """`train_and_evaluate` once the workdir is held."""
     from clu import metric_writers, periodic_actions
 
     from input_pipeline.train_input import make_train_iterator
 
-    workdir = os.fspath(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
     # FID during training: its weights and reference must be there before anything compiles.
@@ -223,9 +283,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         evaluator = make_evaluator(config, mesh)
 
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
-    latest = manager.latest_step()
+    latest = checkpoints.newest_good_step(manager, RESUMED_ITEMS)
     if latest is not None:
         check_same_model(checkpoints.read_config(manager, latest), config, workdir)
+    checkpoints.set_aside_newer(manager, latest)
 
     data_dir = ensure_dataset(config, workdir)
     empty_context, text = _text_inputs(config, data_dir, mesh)
@@ -261,6 +322,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state = create_train_state(config.model, tx, mesh, config.seed)
 
     first = _model_inputs(next(data_iter))
+    check_labels(first, config, data_dir)
     batch_spec = abstract_batch(config, first)
     if empty_context is not None:
         batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
@@ -295,7 +357,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             progress(done)
             if done % config.train.log_every == 0 or done == num_steps:
                 m = jax.device_get(metrics)
-                bad, first_bad = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+                bad = jax.device_get(state.nonfinite_steps)
                 now = time.perf_counter()
                 steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
@@ -309,13 +371,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 if peak:
                     scalars["mfu"] = scalars["tflops_per_device"] / peak
                 writer.write_scalars(done, scalars)
-                if bad and config.train.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {int(first_bad)} (not applied); "
-                        f"the last good checkpoint is step {manager.latest_step()}. Lower "
-                        "optim.lr or set train.on_nonfinite='skip' to skip such steps."
-                    )
+                check_finite(state, config.train.on_nonfinite, manager.latest_step())
             if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set(done):
+                check_finite(state, config.train.on_nonfinite, manager.latest_step())
                 item, ema = state.checkpoint_items()
                 checkpoints.save(
                     manager, done, ema=ema, config=config, state=item, data_iter=data_iter

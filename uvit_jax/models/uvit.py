@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uvit_jax.errors import ConfigError
 from uvit_jax.parallel.activations import constrain_batch
 
 Array = jax.Array
@@ -73,7 +74,7 @@ def resolve_attention(requested: str, dtype: jnp.dtype) -> str:
     with a log line rather than failing, so one config runs on CPU, GPU and TPU.
     """
     if requested not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention={requested!r}; expected one of {ATTENTION_IMPLS}")
+        raise ConfigError(f"model.attention={requested!r}; expected one of {ATTENTION_IMPLS}")
     if requested == "xla":
         return "xla"
     on_gpu = jax.default_backend() == "gpu"
@@ -199,11 +200,11 @@ class UViT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if img_size % patch_size:
-            raise ValueError(f"model.patch_size={patch_size} does not divide img_size={img_size}")
+            raise ConfigError(f"model.patch_size={patch_size} does not divide img_size={img_size}")
         if embed_dim % num_heads:
-            raise ValueError(f"model.num_heads={num_heads} does not divide embed_dim={embed_dim}")
+            raise ConfigError(f"model.num_heads={num_heads} does not divide embed_dim={embed_dim}")
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+            raise ConfigError(f"model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
         dtype = jnp.dtype(dtype)
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim = embed_dim
@@ -366,7 +367,7 @@ def model_kwargs(model_config) -> dict:
     cfg = dict(model_config)
     kind = cfg.get("kind", "uvit")
     if kind not in ("uvit", "uvit_t2i"):
-        raise ValueError(f"model.kind={kind!r}; expected 'uvit' or 'uvit_t2i'")
+        raise ConfigError(f"model.kind={kind!r}; expected 'uvit' or 'uvit_t2i'")
     kwargs = {k: cfg[k] for k in _OFFICIAL_ARGS if k in cfg}
     kwargs["text"] = kind == "uvit_t2i"
     if kwargs["text"]:

@@ -25,10 +25,12 @@ from collections.abc import Mapping
 
 import jax
 
+from uvit_jax.errors import UserError
+
 _TIMEOUT_DEFAULT_S = 300
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError, ValueError):
     """The environment asks for a multi-process job but does not describe it completely."""
 
 

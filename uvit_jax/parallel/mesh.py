@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from uvit_jax.errors import ConfigError
 from uvit_jax.parallel.activations import BATCH_AXES
 
 # Tensors below this many elements are replicated: splitting them saves nothing and costs
@@ -32,16 +33,16 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
     sizes = {"data": int(mesh_config["data"]), "fsdp": int(mesh_config["fsdp"])}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
-        raise ValueError("config.mesh: at most one of data/fsdp may be -1")
+        raise ConfigError("config.mesh: at most one of data/fsdp may be -1")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if n % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh: {n} devices are not divisible by the fixed axis size {fixed}"
             )
         sizes[free[0]] = n // fixed
     if sizes["data"] * sizes["fsdp"] != n:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.data={sizes['data']} x config.mesh.fsdp={sizes['fsdp']} != {n} devices"
         )
     return jax.make_mesh(
@@ -56,7 +57,7 @@ def batch_size_per_shard(mesh: Mesh, global_batch: int, *, field: str) -> int:
     """Checks that `global_batch` splits evenly over the batch axes; returns the per-device size."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={global_batch} is not divisible by the data-parallel size {n} "
             f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
         )

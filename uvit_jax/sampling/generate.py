@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.schedules import schedule_for
+from uvit_jax.errors import ConfigError
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
 from uvit_jax.sampling.guidance import guided_noise_fn
 from uvit_jax.sampling.samplers import SAMPLERS
@@ -48,48 +49,48 @@ class SamplerSpec:
         schedule_for(config.diffusion.formulation)  # validates the formulation
         sampler = config.sample.sampler
         if sampler not in SAMPLERS:
-            raise ValueError(
+            raise ConfigError(
                 f"config.sample.sampler: unknown sampler {sampler!r}; expected one of "
                 f"{tuple(SAMPLERS)}"
             )
         steps = int(config.sample.steps)
         if steps < 1:
-            raise ValueError(f"config.sample.steps must be >= 1, got {steps}")
+            raise ConfigError(f"config.sample.steps must be >= 1, got {steps}")
         cfg_scale = float(config.sample.cfg_scale)
         m = config.model
         shape = (int(m.img_size), int(m.img_size), int(m.in_chans))
         conditioning = Conditioning.from_config(config)
         if cfg_scale != 0 and conditioning.kind == "none":
-            raise ValueError(
+            raise ConfigError(
                 "config.sample.cfg_scale != 0 needs a conditional model (num_classes > 0, uvit_t2i)"
             )
         if cfg_scale != 0 and not conditioning.has_null:
-            raise ValueError(
+            raise ConfigError(
                 "config.sample.cfg_scale != 0 needs a model trained for guidance "
                 "(config.diffusion.p_uncond > 0: null class / empty context)"
             )
         thresholding = bool(config.sample.get("thresholding", False))
         if thresholding and not SAMPLERS[sampler].predict_x0:
-            raise ValueError(
+            raise ConfigError(
                 "config.sample.thresholding needs a data-prediction sampler "
                 f"({', '.join(n for n, s in SAMPLERS.items() if s.predict_x0)}), not {sampler!r}"
             )
         denoise_to_zero = bool(config.sample.get("denoise_to_zero", False))
         if denoise_to_zero and not hasattr(SAMPLERS[sampler], "denoise_to_zero"):
             with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "denoise_to_zero"))
-            raise ValueError(
+            raise ConfigError(
                 "config.sample.denoise_to_zero needs a DPM-Solver sampler or another with the "
                 f"option ({', '.join(with_option)}), not {sampler!r}"
             )
         grid = str(config.sample.get("grid", "") or "")
         if grid and grid not in SKIP_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f'config.sample.grid={grid!r}: expected "" (the sampler\'s own) or one of '
                 f"{SKIP_TYPES}"
             )
         if grid and not hasattr(SAMPLERS[sampler], "skip_type"):
             with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "skip_type"))
-            raise ValueError(
+            raise ConfigError(
                 f"config.sample.grid needs a sampler with a time grid ({', '.join(with_option)}), "
                 f"not {sampler!r}"
             )
@@ -114,12 +115,12 @@ def cfg_interval_from_config(config: Any) -> tuple[float, float] | None:
     if not interval:
         return None
     if len(interval) != 2 or not 0 <= float(interval[0]) < float(interval[1]):
-        raise ValueError(
+        raise ConfigError(
             f"config.sample.cfg_interval={interval}: expected () or (lo, hi) noise levels "
             "sigma_t / alpha_t with 0 <= lo < hi, e.g. (0.28, 5.42)"
         )
     if float(config.sample.cfg_scale) == 0:
-        raise ValueError("config.sample.cfg_interval is set but cfg_scale is 0 (no guidance)")
+        raise ConfigError("config.sample.cfg_interval is set but cfg_scale is 0 (no guidance)")
     return float(interval[0]), float(interval[1])
 
 

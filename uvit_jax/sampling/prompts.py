@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from uvit_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConditions:
@@ -75,7 +77,7 @@ def text_conditions(config: Any, n: int, workdir: str | os.PathLike | None) -> T
     try:
         directory = resolve_latent_dir(config, workdir)
     except ValueError as e:
-        raise ValueError(
+        raise ConfigError(
             "text-to-image sampling needs prompts (config.sample.prompts) or an extracted "
             f"dataset to take captions from (config.data.latent_dir): {e}"
         ) from e

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from uvit_jax.errors import ConfigError
+
 
 def learning_rate_schedule(optim: Mapping, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `optim.lr`, then constant (paper) or cosine to 0."""
@@ -23,7 +25,7 @@ def learning_rate_schedule(optim: Mapping, num_steps: int) -> optax.Schedule:
     elif kind == "cosine":
         after = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1))
     else:
-        raise ValueError(f"optim.schedule={kind!r}; expected 'constant' or 'cosine'")
+        raise ConfigError(f"optim.schedule={kind!r}; expected 'constant' or 'cosine'")
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -36,7 +38,7 @@ def _decay_mask(mask: str):
         # Matrices and conv kernels decay; biases, LayerNorm gains and pos_embed-like 1-D
         # vectors do not.
         return lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
-    raise ValueError(f"optim.decay_mask={mask!r}; expected 'all' or 'no_bias_norm'")
+    raise ConfigError(f"optim.decay_mask={mask!r}; expected 'all' or 'no_bias_norm'")
 
 
 def make_optimizer(optim: Mapping, num_steps: int) -> optax.GradientTransformation:
