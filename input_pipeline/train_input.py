@@ -30,7 +30,10 @@ ImageNet) is computed once per epoch in each worker.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -168,6 +171,26 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def exit_with_parent(worker_index: int, worker_count: int, *, parent: int) -> None:
+    """grain worker start-up: the worker exits within a second of the death of `parent` (the
+    pid of the process that started the workers).
+
+    A trainer killed with SIGKILL cannot stop its workers, which otherwise live on (hundreds of
+    MiB each, with their shared memory) once adopted by init; a daemon thread notices the
+    adoption by the changed parent pid, also when the trainer died while this worker was still
+    starting. (PR_SET_PDEATHSIG would fire when the *thread* that started the worker ends, and
+    grain starts them from a thread that may end before the trainer does.)
+    """
+    del worker_index, worker_count
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
 def make_train_dataset(
     config: Any,
     *,
@@ -241,7 +264,8 @@ def make_train_dataset(
     if workers > 0:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=functools.partial(exit_with_parent, parent=os.getpid()),
         )
     return it
 

@@ -395,3 +395,95 @@ def test_reading_never_imports_tensorflow(folder_dataset):
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_shard_files_open_once_when_read_threads_start_together(monkeypatch):
+    """A worker's read threads share one reader: the files (and the modules opening them
+    imports) are opened by one thread while the others wait, in every unpickled copy."""
+    import pickle
+    import threading
+    import time
+
+    from input_pipeline.latent_dataset import reader
+
+    opened = []
+
+    class SlowSource:
+        def __init__(self, paths):
+            opened.append(threading.get_ident())
+            time.sleep(0.2)  # wide enough for every thread to find the files unopened
+
+        def __getitems__(self, ids):
+            return [b"%d" % i for i in ids]
+
+    monkeypatch.setattr(reader.array_record_data_source, "ArrayRecordDataSource", SlowSource)
+    files = pickle.loads(pickle.dumps(reader._ShardFiles(["a.array_record"], [10])))
+    results = {}
+    threads = [
+        threading.Thread(target=lambda k=k: results.update({k: files.get([k, k + 1])}))
+        for k in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1
+    assert results == {k: [b"%d" % k, b"%d" % (k + 1)] for k in range(4)}
+
+
+def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
+    """kill -9 of the process that reads with grain workers leaves no worker behind."""
+    import signal
+    import time
+
+    _, path, _ = folder_dataset
+    code = textwrap.dedent(f"""
+        import os, time
+        from uvit_jax.config_defaults import default_config
+        from input_pipeline import train_input
+        c = default_config()
+        c.model.update(img_size=8, in_chans=2)
+        c.autoencoder.update(kind="kl_f8", scale_factor=0.5)
+        c.data.update(latent_dir={str(path)!r}, num_workers=2)
+        c.train.batch_size = 4
+        it = train_input.make_train_iterator(c, seed=0, process_index=0, process_count=1)
+        next(it)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [p for p in _pids() if _parent(p) == proc.pid]
+        assert len(workers) >= 2, workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [w for w in workers if _running(w)]
+    assert not alive, f"grain workers {alive} outlived their trainer"
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in pathlib.Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (its reaper is init)

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import pathlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,31 +154,45 @@ class _ShardFiles:
     """Random access by global record id over a list of array_record shard files.
 
     Picklable (grain ships readers to worker processes): the files open lazily in the process
-    that reads. Errors name the shard file.
+    that reads, once, under a lock: a worker's read threads call `get` together, and two of them
+    opening the files at once (which imports modules lazily) can deadlock on the import lock.
+    Errors name the shard file.
     """
 
     def __init__(self, paths: Sequence[str], lengths: Sequence[int]):
         self.paths = tuple(paths)
         self.starts = np.cumsum((0,) + tuple(lengths))
         self._source = None
+        self._opening = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_source"] = None
+        del state["_opening"]  # a lock does not pickle; each process makes its own
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._opening = threading.Lock()
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
         """The shard index of each global record id."""
         return np.searchsorted(self.starts, ids, side="right") - 1
 
-    def get(self, ids: Sequence[int]) -> list[bytes]:
-        if self._source is None:
+    def _open(self) -> None:
+        with self._opening:
+            if self._source is not None:  # another thread opened them while this one waited
+                return
             try:
                 self._source = array_record_data_source.ArrayRecordDataSource(list(self.paths))
             except Exception as e:  # array_record raises plain RuntimeError/ValueError
                 named = [p for p in self.paths if os.path.basename(p) in str(e)]
                 where = ", ".join(named) if named else f"of {os.path.dirname(self.paths[0])}"
                 raise layout.CorruptShardError(f"cannot open the shards {where}: {e}") from e
+
+    def get(self, ids: Sequence[int]) -> list[bytes]:
+        if self._source is None:
+            self._open()
         try:
             return self._source.__getitems__(list(ids))
         except Exception as batch_error:
