@@ -432,7 +432,8 @@ def test_shard_files_open_once_when_read_threads_start_together(monkeypatch):
 
 
 def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
-    """kill -9 of the process that reads with grain workers leaves no worker behind."""
+    """kill -9 of the process that reads with grain workers leaves no worker (nor its shared
+    memory) behind."""
     import signal
     import time
 
@@ -452,6 +453,7 @@ def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
         time.sleep(600)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
     )
@@ -468,6 +470,9 @@ def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
         time.sleep(0.5)
         alive = [w for w in workers if _running(w)]
     assert not alive, f"grain workers {alive} outlived their trainer"
+    # The workers' shared memory went with them (multiprocessing's resource tracker, one of
+    # the children waited for above, unlinks what they leave).
+    assert set(os.listdir("/dev/shm")) <= shm_before
 
 
 def _pids() -> list[int]:
