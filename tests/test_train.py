@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 from runs import small_config, subprocess_env, train_cmd
 
@@ -296,9 +297,11 @@ def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tm
         cmd = train_cmd(workdir, fmnist_dir, f"--config.train.num_steps={steps}", *common)
         subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True)
     # What a checkpoint written by 2 processes holds for a 1-process run: no file of its own.
-    (resumed / "checkpoints" / "4" / "data_iter" / "process_0-of-1.json").rename(
-        resumed / "checkpoints" / "4" / "data_iter" / "process_0-of-2.json"
+    step_dir = resumed / "checkpoints" / "4"
+    (step_dir / "data_iter" / "process_0-of-1.json").rename(
+        step_dir / "data_iter" / "process_0-of-2.json"
     )
+    checkpoints.write_checksums(epath.Path(step_dir))  # as that run would have sealed it
     subprocess.run(train_cmd(resumed, fmnist_dir, "--config.train.num_steps=8", *common),
                    env=subprocess_env(), check=True, capture_output=True)  # fmt: skip
     for a, b in zip(jax.tree.leaves(restored_params(straight, 8)),
