@@ -74,3 +74,22 @@ def run_two_jax_processes(script: str, tmp_path, args_of, *, devices: int = 2, t
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out.decode()[-3000:]
+
+
+def poison_step(monkeypatch, at: int) -> None:
+    """Makes the batch of training step `at` NaN (as a corrupt record or an overflow would)."""
+    import numpy as np
+
+    from uvit_jax.jobs import train as train_job
+
+    calls = {"n": 0}
+    real = train_job._model_inputs
+
+    def poisoned(batch):
+        out = real(batch)
+        if calls["n"] == at:
+            out = dict(out, x=np.full_like(out["x"], np.nan))
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(train_job, "_model_inputs", poisoned)

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from runs import REPO, small_config, subprocess_env, train_cmd
+from runs import REPO, poison_step, small_config, subprocess_env, train_cmd
 
 import uvit_jax
 from uvit_jax import checkpoints, workdir_lock
@@ -173,21 +173,6 @@ def test_training_resumes_from_the_last_good_step(trained, fmnist_dir, tmp_path,
 
 
 # ---- non-finite states and bad labels ------------------------------------------------------------
-
-
-def poison_step(monkeypatch, at: int):
-    """Makes the batch of step `at` NaN (as a corrupt record or an overflow would)."""
-    calls = {"n": 0}
-    real = train_job._model_inputs
-
-    def poisoned(batch):
-        out = real(batch)
-        if calls["n"] == at:
-            out = dict(out, x=np.full_like(out["x"], np.nan))
-        calls["n"] += 1
-        return out
-
-    monkeypatch.setattr(train_job, "_model_inputs", poisoned)
 
 
 @pytest.mark.parametrize("ckpt_every,log_every,last_good", [(1, 5, 3), (5, 1, None)])

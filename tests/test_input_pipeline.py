@@ -374,22 +374,33 @@ def test_tfds_source_unlabelled_celeba_end_to_end(tmp_path):
         np.testing.assert_array_equal(x, preprocess.to_model_range(img))
 
 
-def test_reading_never_imports_tensorflow(folder_dataset):
-    """A fresh process opens the dataset and reads a batch without importing TensorFlow."""
-    _, path, _ = folder_dataset
-    code = textwrap.dedent(f"""
-        import sys
+def _reading_script(path, workers: int, then: str) -> str:
+    """A program that opens the latent dataset at `path` (8 x 8 x 4 latents, batch 8, with
+    `workers` grain processes) as iterator `it`, then runs `then`."""
+    return textwrap.dedent(f"""
+        import sys, time
         from uvit_jax.config_defaults import default_config
         from input_pipeline import train_input
         c = default_config()
         c.model.update(img_size=8, in_chans=2)
         c.autoencoder.update(kind="kl_f8", scale_factor=0.5)
-        c.data.update(latent_dir={str(path)!r}, num_workers=0)
+        c.data.update(latent_dir={str(path)!r}, num_workers={workers})
         c.train.batch_size = 8
         it = train_input.make_train_iterator(c, seed=0, process_index=0, process_count=1)
+    """) + textwrap.dedent(then)
+
+
+def test_reading_never_imports_tensorflow(folder_dataset):
+    """A fresh process opens the dataset and reads a batch without importing TensorFlow."""
+    _, path, _ = folder_dataset
+    code = _reading_script(
+        path,
+        workers=0,
+        then="""
         assert next(it)["x"].shape == (8, 8, 8, 4)
         print("tensorflow" in sys.modules)
-    """)
+    """,
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
@@ -438,20 +449,15 @@ def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
     import time
 
     _, path, _ = folder_dataset
-    code = textwrap.dedent(f"""
-        import os, time
-        from uvit_jax.config_defaults import default_config
-        from input_pipeline import train_input
-        c = default_config()
-        c.model.update(img_size=8, in_chans=2)
-        c.autoencoder.update(kind="kl_f8", scale_factor=0.5)
-        c.data.update(latent_dir={str(path)!r}, num_workers=2)
-        c.train.batch_size = 4
-        it = train_input.make_train_iterator(c, seed=0, process_index=0, process_count=1)
+    code = _reading_script(
+        path,
+        workers=2,
+        then="""
         next(it)
         print("ready", flush=True)
         time.sleep(600)
-    """)
+    """,
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from etils import epath
 from flax import nnx
-from runs import small_config, subprocess_env, train_cmd
+from runs import poison_step, small_config, subprocess_env, train_cmd
 
 from configs.fashion_mnist_uvit import get_config
 from uvit_jax import checkpoints
@@ -158,21 +158,6 @@ def test_kill_during_async_saves_never_leaves_a_broken_checkpoint(fmnist_dir, tm
 
 
 # ---- failures inside the loop ------------------------------------------------------------------
-
-
-def poison_step(monkeypatch, at: int):
-    """Makes the batch of step `at` NaN (as a corrupt record or an overflow would)."""
-    calls = {"n": 0}
-    real = train_job._model_inputs
-
-    def poisoned(batch):
-        out = real(batch)
-        if calls["n"] == at:
-            out = dict(out, x=np.full_like(out["x"], np.nan))
-        calls["n"] += 1
-        return out
-
-    monkeypatch.setattr(train_job, "_model_inputs", poisoned)
 
 
 def loop_config(data_dir, **train):
