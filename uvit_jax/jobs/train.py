@@ -328,8 +328,15 @@ def _train(config, workdir: str) -> TrainState:
     batch_spec = abstract_batch(config, first)
     if empty_context is not None:
         batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
-    step_fn = make_train_step(graphdef, tx, config, schedule)
-    compiled, compile_s = compile_train_step(step_fn, abstract_state, shardings, batch_spec, mesh)
+    step_fn = dashboard.accumulating(make_train_step(graphdef, tx, config, schedule))
+    # The dashboard's running sums, replicated beside the replicated metrics.
+    zero_totals = jax.jit(
+        functools.partial(dashboard.zero_totals, NOISE_LEVEL_BUCKETS),
+        out_shardings=replicated(mesh),
+    )
+    compiled, compile_s = compile_train_step(
+        step_fn, abstract_state, shardings, batch_spec, mesh, jax.eval_shape(zero_totals)
+    )
 
     # TensorBoard only: the console gets one progress line per log point instead of every scalar.
     writer = (
@@ -346,13 +353,6 @@ def _train(config, workdir: str) -> TrainState:
     n_dev = jax.device_count()
     peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(jax.devices()[0].device_kind)
     level_names = noise_level_names(config.diffusion.formulation, NOISE_LEVEL_BUCKETS)
-    # Jitted with replicated outputs so the sums live beside the replicated metrics, also
-    # across processes.
-    zero_totals = jax.jit(
-        functools.partial(dashboard.zero_totals, NOISE_LEVEL_BUCKETS),
-        out_shardings=replicated(mesh),
-    )
-    add_step = jax.jit(dashboard.add_step, out_shardings=replicated(mesh))
     totals = zero_totals()
 
     key = jax.random.key_data(jax.random.key(config.seed))
@@ -365,8 +365,7 @@ def _train(config, workdir: str) -> TrainState:
             gbatch = global_batch(batch, mesh)
             if empty_context is not None:
                 gbatch["empty_context"] = empty_context
-            state, metrics = compiled(state, gbatch, key)
-            totals = add_step(totals, metrics)
+            state, metrics, totals = compiled(state, gbatch, key, totals)
             done = step + 1
             if done % config.train.log_every == 0 or done == num_steps:
                 sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))

@@ -1,15 +1,15 @@
 """What a training run shows: interval means of the step's metrics, flat hparams, the log line.
 
 A logged loss of one step is the noise of one batch; the loop instead adds every step's metrics
-up on the devices (`add_step`, dispatched asynchronously like the step, so no step waits for the
-host) and at each log point turns the sums into means over the steps since the previous one
+up inside the jitted step (`accumulating`: no host sync and no extra dispatch per step) and at
+each log point turns the sums into means over the steps since the previous one
 (`interval_scalars`).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,21 @@ def add_step(totals: Totals, metrics: Mapping[str, Array]) -> Totals:
         loss_by_t_count=metrics["loss_by_t_count"],
     )
     return {k: totals[k] + jnp.where(finite, v, jnp.zeros_like(v)) for k, v in step.items()}
+
+
+def accumulating(step_fn: Callable) -> Callable:
+    """step(state, batch, key) -> (state, metrics) as one program that also adds the metrics to
+    running sums: (state, batch, key, totals) -> (state, metrics, totals + metrics).
+
+    Fused rather than a second jitted call per step: that extra dispatch cost the loaded 2-core
+    CPU about 5% of the steps/s of the runlocal model (a 15 ms step).
+    """
+
+    def step(state, batch, key, totals: Totals):
+        state, metrics = step_fn(state, batch, key)
+        return state, metrics, add_step(totals, metrics)
+
+    return step
 
 
 def interval_scalars(totals: Mapping[str, np.ndarray], level_names: Sequence[str]) -> dict:

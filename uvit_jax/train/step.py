@@ -195,22 +195,33 @@ def compile_train_step(
     state_shardings: TrainState,
     abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
     mesh: Mesh,
+    abstract_totals: Mapping[str, jax.ShapeDtypeStruct] | None = None,
 ) -> tuple[Callable, float]:
-    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds)."""
+    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds).
+
+    abstract_totals: for a step that also takes and returns the dashboard's running sums
+    (`dashboard.accumulating`), their shapes; replicated and donated like the state.
+    """
     bs = batch_sharding(mesh)
     batch_shardings = {
         k: (replicated(mesh) if k == "empty_context" else bs) for k in abstract_batch
     }
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_shardings, replicated(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    args = (abstract_state, dict(abstract_batch), key)
+    in_shardings = (state_shardings, batch_shardings, replicated(mesh))
+    out_shardings = (state_shardings, replicated(mesh))
+    donate = (0,)
+    if abstract_totals is not None:
+        args += (dict(abstract_totals),)
+        in_shardings += (replicated(mesh),)
+        out_shardings += (replicated(mesh),)
+        donate += (3,)
+    jitted = jax.jit(
+        step_fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(abstract_state, dict(abstract_batch), key).compile()
+        compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - t0
     logging.info("compiled the train step in %.1f s", seconds)
     return compiled, seconds
