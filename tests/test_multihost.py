@@ -34,10 +34,9 @@ RUN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
+    import json, logging, os, sys
     import numpy as np
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity("info")
+    logging.getLogger().setLevel(logging.INFO)  # the loop's progress lines, as main.py shows them
     from uvit_jax.parallel.distributed import initialize_distributed
     initialize_distributed()
     import jax
@@ -115,8 +114,8 @@ def launch(tmp: pathlib.Path, name: str, data_dir: str, processes: int, other: s
 
 
 def logged_losses(log: str) -> np.ndarray:
-    """Per-step losses from clu's logging writer lines `[step] ..., loss=..., ...`."""
-    found = dict(re.findall(r"\[(\d+)\] [^\n]*?\bloss=([-+0-9.e]+)", log))
+    """Per-step losses from the loop's progress lines `step N/M  loss L  ...`."""
+    found = dict(re.findall(r"step (\d+)/\d+  loss ([-+0-9.e]+)", log))
     assert sorted(map(int, found)) == list(range(1, STEPS + 1)), f"losses not logged: {found}"
     return np.array([float(found[str(s)]) for s in range(1, STEPS + 1)])
 

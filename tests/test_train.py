@@ -2,6 +2,7 @@
 non-finite losses, configs that cannot work, and kills during asynchronous saves."""
 
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -190,6 +191,54 @@ def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_de
     assert int(state.step) == 15 and int(state.nonfinite_steps) == 1
     assert int(state.first_nonfinite_step) == 7
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    # The interval of the skipped step logs the mean of its other steps.
+    assert np.isfinite(logged(tmp_path, "loss")[10])
+
+
+# ---- dashboards --------------------------------------------------------------------------------
+
+
+def event_file(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def logged(workdir, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar the loop wrote (clu writes scalars as tensor events)."""
+    from tensorboard.util import tensor_util
+
+    return {
+        e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+        for e in event_file(workdir).Tensors(tag)
+    }
+
+
+def test_dashboards_show_interval_means(fmnist_dir, tmp_path, one_device, caplog):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    every, pairs = tmp_path / "every", tmp_path / "pairs"
+    train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=4, log_every=1), every)
+    with caplog.at_level("INFO"):
+        train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=4, log_every=2), pairs)
+    # The same seed trains the same steps: a 2-step interval logs the mean of its 2 steps.
+    for tag in ("loss", "grad_norm"):
+        one, two = logged(every, tag), logged(pairs, tag)
+        assert sorted(two) == [2, 4]
+        for step in (2, 4):
+            assert two[step] == pytest.approx((one[step - 1] + one[step]) / 2, rel=1e-6)
+    tags = event_file(pairs).Tags()["tensors"]
+    levels = [t for t in tags if t.startswith("loss_by_t/")]
+    assert levels == ["loss_by_t/n1-250", "loss_by_t/n251-500", "loss_by_t/n501-750",
+                      "loss_by_t/n751-1000"]  # fmt: skip
+    assert "steps_per_s" in tags and "steps_per_sec" not in tags
+    (content,) = event_file(pairs).PluginTagToContent("hparams").values()
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["model.embed_dim"].number_value == 32
+    assert hparams["diffusion.formulation"].string_value == "sd_discrete"
+    assert re.search(r"step 4/4  loss [0-9.]+  [0-9.]+ steps/s  ETA 0:00:00", caplog.text)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +305,8 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     new_state, metrics = jax.jit(step)(state, batch, key)
 
     # By hand: micro-batch i holds rows i, i+2, ...; its key is fold_in(fold_in(key, step), i).
-    from uvit_jax.train.step import make_loss_fn
+    from uvit_jax.diffusion.objective import noise_level_bucket
+    from uvit_jax.train.step import make_example_loss_fn, make_loss_fn
 
     loss_fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config)))
     k = jax.random.fold_in(key, 0)
@@ -271,6 +321,18 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The loss by noise level: each example's loss added to its level, over both micro-batches.
+    example_fn = jax.jit(make_example_loss_fn(graphdef, config))
+    sums, counts = np.zeros(4), np.zeros(4)
+    for i in range(2):
+        losses, t_net = example_fn(
+            state.params, {n: v[i::2] for n, v in batch.items()}, jax.random.fold_in(k, i)
+        )
+        level = noise_level_bucket(t_net, config.diffusion.formulation, 4)
+        sums += np.bincount(level, weights=losses, minlength=4)
+        counts += np.bincount(level, minlength=4)
+    np.testing.assert_allclose(metrics["loss_by_t_sum"], sums, rtol=1e-5)
+    np.testing.assert_array_equal(metrics["loss_by_t_count"], counts)
 
 
 def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tmp_path):

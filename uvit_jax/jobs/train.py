@@ -7,6 +7,7 @@ checkpoints; saves on SIGTERM (preemption) and at the end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -23,13 +24,14 @@ from flax import nnx
 from input_pipeline import extract, latent_dataset
 from uvit_jax import checkpoints, images, workdir_lock
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.diffusion.objective import noise_level_names
 from uvit_jax.errors import ConfigError, UserError
 from uvit_jax.jobs.extract import extract as extract_job
 from uvit_jax.models.uvit import build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
 from uvit_jax.sampling.generate import sample_images
 from uvit_jax.sampling.prompts import TextConditions, dataset_conditions
-from uvit_jax.train import flops
+from uvit_jax.train import dashboard, flops
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
     TrainState,
@@ -37,7 +39,7 @@ from uvit_jax.train.state import (
     create_train_state,
     model_graphdef,
 )
-from uvit_jax.train.step import compile_train_step, make_train_step
+from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, compile_train_step, make_train_step
 
 # Model fields that change the parameters; the others (dtype, attention, remat) may change
 # between runs of one workdir.
@@ -265,7 +267,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
 def _train(config, workdir: str) -> TrainState:
     """`train_and_evaluate` once the workdir is held."""
-    from clu import metric_writers, periodic_actions
+    from clu import metric_writers
 
     from input_pipeline.train_input import make_train_iterator
 
@@ -326,21 +328,32 @@ def _train(config, workdir: str) -> TrainState:
     batch_spec = abstract_batch(config, first)
     if empty_context is not None:
         batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
-    step_fn = make_train_step(graphdef, tx, config, schedule)
-    compiled, compile_s = compile_train_step(step_fn, abstract_state, shardings, batch_spec, mesh)
+    step_fn = dashboard.accumulating(make_train_step(graphdef, tx, config, schedule))
+    # The dashboard's running sums, replicated beside the replicated metrics.
+    zero_totals = jax.jit(
+        functools.partial(dashboard.zero_totals, NOISE_LEVEL_BUCKETS),
+        out_shardings=replicated(mesh),
+    )
+    compiled, compile_s = compile_train_step(
+        step_fn, abstract_state, shardings, batch_spec, mesh, jax.eval_shape(zero_totals)
+    )
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    # TensorBoard only: the console gets one progress line per log point instead of every scalar.
+    writer = (
+        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+        if jax.process_index() == 0
+        else metric_writers.MultiWriter([])
     )
     start = int(state.step)
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "convert"})
+    hparams = config.to_dict()
+    hparams.pop("convert", None)  # the settings of another job
+    writer.write_hparams(dashboard.flat_hparams(hparams))
     writer.write_scalars(start, {"compile_seconds": compile_s})
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
-    )
     step_flops = flops.train_step_flops(config.model, config.train.batch_size)
     n_dev = jax.device_count()
     peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(jax.devices()[0].device_kind)
+    level_names = noise_level_names(config.diffusion.formulation, NOISE_LEVEL_BUCKETS)
+    totals = zero_totals()
 
     key = jax.random.key_data(jax.random.key(config.seed))
     preempt = PreemptionFlag()
@@ -352,17 +365,17 @@ def _train(config, workdir: str) -> TrainState:
             gbatch = global_batch(batch, mesh)
             if empty_context is not None:
                 gbatch["empty_context"] = empty_context
-            state, metrics = compiled(state, gbatch, key)
+            state, metrics, totals = compiled(state, gbatch, key, totals)
             done = step + 1
-            progress(done)
             if done % config.train.log_every == 0 or done == num_steps:
-                m = jax.device_get(metrics)
-                bad = jax.device_get(state.nonfinite_steps)
+                sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
+                totals = zero_totals()
                 now = time.perf_counter()
                 steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
-                scalars = {k: float(v) for k, v in m.items()}
+                scalars = dashboard.interval_scalars(sums, level_names)
                 scalars.update(
+                    lr=float(lr),
                     steps_per_s=steps_per_s,
                     images_per_s=steps_per_s * config.train.batch_size,
                     tflops_per_device=steps_per_s * step_flops / n_dev / 1e12,
@@ -371,6 +384,11 @@ def _train(config, workdir: str) -> TrainState:
                 if peak:
                     scalars["mfu"] = scalars["tflops_per_device"] / peak
                 writer.write_scalars(done, scalars)
+                logging.info(
+                    dashboard.progress_line(
+                        done, num_steps, scalars.get("loss", float("nan")), steps_per_s
+                    )
+                )
                 check_finite(state, config.train.on_nonfinite, manager.latest_step())
             if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set(done):
                 check_finite(state, config.train.on_nonfinite, manager.latest_step())
@@ -391,6 +409,7 @@ def _train(config, workdir: str) -> TrainState:
                     captions=captions,
                 )
                 writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
+                logging.info("step %d: train FID %s", done, result)
             if preempt.is_set(done):
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break

@@ -17,7 +17,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.diffusion.objective import drop_contexts, drop_labels, noise_prediction_loss
+from uvit_jax.diffusion.objective import (
+    drop_contexts,
+    drop_labels,
+    example_losses,
+    noise_level_bucket,
+)
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
@@ -27,9 +32,15 @@ from uvit_jax.train.state import TrainState
 Array = jax.Array
 Batch = Mapping[str, Array]
 
+# The dashboards' loss by noise level: quarters of the schedule's time.
+NOISE_LEVEL_BUCKETS = 4
 
-def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, Array], Array]:
-    """loss(params, batch, key) -> scalar float32 for the config's objective.
+
+def make_example_loss_fn(
+    graphdef: nnx.GraphDef, config
+) -> Callable[[nnx.State, Batch, Array], tuple[Array, Array]]:
+    """losses(params, batch, key) -> (loss [B] float32 per example, network time [B] float32)
+    for the config's objective (`example_losses`).
 
     batch["x"]: [B, h, w, C] pixels in [-1, 1], or [B, h, w, 2C] autoencoder moments for latent
     models; batch["label"]: [B] int32 (class models); batch["context"]: [B, L, D] (text models)
@@ -45,7 +56,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
         gamma=float(config.diffusion.get("min_snr_gamma", 5.0)),
     )
 
-    def loss_fn(params: nnx.State, batch: Batch, key: Array) -> Array:
+    def losses_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, Array]:
         model = nnx.merge(graphdef, params)
         k_z, k_drop, k_noise = jax.random.split(key, 3)
         x0 = sample_latent(batch["x"], k_z, scale) if latent else batch["x"]
@@ -61,7 +72,35 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
                 y = drop_labels(k_drop, y, p_uncond, conditioning.null_class)
             cond["y"] = y
         predict = lambda x_t, t: model(x_t, t, **cond)
-        return noise_prediction_loss(predict, k_noise, x0, formulation, **weighting)
+        return example_losses(predict, k_noise, x0, formulation, **weighting)
+
+    return losses_fn
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, Array], Array]:
+    """loss(params, batch, key) -> scalar float32: the batch mean of `make_example_loss_fn`."""
+    losses_fn = make_example_loss_fn(graphdef, config)
+    return lambda params, batch, key: jnp.mean(losses_fn(params, batch, key)[0])
+
+
+def make_loss_by_noise_level_fn(
+    graphdef: nnx.GraphDef, config
+) -> Callable[[nnx.State, Batch, Array], tuple[Array, tuple[Array, Array]]]:
+    """loss(params, batch, key) -> (scalar float32 batch mean, (loss sums, example counts)),
+    the sums and counts [NOISE_LEVEL_BUCKETS] float32 per `noise_level_bucket` of the batch.
+
+    Sums and counts rather than means: they add up over micro-batches and logged intervals.
+    """
+    losses_fn = make_example_loss_fn(graphdef, config)
+    formulation = config.diffusion.formulation
+
+    def loss_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, tuple[Array, Array]]:
+        losses, t_net = losses_fn(params, batch, key)
+        bucket = noise_level_bucket(t_net, formulation, NOISE_LEVEL_BUCKETS)
+        member = jax.nn.one_hot(bucket, NOISE_LEVEL_BUCKETS, dtype=jnp.float32)  # [B, buckets]
+        # Elementwise, not a matmul: matmuls may run at reduced precision on accelerators.
+        sums = jnp.sum(losses[:, None] * member, axis=0)
+        return jnp.mean(losses), (sums, jnp.sum(member, axis=0))
 
     return loss_fn
 
@@ -81,12 +120,14 @@ def make_train_step(
     config,
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
-    """step(state, batch, key) -> (state, metrics): loss, grad_norm, lr (float32 scalars)."""
-    loss_fn = make_loss_fn(graphdef, config)
+    """step(state, batch, key) -> (state, metrics) of one step: loss, grad_norm, lr (float32
+    scalars), loss_by_t_sum and loss_by_t_count ([NOISE_LEVEL_BUCKETS] float32: the batch's
+    loss sums and example counts per noise level, `make_loss_by_noise_level_fn`)."""
+    loss_fn = make_loss_by_noise_level_fn(graphdef, config)
     accum = int(config.train.accum_steps)
     ema_rate = float(config.train.ema_rate)
     ema_warmup = bool(config.train.get("ema_warmup", False))
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, batch, key):
         if accum == 1:
@@ -95,16 +136,22 @@ def make_train_step(
         def micro(carry, xs):
             i, mb = xs
             mb = {k: (v if k == "empty_context" else constrain_batch(v)) for k, v in mb.items()}
-            loss, g = grad_fn(params, mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (loss, g)), None
+            out = grad_fn(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, out), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, g), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), _microbatches(batch, accum)))
-        return jax.tree.map(lambda x: x / accum, (loss, g))
+        levels = jnp.zeros((NOISE_LEVEL_BUCKETS,), jnp.float32)
+        zeros = (
+            (jnp.zeros((), jnp.float32), (levels, levels)),
+            jax.tree.map(jnp.zeros_like, params),
+        )
+        xs = (jnp.arange(accum), _microbatches(batch, accum))
+        ((loss, by_level), g), _ = jax.lax.scan(micro, zeros, xs)
+        # Means over micro-batches; the per-level sums and counts stay sums.
+        return (loss / accum, by_level), jax.tree.map(lambda x: x / accum, g)
 
     def step(state: TrainState, batch: Batch, key: Array):
         key = jax.random.fold_in(key, state.step)
-        loss, grads = gradients(state.params, batch, key)
+        (loss, (level_sums, level_counts)), grads = gradients(state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -130,7 +177,13 @@ def make_train_step(
             )
 
         new_state = jax.lax.cond(finite, apply, reject, state)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step))
+        metrics = dict(
+            loss=loss,
+            grad_norm=grad_norm,
+            lr=schedule(state.step),
+            loss_by_t_sum=level_sums,
+            loss_by_t_count=level_counts,
+        )
         return new_state, metrics
 
     return step
@@ -142,22 +195,33 @@ def compile_train_step(
     state_shardings: TrainState,
     abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
     mesh: Mesh,
+    abstract_totals: Mapping[str, jax.ShapeDtypeStruct] | None = None,
 ) -> tuple[Callable, float]:
-    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds)."""
+    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds).
+
+    abstract_totals: for a step that also takes and returns the dashboard's running sums
+    (`dashboard.accumulating`), their shapes; replicated and donated like the state.
+    """
     bs = batch_sharding(mesh)
     batch_shardings = {
         k: (replicated(mesh) if k == "empty_context" else bs) for k in abstract_batch
     }
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_shardings, replicated(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    args = (abstract_state, dict(abstract_batch), key)
+    in_shardings = (state_shardings, batch_shardings, replicated(mesh))
+    out_shardings = (state_shardings, replicated(mesh))
+    donate = (0,)
+    if abstract_totals is not None:
+        args += (dict(abstract_totals),)
+        in_shardings += (replicated(mesh),)
+        out_shardings += (replicated(mesh),)
+        donate += (3,)
+    jitted = jax.jit(
+        step_fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(abstract_state, dict(abstract_batch), key).compile()
+        compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - t0
     logging.info("compiled the train step in %.1f s", seconds)
     return compiled, seconds
