@@ -79,7 +79,7 @@ def get_config(arg: str = ""):
         num_samples=100,
         batch_size=100,
     )
-    c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2048)
+    c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2500)
     if "paper_recipe" in flags:
         c.model.img_size = 32
         c.data.resolution = 32  # zero-padded 28 -> 32: 8 x 8 patches

@@ -105,6 +105,13 @@ def test_eval_refuses_too_few_samples_before_sampling(eval_setup):
     c.eval.update(num_samples=8, min_samples=2048)
     with pytest.raises(ValueError, match=r"num_samples=8 is below config.eval.min_samples=2048"):
         jobs.run("eval", c, str(root / "w"))
+    # Samples come in whole batches: a count that leaves a partial one would be misreported.
+    c.eval.update(num_samples=12, min_samples=8)
+    message = (
+        r"config.eval.num_samples=12 is not a multiple of config.eval.batch_size=8: use 8 or 16"
+    )
+    with pytest.raises(ValueError, match=message):
+        jobs.run("eval", c, str(root / "w"))
 
 
 def test_eval_needs_reference_statistics(eval_setup):

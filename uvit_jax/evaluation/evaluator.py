@@ -232,3 +232,21 @@ def metrics(config, samples: FeatureSet, reference: Reference) -> dict[str, floa
 def min_samples(config) -> int:
     """The fewest samples an FID may use (`config.eval.min_samples`)."""
     return int(config.eval.get("min_samples", 2048))
+
+
+def check_sample_count(config, field: str) -> None:
+    """Refuses, before any sampling, a count `config.eval.<field>` that FID cannot use: below
+    `min_samples`, or not whole batches of `config.eval.batch_size` (samples come in whole
+    batches, so the last one would add samples the result's fingerprint does not count)."""
+    n, batch = int(config.eval[field]), int(config.eval.batch_size)
+    if n < min_samples(config):
+        raise ConfigError(
+            f"config.eval.{field}={n} is below config.eval.min_samples={min_samples(config)}: "
+            "FID needs at least as many samples as feature dimensions (2048)"
+        )
+    if n % batch:
+        raise ConfigError(
+            f"config.eval.{field}={n} is not a multiple of config.eval.batch_size={batch}: "
+            f"use {n // batch * batch or batch} or {(n // batch + 1) * batch}, or another "
+            "batch size"
+        )

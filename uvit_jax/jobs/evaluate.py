@@ -27,15 +27,14 @@ from input_pipeline.preprocess import make_preprocessor
 from input_pipeline.sources import load_image, make_source
 from uvit_jax.api import load
 from uvit_jax.convert.inception import sha256_of
-from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import (
     Evaluator,
     caption_sampler,
+    check_sample_count,
     label_mode,
     make_evaluator,
     make_sample_batches,
     metrics,
-    min_samples,
 )
 from uvit_jax.evaluation.metrics import FeatureSet, feature_set
 from uvit_jax.evaluation.reference import save_reference
@@ -140,16 +139,6 @@ def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np
             yield {k: f[k] for k in f.files}
 
 
-def check_sample_count(config) -> None:
-    """Refuses, before any sampling, a sample count FID cannot use."""
-    if int(config.eval.num_samples) < min_samples(config):
-        raise ConfigError(
-            f"config.eval.num_samples={config.eval.num_samples} is below "
-            f"config.eval.min_samples={min_samples(config)}: FID needs at least as many "
-            "samples as feature dimensions (2048)"
-        )
-
-
 def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) -> dict[str, Any]:
     """The metrics of `loaded`'s weights sampled with `config.sample` (and `config.eval`'s
     count, labels and seed), as a dict with "step", "seconds" and the "protocol" fingerprint.
@@ -200,7 +189,7 @@ def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) ->
 def evaluate(config, workdir: str) -> dict[str, Any]:
     """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
     writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
-    check_sample_count(config)
+    check_sample_count(config, "num_samples")
     mesh = make_mesh(config.mesh)
     evaluator = make_evaluator(config, mesh)
     loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))

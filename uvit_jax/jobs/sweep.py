@@ -32,8 +32,8 @@ from etils import epath
 
 from uvit_jax.api import load
 from uvit_jax.errors import ConfigError
-from uvit_jax.evaluation.evaluator import make_evaluator
-from uvit_jax.jobs.evaluate import check_sample_count, evaluate_loaded
+from uvit_jax.evaluation.evaluator import check_sample_count, make_evaluator
+from uvit_jax.jobs.evaluate import evaluate_loaded
 from uvit_jax.parallel.mesh import make_mesh
 from uvit_jax.sampling.generate import SamplerSpec
 
@@ -142,7 +142,7 @@ def plot_fid_vs_nfe(rows: list[dict[str, Any]], path: epath.Path, title: str) ->
 
 def sweep(config, workdir: str) -> list[dict[str, Any]]:
     """Evaluates the latest checkpoint at every cell of `config.sweep`; returns the rows."""
-    check_sample_count(config)
+    check_sample_count(config, "num_samples")
     mesh = make_mesh(config.mesh)
     loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
     cells = sweep_cells(config)

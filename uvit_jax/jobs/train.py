@@ -278,10 +278,12 @@ def _train(config, workdir: str) -> TrainState:
     if fid_every:
         from uvit_jax.evaluation.evaluator import (
             caption_sampler,
+            check_sample_count,
             make_evaluator,
             metrics_of_samples,
         )
 
+        check_sample_count(config, "train_num_samples")
         evaluator = make_evaluator(config, mesh)
 
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
