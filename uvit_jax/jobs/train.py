@@ -369,7 +369,12 @@ def _train(config, workdir: str) -> TrainState:
                 gbatch["empty_context"] = empty_context
             state, metrics, totals = compiled(state, gbatch, key, totals)
             done = step + 1
-            if done % config.train.log_every == 0 or done == num_steps:
+            # Asked once per step: a SIGTERM arriving later in the step must not stop the run
+            # without the save that its stop promises.
+            stop = preempt.is_set(done)
+            log_now = done % config.train.log_every == 0 or done == num_steps
+            save_now = done % config.train.ckpt_every == 0 or done == num_steps or stop
+            if log_now:
                 sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
                 totals = zero_totals()
                 now = time.perf_counter()
@@ -391,9 +396,9 @@ def _train(config, workdir: str) -> TrainState:
                         done, num_steps, scalars.get("loss", float("nan")), steps_per_s
                     )
                 )
+            if log_now or save_now:  # after the log line, before the save: once per step
                 check_finite(state, config.train.on_nonfinite, manager.latest_step())
-            if done % config.train.ckpt_every == 0 or done == num_steps or preempt.is_set(done):
-                check_finite(state, config.train.on_nonfinite, manager.latest_step())
+            if save_now:
                 item, ema = state.checkpoint_items()
                 checkpoints.save(
                     manager, done, ema=ema, config=config, state=item, data_iter=data_iter
@@ -412,7 +417,7 @@ def _train(config, workdir: str) -> TrainState:
                 )
                 writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
                 logging.info("step %d: train FID %s", done, result)
-            if preempt.is_set(done):
+            if stop:
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break
             if done < num_steps:

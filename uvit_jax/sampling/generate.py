@@ -77,10 +77,9 @@ class SamplerSpec:
             )
         denoise_to_zero = bool(config.sample.get("denoise_to_zero", False))
         if denoise_to_zero and not hasattr(SAMPLERS[sampler], "denoise_to_zero"):
-            with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "denoise_to_zero"))
             raise ConfigError(
                 "config.sample.denoise_to_zero needs a DPM-Solver sampler or another with the "
-                f"option ({', '.join(with_option)}), not {sampler!r}"
+                f"option ({_samplers_with('denoise_to_zero')}), not {sampler!r}"
             )
         grid = str(config.sample.get("grid", "") or "")
         if grid and grid not in SKIP_TYPES:
@@ -89,10 +88,9 @@ class SamplerSpec:
                 f"{SKIP_TYPES}"
             )
         if grid and not hasattr(SAMPLERS[sampler], "skip_type"):
-            with_option = (n for n, s in SAMPLERS.items() if hasattr(s, "skip_type"))
             raise ConfigError(
-                f"config.sample.grid needs a sampler with a time grid ({', '.join(with_option)}), "
-                f"not {sampler!r}"
+                "config.sample.grid needs a sampler with a time grid "
+                f"({_samplers_with('skip_type')}), not {sampler!r}"
             )
         return cls(
             config.diffusion.formulation,
@@ -106,6 +104,11 @@ class SamplerSpec:
             cfg_interval_from_config(config),
             grid,
         )
+
+
+def _samplers_with(option: str) -> str:
+    """The registered samplers that have field `option`, for error messages."""
+    return ", ".join(name for name, s in SAMPLERS.items() if hasattr(s, option))
 
 
 def cfg_interval_from_config(config: Any) -> tuple[float, float] | None:
