@@ -241,7 +241,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(runs, tmp_path
             procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while "] [20] " not in logs[0].read_text():
+        while "] step 20/" not in logs[0].read_text():  # the progress line of step 20
             assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
             assert time.monotonic() < deadline, "the run did not reach step 20"
             time.sleep(0.2)
