@@ -15,6 +15,7 @@ from numerics import relative_error
 from reference_dpm_solver import RefDiscrete, RefDPMSolver, RefVP
 
 from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
+from uvit_jax.errors import ConfigError
 from uvit_jax.sampling import dpm_solver, euler_maruyama
 from uvit_jax.sampling.generate import SamplerSpec, generate, make_generate_fn, sample_images
 from uvit_jax.sampling.guidance import guided_noise_fn
@@ -651,4 +652,123 @@ def test_guidance_interval_guides_only_inside_its_noise_levels():
 )
 def test_guidance_interval_errors_name_the_field(sample, message):
     with pytest.raises(ValueError, match=message):
+        generate(params_model, small_config(**sample), jax.random.key(0), num=4, params=PARAMS)
+
+
+# ------------------------------------------------------------------------------------------
+# Guidance schedules.
+# ------------------------------------------------------------------------------------------
+
+
+def test_constant_cfg_schedule_is_the_unscheduled_program():
+    """ "constant" traces exactly the one-pass guidance of before schedules existed: the same
+    jaxpr as that computation written out, hence the same bits."""
+    ns = LinearVPSchedule()
+    model = RecordingModel()
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    t = jnp.asarray([0.1, 0.5, 0.9])
+    y = jnp.asarray([1, 2, 3], jnp.int32)
+
+    def unscheduled(x, t):
+        t_net = ns.network_time(t).astype(jnp.float32)
+        y2 = jnp.concatenate([y, jnp.full_like(y, 9)])
+        out = model(jnp.concatenate([x, x]), jnp.concatenate([t_net, t_net]), y2, None)
+        eps_c, eps_u = out[:3], out[3:]
+        return eps_c + 0.7 * (eps_c - eps_u)
+
+    fn = guided_noise_fn(model, ns, y=y, cfg_scale=0.7, null_class=9, cfg_schedule="constant")
+    assert str(jax.make_jaxpr(fn)(x, t)) == str(jax.make_jaxpr(unscheduled)(x, t))
+    np.testing.assert_array_equal(jax.jit(fn)(x, t), jax.jit(unscheduled)(x, t))
+
+
+@pytest.mark.parametrize("formulation,scale", [("vp_continuous", 999.0), ("sd_discrete", 1000.0)])
+def test_linear_cfg_schedule_is_eps_c_plus_s_t_times_the_difference(formulation, scale):
+    """ "linear": eps_c + s(t) (eps_c - eps_u) with s(t) = 0.7 (1 - t), in one pass of 2B."""
+    ns = schedule_for(formulation)
+    model = RecordingModel()
+    x = jax.random.normal(jax.random.key(0), (4, 4, 4, 2))
+    t = jnp.asarray([1.0, 0.75, 0.5, 1e-3])
+    y = jnp.asarray([1, 2, 3, 4], jnp.int32)
+    fn = guided_noise_fn(model, ns, y=y, cfg_scale=0.7, null_class=9, cfg_schedule="linear")
+    got = np.asarray(jax.jit(fn)(x, t))
+    assert model.calls == [(8, True, False)], "a scheduled step is still one pass of 2B"
+    eps_c, eps_u = (
+        np.asarray(model(x, scale * t, labels, None)) for labels in (y, jnp.full_like(y, 9))
+    )
+    s = np.asarray([0.0, 0.175, 0.35, 0.6993])[:, None, None, None]  # 0.7 (1 - t), by hand
+    np.testing.assert_allclose(got, eps_c + s * (eps_c - eps_u), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[0], eps_c[0], rtol=1e-6)  # pure noise: no guidance yet
+
+
+def test_linear_cfg_schedule_composes_with_the_interval():
+    """Inside the interval the linear scale (one pass of 2B), outside one conditional pass of B."""
+    ns = LinearVPSchedule()
+    model = RecordingModel()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 2))
+    y = jnp.asarray([1, 2], jnp.int32)
+    fn = jax.jit(
+        guided_noise_fn(
+            model, ns, y=y, cfg_scale=2.0, null_class=9, cfg_interval=(0.5, 5.0),
+            cfg_schedule="linear",
+        )
+    )  # fmt: skip
+    fn.lower(x, jnp.ones((2,)))
+    assert model.calls == [(4, True, False), (2, True, False)]  # the two branches of one cond
+    inside = []
+    for t_i in (0.95, 0.5, 0.1):
+        t = jnp.full((2,), t_i)
+        sigma = float(ns.marginal_std(t[0]) / ns.marginal_alpha(t[0]))
+        inside.append(0.5 < sigma <= 5.0)
+        eps_c, eps_u = (
+            np.asarray(model(x, 999.0 * t, labels, None)) for labels in (y, jnp.full_like(y, 9))
+        )
+        s = 2.0 * (1.0 - t_i) if inside[-1] else 0.0
+        np.testing.assert_allclose(fn(x, t), eps_c + s * (eps_c - eps_u), rtol=1e-6, atol=1e-6)
+    assert inside == [False, True, False]  # above, in and below the interval
+
+
+def test_generate_linear_cfg_schedule_is_the_sampler_on_the_scheduled_noise_fn():
+    key = jax.random.key(7)
+    labels = jnp.asarray([1, 2, 3, 4], jnp.int32)
+    run = lambda **s: np.asarray(
+        generate(params_model, small_config(sampler="dpm_solver++_2m", **s), key, labels=labels,
+                 params=PARAMS)
+    )  # fmt: skip
+    got = run(cfg_scale=1.5, cfg_schedule="linear")
+    model = functools.partial(params_model, PARAMS)
+
+    def linear_noise_fn(x, t):
+        t_net = 999.0 * t
+        eps_c = model(x, t_net, labels, None)
+        eps_u = model(x, t_net, jnp.full_like(labels, 10), None)
+        return eps_c + (1.5 * (1.0 - t))[:, None, None, None] * (eps_c - eps_u)
+
+    x_T = jax.random.normal(jax.random.split(key, 3)[0], (4, 28, 28, 1), jnp.float32)
+    kwargs = dict(method="multistep", order=2, skip_type="logSNR", predict_x0=True)
+    want = jax.jit(
+        lambda x: dpm_solver.sample(linear_noise_fn, x, LinearVPSchedule(), steps=6, **kwargs)
+    )(x_T)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - run(cfg_scale=1.5)).max() > 1e-3  # not the constant scale
+    np.testing.assert_array_equal(run(cfg_scale=1.5, cfg_schedule="constant"), run(cfg_scale=1.5))
+    # An empty interval leaves the conditional model, whatever the schedule.
+    empty = run(cfg_scale=1.5, cfg_schedule="linear", cfg_interval=(1e8, 1e9))
+    np.testing.assert_allclose(empty, run(cfg_scale=0.0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (
+            dict(cfg_scale=1.0, cfg_schedule="cosine"),
+            r"config.sample.cfg_schedule='cosine': expected one of \('constant', 'linear'\)",
+        ),
+        (
+            dict(cfg_scale=0.0, cfg_schedule="linear"),
+            r"config.sample.cfg_schedule is 'linear' but cfg_scale is 0",
+        ),
+    ],
+)
+def test_cfg_schedule_errors_name_the_field(sample, message):
+    with pytest.raises(ConfigError, match=message):
         generate(params_model, small_config(**sample), jax.random.key(0), num=4, params=PARAMS)

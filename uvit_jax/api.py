@@ -208,6 +208,7 @@ def sample(
     cfg_scale: float | None = None,
     sampler: str | None = None,
     cfg_interval: tuple[float, float] | tuple[()] | None = None,
+    cfg_schedule: str | None = None,
     seed: int = 0,
     batch: int = 0,
     decode: bool = True,
@@ -228,6 +229,8 @@ def sample(
           call (cfg_scale=0 samples without guidance); `loaded.config` is left unchanged.
       cfg_interval: overrides config.sample.cfg_interval: (lo, hi) guides only at noise levels
           lo < sigma_t / alpha_t <= hi; () guides at every step.
+      cfg_schedule: overrides config.sample.cfg_schedule: "constant" or "linear" (the scale
+          grows as cfg_scale * (1 - t) from pure noise, t = 1, to the end).
       seed, batch: x_T, random labels and SDE noise come from
           `fold_in(jax.random.key(seed), batch)`, so a seed gives the same samples on any number
           of devices, and batch i equals batch i of `main.py --mode sample` with that seed.
@@ -244,6 +247,8 @@ def sample(
             config.sample[field] = cast(value)
     if cfg_interval is not None:
         config.sample.cfg_interval = tuple(float(v) for v in cfg_interval)
+    if cfg_schedule is not None:
+        config.sample.cfg_schedule = str(cfg_schedule)
     if labels is not None:
         labels = jnp.asarray(np.asarray(labels, np.int32).reshape(-1))
     if prompts is not None:

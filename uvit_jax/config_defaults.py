@@ -157,6 +157,10 @@ def default_config() -> ml_collections.ConfigDict:
             # Guidance only at noise levels lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al.
             # 2024; EDM2 uses (0.28, 5.42)); elsewhere one conditional pass. (): every step.
             cfg_interval=(),
+            # The scale over sampling time t (1 -> t_end): "constant", or "linear":
+            # cfg_scale * (1 - t), from 0 at pure noise up to cfg_scale at the end (Wang et al.
+            # 2024; uvit_jax/sampling/guidance.py).
+            cfg_schedule="constant",
             # DPM-Solver++ only: clip the predicted x0 to the data range (dynamic thresholding,
             # ratio 0.995), which keeps short-trained pixel models' samples from diverging.
             thresholding=False,

@@ -2,7 +2,8 @@
 
     samples = generate(model_fn, config, key, labels=...)   # [B, H, W, C] float32
 
-reads `config.diffusion.formulation`, `config.sample.{sampler, steps, cfg_scale}`,
+reads `config.diffusion.formulation`, `config.sample.{sampler, steps, cfg_scale, cfg_interval,
+cfg_schedule, grid, thresholding, denoise_to_zero}`,
 `config.model.{img_size, in_chans}` and what conditions the model (`Conditioning`), draws
 x_T (and random labels) for the whole global batch from `key` inside one jitted program, so a
 seed gives the same samples on any number of devices. Outputs are in the model's space (latents
@@ -25,7 +26,7 @@ from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.schedules import schedule_for
 from uvit_jax.errors import ConfigError
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
-from uvit_jax.sampling.guidance import guided_noise_fn
+from uvit_jax.sampling.guidance import CFG_SCHEDULES, guided_noise_fn
 from uvit_jax.sampling.samplers import SAMPLERS
 
 
@@ -43,6 +44,7 @@ class SamplerSpec:
     denoise_to_zero: bool = False  # DPM-Solver only: a last NFE returning x0 at t_end
     cfg_interval: tuple[float, float] | None = None  # guided sigma range (lo, hi]; None: all
     grid: str = ""  # the time grid (`dpm_solver.SKIP_TYPES`); "": the sampler's own
+    cfg_schedule: str = "constant"  # the guidance scale over time (`guidance.CFG_SCHEDULES`)
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -103,6 +105,7 @@ class SamplerSpec:
             denoise_to_zero,
             cfg_interval_from_config(config),
             grid,
+            cfg_schedule_from_config(config),
         )
 
 
@@ -125,6 +128,21 @@ def cfg_interval_from_config(config: Any) -> tuple[float, float] | None:
     if float(config.sample.cfg_scale) == 0:
         raise ConfigError("config.sample.cfg_interval is set but cfg_scale is 0 (no guidance)")
     return float(interval[0]), float(interval[1])
+
+
+def cfg_schedule_from_config(config: Any) -> str:
+    """`config.sample.cfg_schedule` checked: one of `guidance.CFG_SCHEDULES` ("constant" when
+    the field is missing, as in configs saved before it existed)."""
+    schedule = config.sample.get("cfg_schedule", "constant")
+    if schedule not in CFG_SCHEDULES:
+        raise ConfigError(
+            f"config.sample.cfg_schedule={schedule!r}: expected one of {CFG_SCHEDULES}"
+        )
+    if schedule != "constant" and float(config.sample.cfg_scale) == 0:
+        raise ConfigError(
+            f"config.sample.cfg_schedule is {schedule!r} but cfg_scale is 0 (no guidance)"
+        )
+    return str(schedule)
 
 
 def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
@@ -179,6 +197,7 @@ def make_generate_fn(
             null_class=cond.null_class,
             null_context=null_context,
             cfg_interval=spec.cfg_interval,
+            cfg_schedule=spec.cfg_schedule,
         )
         return constrain(sample_noise(spec, noise_fn, x_T, k_sde))
 

@@ -14,10 +14,23 @@ Guidance can be limited to an interval of noise levels (Kynkaenniemi et al. 2024
 guidance in a limited interval improves sample and distribution quality in diffusion models"),
 given as EDM's sigma = sigma_t / alpha_t, the same noise level under every schedule. Outside the
 interval the noise function makes one conditional pass of B images instead of the guided 2B.
+
+The scale can also follow a schedule of the time (Wang et al. 2024, "Analysis of
+Classifier-Free Guidance Weight Schedulers"): "constant" (s everywhere) or "linear", their
+increasing-linear scheduler, s(t) = cfg_scale * (1 - t) in the samplers' normalized time t:
+0 at pure noise (t = 1), growing to cfg_scale at the end (t_end: 1e-4 VP, 1e-3 discrete, so
+0.9999 and 0.999 of it): cfg_scale is the end value, and the mean over t is about half of it.
+The time t, rather than the step
+index or sigma, because every sampler already passes it to the noise function (no sampler
+changes, and the ramp is one function of the noise level whatever the grid or step count), and
+it spans [t_end, 1] under every schedule, where sigma_t / alpha_t spans 0.029-14.6 (discrete)
+or 0.0032-152 (VP): a ramp linear in sigma would sit near cfg_scale on most steps of a
+log-spaced grid, where sigma is far below its maximum.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -26,12 +39,20 @@ import jax.numpy as jnp
 from uvit_jax.diffusion.schedules import Schedule
 from uvit_jax.sampling.dpm_solver import NoiseFn
 
+CFG_SCHEDULES = ("constant", "linear")
+
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
 
 
 def _is_zero(scale) -> bool:
     """True for a concrete scale of 0 (then no unconditional pass is traced at all)."""
     return isinstance(scale, (int, float)) and scale == 0
+
+
+def linear_scale(cfg_scale: float | jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """The "linear" schedule's scale cfg_scale * (1 - t) for times t [B], as [B, 1, ...]
+    (`ndim` dimensions in all) to broadcast over eps; dtype of t."""
+    return (cfg_scale * (1.0 - t)).reshape(t.shape + (1,) * (ndim - 1))
 
 
 def guided_noise_fn(
@@ -44,6 +65,7 @@ def guided_noise_fn(
     null_class: int | None = None,
     null_context: jax.Array | None = None,
     cfg_interval: tuple[float, float] | None = None,
+    cfg_schedule: str = "constant",
 ) -> NoiseFn:
     """The noise function of a (possibly guided) U-ViT for DPM-Solver / Euler-Maruyama.
 
@@ -56,9 +78,13 @@ def guided_noise_fn(
       null_class: the label of the unconditional class (U-ViT: the last one, e.g. 1000 of 1001).
       null_context: [L, D] (or [B, L, D]) encoding of the empty prompt.
       cfg_interval: (lo, hi): guide only where lo < sigma_t / alpha_t <= hi; None: everywhere.
+      cfg_schedule: "constant" (scale cfg_scale) or "linear" (cfg_scale * (1 - t), module
+          docstring); either way a guided step is one forward pass of 2B images.
     Returns:
       noise_fn(x [B, H, W, C], t_continuous [B]) -> eps [B, H, W, C].
     """
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     guided = not _is_zero(cfg_scale)
     if guided:
         if y is None and context is None:
@@ -73,7 +99,7 @@ def guided_noise_fn(
     def conditional(x: jax.Array, t_net: jax.Array) -> jax.Array:
         return model_fn(x, t_net, y, context)
 
-    def guided_pass(x: jax.Array, t_net: jax.Array) -> jax.Array:
+    def guided_pass(x: jax.Array, t_net: jax.Array, scale: float | jax.Array) -> jax.Array:
         b = x.shape[0]
         y2 = ctx2 = None
         if y is not None:
@@ -83,17 +109,20 @@ def guided_noise_fn(
             ctx2 = jnp.concatenate([context, null])
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_net, t_net]), y2, ctx2)
         eps_c, eps_u = out[:b], out[b:]
-        return eps_c + cfg_scale * (eps_c - eps_u)
+        return eps_c + scale * (eps_c - eps_u)
 
     def noise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         t_net = schedule.network_time(t).astype(jnp.float32)
         if not guided:
             return conditional(x, t_net)
+        # "constant" keeps the Python scale, so its program is the unscheduled one exactly.
+        scale = cfg_scale if cfg_schedule == "constant" else linear_scale(cfg_scale, t, x.ndim)
+        guide = functools.partial(guided_pass, scale=scale)
         if cfg_interval is None:
-            return guided_pass(x, t_net)
+            return guide(x, t_net)
         # The samplers step every sample at one time: t[0] decides for the batch.
         sigma = jnp.exp(-schedule.marginal_lambda(t[0]))
         inside = (sigma > cfg_interval[0]) & (sigma <= cfg_interval[1])
-        return jax.lax.cond(inside, guided_pass, conditional, x, t_net)
+        return jax.lax.cond(inside, guide, conditional, x, t_net)
 
     return noise_fn
