@@ -182,8 +182,10 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
     for r in rows:
         assert (r["protocol"]["sampler"], r["protocol"]["steps"]) == (r["sampler"], r["steps"])
         assert r["cfg_interval"] == "all" and np.isfinite(r["fid"]) and r["seconds"] >= 0
+        assert r["cfg_schedule"] == r["protocol"]["cfg_schedule"] == "constant"
     csv_lines = (workdir / "sweep" / "step_2.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("sampler,steps,nfe,cfg_scale,cfg_interval,grid,num_samples,fid")
+    header = "sampler,steps,nfe,cfg_scale,cfg_interval,cfg_schedule,grid,num_samples,fid"
+    assert csv_lines[0].startswith(header)
     assert len(csv_lines) == 5
     with Image.open(workdir / "sweep" / "step_2.png") as png:
         assert png.size == (640, 400)
@@ -199,6 +201,26 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
     monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: no_sampling)
     again = sweep_job.sweep(c, str(workdir))
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_sweep_cells_cover_the_guidance_schedules():
+    from configs.fashion_mnist_uvit import get_config
+    from uvit_jax.jobs.sweep import sweep_cells
+
+    c = get_config("runlocal")
+    c.sweep.update(
+        steps=(5, 10), cfg_intervals=((), (0.3, 6)), cfg_schedules=("constant", "linear")
+    )
+    cells = sweep_cells(c)
+    assert [(x.steps, x.cfg_interval, x.cfg_schedule) for x in cells[:4]] == [
+        (5, (), "constant"),
+        (5, (), "linear"),
+        (5, (0.3, 6.0), "constant"),
+        (5, (0.3, 6.0), "linear"),
+    ]
+    assert len(cells) == 8 and cells[3].apply(c).sample.cfg_schedule == "linear"
+    assert cells[3].line == "dpm_solver++_3s, cfg 2 in (0.3, 6], linear schedule"
+    assert cells[0].line == "dpm_solver++_3s, cfg 2"  # constant: the line's name as before
 
 
 def test_sweep_checks_every_cell_before_sampling(eval_setup, monkeypatch):

@@ -206,7 +206,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Each field lists the values to try; () keeps config.sample's own value. Samples and
     # reference as for --mode eval (config.eval).
     c.sweep = ml_collections.ConfigDict(
-        dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), grids=())
+        dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), cfg_schedules=(), grids=())
     )
 
     # ---- conversion of official checkpoints (--mode convert) ----

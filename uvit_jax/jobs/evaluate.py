@@ -40,7 +40,7 @@ from uvit_jax.evaluation.metrics import FeatureSet, feature_set
 from uvit_jax.evaluation.reference import save_reference
 from uvit_jax.images import QUANTISATION, to_rgb
 from uvit_jax.parallel.mesh import make_mesh
-from uvit_jax.sampling.generate import cfg_interval_from_config
+from uvit_jax.sampling.generate import cfg_interval_from_config, cfg_schedule_from_config
 
 
 def _sha256_text(text: str) -> str:
@@ -98,6 +98,7 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         steps=int(run_config.sample.steps),
         cfg_scale=float(run_config.sample.cfg_scale),
         cfg_interval=list(cfg_interval_from_config(run_config) or ()),
+        cfg_schedule=cfg_schedule_from_config(run_config),
         grid=str(run_config.sample.get("grid", "") or "sampler's own"),
         thresholding=bool(run_config.sample.get("thresholding", False)),
         denoise_to_zero=bool(run_config.sample.get("denoise_to_zero", False)),

@@ -5,11 +5,12 @@
         "--config.sweep.samplers=('dpm_solver++_3s', 'unipc_bh2', 'dpm_solver++_3m')" \\
         "--config.sweep.steps=(5, 10, 15, 20, 25)" "--config.sweep.cfg_intervals=((), (0.3, 6))"
 
-Every cell (sampler x steps x guidance scale x guidance interval x time grid; a field left
-empty keeps `config.sample`'s value) is an `--mode eval` of the same weights with those sample
-settings, and the same sample count, seed, labels and reference (`config.eval`). A cell resumes
-like `--mode eval` (its features are kept per batch; a finished cell is read back), so a
-stopped sweep continues cell by cell. After each cell the table is rewritten:
+Every cell (sampler x steps x guidance scale x guidance interval x guidance schedule x time
+grid; a field left empty keeps `config.sample`'s value) is an `--mode eval` of the same weights
+with those sample settings, and the same sample count, seed, labels and reference
+(`config.eval`). A cell resumes like `--mode eval` (its features are kept per batch; a finished
+cell is read back), so a stopped sweep continues cell by cell. After each cell the table is
+rewritten:
   W/sweep/step_<N>.csv    one row per cell: settings, NFE, metrics, wall seconds;
   W/sweep/step_<N>.json   the same rows, each with its cell's protocol fingerprint;
   W/sweep/step_<N>.png    FID against NFE, one line per sampler and guidance setting;
@@ -48,6 +49,7 @@ class Cell:
     steps: int
     cfg_scale: float
     cfg_interval: tuple[float, ...]
+    cfg_schedule: str
     grid: str
 
     def apply(self, config) -> Any:
@@ -58,6 +60,7 @@ class Cell:
             steps=self.steps,
             cfg_scale=self.cfg_scale,
             cfg_interval=self.cfg_interval,
+            cfg_schedule=self.cfg_schedule,
             grid=self.grid,
         )
         return config
@@ -72,6 +75,8 @@ class Cell:
         name = f"{self.sampler}, cfg {self.cfg_scale:g}"
         if self.cfg_interval:
             name += f" in ({self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        if self.cfg_schedule != "constant":
+            name += f", {self.cfg_schedule} schedule"
         return name + (f", {self.grid} grid" if self.grid else "")
 
 
@@ -83,12 +88,20 @@ def sweep_cells(config) -> list[Cell]:
         return tuple(s.get(field, ()) or ()) or (default,)
 
     return [
-        Cell(sampler, int(steps), float(scale), tuple(float(v) for v in interval), str(grid))
-        for sampler, steps, scale, interval, grid in itertools.product(
+        Cell(
+            sampler,
+            int(steps),
+            float(scale),
+            tuple(float(v) for v in interval),
+            str(schedule),
+            str(grid),
+        )
+        for sampler, steps, scale, interval, schedule, grid in itertools.product(
             values("samplers", own.sampler),
             values("steps", own.steps),
             values("cfg_scales", own.cfg_scale),
             values("cfg_intervals", tuple(own.get("cfg_interval", ()) or ())),
+            values("cfg_schedules", own.get("cfg_schedule", "constant")),
             values("grids", own.get("grid", "")),
         )
     ]
@@ -101,6 +114,7 @@ def _row(cell: Cell, config, result: dict[str, Any]) -> dict[str, Any]:
         nfe=cell.nfe(config),
         cfg_scale=cell.cfg_scale,
         cfg_interval=" ".join(f"{v:g}" for v in cell.cfg_interval) or "all",
+        cfg_schedule=cell.cfg_schedule,
         grid=cell.grid or "own",
         num_samples=int(result["protocol"]["num_samples"]),
     )
