@@ -1,24 +1,36 @@
-"""Benchmark: a jitted guided 50-step sample vs 50 guided network evaluations.
+"""Benchmark: a config's jitted guided sample vs its network evaluations, and the CFG layout.
 
-The sampler's own work (coefficients, linear combinations, the scan) should cost at most ~5% on
-top of the network: this script times both programs on the same model, batch and guidance, and
-checks that new batches (other noise, other labels) reuse the compiled programs.
+On the config's U-ViT (random weights: time does not depend on them), batch and guidance:
+  - the sampler's program vs the same NFEs alone: the sampler's own work (coefficients, linear
+    combinations, the scan) should cost at most ~5% on top of the network;
+  - the sampler's own cost per NFE, measured with a free network;
+  - one-pass vs two-pass classifier-free guidance: one network call on 2B images (conditional
+    and null stacked, as our samplers guide) vs two calls on B, and the whole guided sample
+    in either layout;
+and it checks that new batches (other noise, other labels) reuse the compiled programs.
 
-  python launch/bench_sampling.py                       # Fashion-MNIST-sized U-ViT, batch 8
-  python launch/bench_sampling.py --sampler dpm_solver++_3s --formulation sd_discrete
-  python launch/bench_sampling.py --sampler unipc_bh2 --formulation sd_discrete   # any registered
+  python launch/bench_sampling.py                 # configs/fashion_mnist_uvit.py, batch 8
+  python launch/bench_sampling.py --sampler unipc_bh2 --steps 20   # any registered sampler
+  python launch/bench_sampling.py --config configs/fashion_mnist_uvit.py:paper_recipe \\
+      --sampler dpm_solver_fast --formulation vp_continuous
 
-With no U-ViT available it falls back to a stand-in MLP noise function.
+`summary()` gives the default config's guided sampling images/s (one-pass layout, the two-pass
+one as its anchor) as rows for `launch/bench_all.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,119 +38,97 @@ import numpy as np  # noqa: E402
 
 from uvit_jax.diffusion.schedules import schedule_for  # noqa: E402
 from uvit_jax.sampling import dpm_solver, euler_maruyama  # noqa: E402
+from uvit_jax.sampling.generate import SamplerSpec, configured_sampler  # noqa: E402
 from uvit_jax.sampling.guidance import guided_noise_fn  # noqa: E402
-from uvit_jax.sampling.samplers import SAMPLERS  # noqa: E402
+
+DEFAULT_CONFIG = "configs/fashion_mnist_uvit.py"
 
 
-def build_model(args):
-    """(apply(params, x, t_net, y, context), params, description)."""
-    try:
-        from flax import nnx
-
-        from uvit_jax.models.uvit import UViT, apply_fn
-    except ImportError:
-        UViT = None
-    if UViT is not None:
-        model = UViT(
-            img_size=args.img_size,
-            patch_size=args.patch_size,
-            in_chans=args.in_chans,
-            embed_dim=args.embed_dim,
-            depth=args.depth,
-            num_heads=args.num_heads,
-            mlp_ratio=4.0,
-            qkv_bias=False,
-            mlp_time_embed=False,
-            num_classes=args.num_classes,
-            conv=True,
-            skip=True,
-            dtype=args.dtype,
-            rngs=nnx.Rngs(0),
-        )
-        graphdef, params = nnx.split(model)
-        n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-        return (
-            apply_fn(graphdef),
-            params,
-            f"U-ViT D={args.embed_dim} depth={args.depth} ({n:,} params)",
-        )
-
-    d = args.img_size * args.img_size * args.in_chans
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    params = {
-        "w1": jax.random.normal(k1, (d, 1024)) / np.sqrt(d),
-        "w2": jax.random.normal(k2, (1024, d)) / 32.0,
-        "emb": jax.random.normal(k3, (args.num_classes, 1024)),
-    }
-
-    def apply(p, x, t, y, context):
-        h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"] + p["emb"][y] + t[:, None] / 1000.0)
-        return (h @ p["w2"]).reshape(x.shape)
-
-    return apply, params, "stand-in MLP (uvit_jax.models.uvit not importable)"
+def load_config(config_file: str) -> Any:
+    """The config of `config_file[:arg]` (a path relative to the repository or absolute)."""
+    path, _, arg = config_file.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
-def time_once(fn, *args) -> float:
-    jax.block_until_ready(args)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """The programs timed, all on one model, batch and guidance (jitted; args in `batch`)."""
+
+    what: str  # the model and sampler, for the printout
+    spec: SamplerSpec
+    nfe: int
+    params: Any
+    batch: Callable[[int], tuple]  # i -> (x_T [B,H,W,C], labels [B], key), a new batch per i
+    sample: Callable  # (params, x_T, labels, key) -> x_0: the sampler, one-pass guidance
+    sample_two_pass: Callable  # the same with guidance as two network calls of B
+    network: Callable  # (params, x_T, labels, key) -> x: the sampler's NFEs alone
+    sample_free: Callable  # the sampler on a free network (its own work only)
+    network_free: Callable  # the free network's NFEs alone
+    one_call: Callable  # (params, x_T, labels) -> eps [2B, ...]: one call on 2B
+    two_calls: Callable  # (params, x_T, labels) -> (eps_c, eps_u): two calls on B
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sampler", default="dpm_solver_fast")
-    p.add_argument("--formulation", default="vp_continuous")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--in-chans", type=int, default=1)
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=11)
-    p.add_argument("--dtype", default="float32")
-    args = p.parse_args()
+def build(config: Any, batch_size: int) -> Bench:
+    """The benchmark programs for `config`'s model and sampling settings at `batch_size`."""
+    from flax import nnx
 
-    apply, params, what = build_model(args)
-    ns = schedule_for(args.formulation)
-    null = args.num_classes - 1
-    shape = (args.batch, args.img_size, args.img_size, args.in_chans)
-    if args.sampler not in SAMPLERS:
-        raise SystemExit(f"--sampler must be one of {sorted(SAMPLERS)}")
-    sampler = SAMPLERS[args.sampler]
+    from uvit_jax.models.uvit import apply_fn, build_uvit, count_params
+
+    spec = SamplerSpec.from_config(config)
+    if spec.cfg_scale == 0 or spec.conditioning.kind != "class":
+        raise SystemExit("the benchmark times guided sampling of a class-conditional model")
+    model = build_uvit(config.model)
+    n_params = count_params(model)
+    graphdef, params = nnx.split(model)
+    apply = apply_fn(graphdef)
+    ns = schedule_for(spec.formulation)
+    null = spec.conditioning.null_class
+    sampler = configured_sampler(spec)
     if isinstance(sampler, dpm_solver.TableSampler):  # DPM-Solver, UniPC, Heun
-        times_eval = sampler.program(args.formulation, args.steps).t
+        times_eval = sampler.program(spec.formulation, spec.steps).t
     else:
-        pf = args.sampler == "probability_flow"
-        times_eval = euler_maruyama.coefficients(ns, steps=args.steps, probability_flow=pf)[0]
+        pf = spec.sampler == "probability_flow"
+        times_eval = euler_maruyama.coefficients(ns, steps=spec.steps, probability_flow=pf)[0]
 
-    def guided(prm, labels):
-        return guided_noise_fn(
-            lambda x, t, y, c: apply(prm, x, t, y, c),
-            ns,
-            y=labels,
-            cfg_scale=args.cfg,
-            null_class=null,
-        )
+    def guided(model_fn):
+        def noise_fn_for(prm, labels):
+            return guided_noise_fn(
+                lambda x, t, y, c: model_fn(prm, x, t, y, c),
+                ns,
+                y=labels,
+                cfg_scale=spec.cfg_scale,
+                null_class=null,
+                cfg_interval=spec.cfg_interval,
+                cfg_schedule=spec.cfg_schedule,
+            )
 
-    def trivial(prm, labels):
-        # A free "network": what remains is the sampler's own work.
-        return lambda x, t: 0.5 * x
+        return noise_fn_for
 
-    def programs(noise_fn_for):
-        """(jitted sampler, jitted scan of the same NFEs alone) around a noise function."""
+    def split_calls(prm, x, t, y, c):
+        # The two-pass layout: a guided batch of 2B (conditional, then null) as two calls of B.
+        if x.shape[0] != 2 * batch_size:
+            return apply(prm, x, t, y, c)
+        b = batch_size
+        first, second = (apply(prm, x[s], t[s], y[s], c) for s in (slice(0, b), slice(b, None)))
+        return jnp.concatenate([first, second])
 
+    def free(prm, labels):
+        return lambda x, t: 0.5 * x  # a free "network": what remains is the sampler's work
+
+    def sampling(noise_fn_for):
         @jax.jit
-        def sample(prm, x_T, labels, key):
+        def run(prm, x_T, labels, key):
             noise_fn = noise_fn_for(prm, labels)
-            return sampler(noise_fn, x_T, args.formulation, steps=args.steps, key=key)
+            return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
+        return run
+
+    def network_only(noise_fn_for):
         @jax.jit
-        def network_only(prm, x_T, labels, key):
+        def run(prm, x_T, labels, key):
             # The same evaluations at the same times, each feeding the next (nothing hoisted).
             noise_fn = noise_fn_for(prm, labels)
             t = jnp.asarray(times_eval, jnp.float32)
@@ -148,60 +138,187 @@ def main() -> None:
 
             return jax.lax.scan(body, x_T, t)[0]
 
-        return sample, network_only
+        return run
 
-    sample, network_only = programs(guided)
+    t_mid = float(ns.network_time(jnp.float32(0.5)))
 
-    def x_of(i):
-        return jax.random.normal(jax.random.key(100 + i), shape, jnp.float32)
+    @jax.jit
+    def one_call(prm, x, labels):
+        t_net = jnp.full((2 * x.shape[0],), t_mid, jnp.float32)
+        y2 = jnp.concatenate([labels, jnp.full_like(labels, null)])
+        return apply(prm, jnp.concatenate([x, x]), t_net, y2, None)
 
-    def y_of(i):
-        return jax.random.randint(jax.random.key(200 + i), (args.batch,), 0, null)
+    @jax.jit
+    def two_calls(prm, x, labels):
+        t_net = jnp.full((x.shape[0],), t_mid, jnp.float32)
+        return apply(prm, x, t_net, labels, None), apply(
+            prm, x, t_net, jnp.full_like(labels, null), None
+        )
 
-    def k_of(i):
-        return jax.random.key(300 + i)
+    shape = (batch_size, *spec.shape)
 
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model: {what}")
-    print(
-        f"sampler {args.sampler} ({args.formulation}), NFE {len(times_eval)}, batch {args.batch}, "
-        f"CFG s={args.cfg} (network batch {2 * args.batch if args.cfg else args.batch})"
+    def batch(i: int) -> tuple:
+        x = jax.random.normal(jax.random.key(100 + i), shape, jnp.float32)
+        y = jax.random.randint(jax.random.key(200 + i), (batch_size,), 0, null)
+        return x, y, jax.random.key(300 + i)
+
+    m = config.model
+    what = (
+        f"U-ViT D={m.embed_dim} depth={m.depth} {m.img_size}x{m.img_size}x{m.in_chans} "
+        f"patch {m.patch_size} ({n_params:,} params), sampler {spec.sampler} "
+        f"({spec.formulation}{', ' + spec.grid + ' grid' if spec.grid else ''}), "
+        f"NFE {len(times_eval)}, batch {batch_size}, CFG s={spec.cfg_scale:g} "
+        f"({spec.cfg_schedule})"
     )
-    for name, fn in (("sample", sample), ("network", network_only)):
+    return Bench(
+        what=what,
+        spec=spec,
+        nfe=len(times_eval),
+        params=params,
+        batch=batch,
+        sample=sampling(guided(apply)),
+        sample_two_pass=sampling(guided(split_calls)),
+        network=network_only(guided(apply)),
+        sample_free=sampling(free),
+        network_free=network_only(free),
+        one_call=one_call,
+        two_calls=two_calls,
+    )
+
+
+def time_once(fn: Callable, *args) -> float:
+    """Seconds of one call of `fn` on ready arguments, until its outputs are ready."""
+    jax.block_until_ready(args)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, Callable], args_of: Callable[[int], tuple], repeats: int) -> dict:
+    """{name: [seconds per repeat]}, the functions taking turns within each repeat so that load
+    changes on a shared machine hit them alike; repeat r calls each on args_of(r)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(1, repeats + 1):
+        args = args_of(r)
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, *args))
+    return times
+
+
+def cfg_layout_ratio(bench: Bench, repeats: int) -> tuple[float, float, float]:
+    """(median s of one call on 2B, median s of two calls on B, their ratio): < 1 means the
+    one-pass layout is faster."""
+    fns = {"one": bench.one_call, "two": bench.two_calls}
+    args_of = lambda r: (bench.params, *bench.batch(r)[:2])  # noqa: E731
+    for fn in fns.values():  # compile
+        jax.block_until_ready(fn(*args_of(0)))
+    ts = interleaved(fns, args_of, repeats)
+    one, two = float(np.median(ts["one"])), float(np.median(ts["two"]))
+    return one, two, one / two
+
+
+def summary(repeats: int = 3) -> list[dict]:
+    """Guided sampling throughput of the default config (its sampler, steps, guidance and batch
+    `config.sample.batch_size`), one-pass CFG layout (ours) vs two-pass (anchor): medians of
+    interleaved runs. Takes ~35 s on 2 CPU cores (60 s with other jobs on them)."""
+    config = load_config(DEFAULT_CONFIG)
+    b = int(config.sample.batch_size)
+    bench = build(config, b)
+    fns = {"one": bench.sample, "two": bench.sample_two_pass}
+    args_of = lambda r: (bench.params, *bench.batch(r))  # noqa: E731
+    for fn in fns.values():  # compile
+        jax.block_until_ready(fn(*args_of(0)))
+    ts = interleaved(fns, args_of, repeats)
+    ours, anchor = b / float(np.median(ts["one"])), b / float(np.median(ts["two"]))
+    s = bench.spec
+    return [
+        dict(
+            job="sample",
+            ours=ours,
+            anchor=anchor,
+            unit="images/s",
+            ratio=ours / anchor,
+            note=(
+                f"{DEFAULT_CONFIG}: {s.sampler}, {bench.nfe} NFE, CFG {s.cfg_scale:g}, batch {b}; "
+                "anchor: the same sampler with guidance as two network calls of B "
+                f"({jax.devices()[0].device_kind}, median of {repeats})"
+            ),
+        )
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="configs/*.py[:arg]")
+    p.add_argument("--sampler", help="default: the config's")
+    p.add_argument("--formulation", help="default: the config's")
+    p.add_argument("--steps", type=int, help="default: the config's")
+    p.add_argument("--cfg", type=float, help="guidance scale; default: the config's")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--call-repeats", type=int, default=31, help="for the one/two-pass ratio")
+    args = p.parse_args()
+
+    config = load_config(args.config)
+    for field, value in (("sampler", args.sampler), ("steps", args.steps)):
+        if value is not None:
+            config.sample[field] = value
+    if args.cfg is not None:
+        config.sample.cfg_scale = args.cfg
+    if args.formulation is not None:
+        config.diffusion.formulation = args.formulation
+    bench = build(config, args.batch)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
+    print(bench.what)
+
+    timed = {
+        "sample": bench.sample,
+        "network": bench.network,
+        "sample_two_pass": bench.sample_two_pass,
+    }
+    for name, fn in timed.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(params, x_of(0), y_of(0), k_of(0)))
+        jax.block_until_ready(fn(bench.params, *bench.batch(0)))
         print(f"compile+first run {name}: {time.perf_counter() - t0:.2f} s")
-
-    # Interleave the two so that load changes on a shared machine hit both alike.
-    ts_sample, ts_net = [], []
-    for r in range(1, args.repeats + 1):  # a new batch (noise, labels, key) each time
-        batch = (params, x_of(r), y_of(r), k_of(r))
-        ts_sample.append(time_once(sample, *batch))
-        ts_net.append(time_once(network_only, *batch))
-    s_min, n_min = min(ts_sample), min(ts_net)
-    s_med, n_med = float(np.median(ts_sample)), float(np.median(ts_net))
-    n = len(times_eval)
+    # A new batch (noise, labels, key) each repeat.
+    ts = interleaved(timed, lambda r: (bench.params, *bench.batch(r)), args.repeats)
+    mins = {k: min(v) for k, v in ts.items()}
+    meds = {k: float(np.median(v)) for k, v in ts.items()}
+    n, steps = bench.nfe, bench.spec.steps
+    rows = [
+        (f"{steps}-step guided sample", "sample"),
+        (f"{n} guided network evals", "network"),
+        (f"{steps}-step sample, two-pass CFG", "sample_two_pass"),
+    ]
+    for label, k in rows:
+        print(f"{label:34s} min {mins[k] * 1e3:8.1f} ms, median {meds[k] * 1e3:8.1f} ms")
     print(
-        f"{args.steps}-step guided sample: min {s_min * 1e3:8.1f} ms, median {s_med * 1e3:8.1f} ms"
+        f"ratio sample / network: min {mins['sample'] / mins['network']:.3f}, median "
+        f"{meds['sample'] / meds['network']:.3f} (target <= 1.05)"
     )
-    print(f"{n} guided network evals: min {n_min * 1e3:8.1f} ms, median {n_med * 1e3:8.1f} ms")
     print(
-        f"ratio sample / network: min {s_min / n_min:.3f}, median {s_med / n_med:.3f} "
-        "(target <= 1.05)"
+        f"ratio sample one-pass / two-pass CFG: median "
+        f"{meds['sample'] / meds['sample_two_pass']:.3f} (< 1: one pass is faster)"
+    )
+    one, two, ratio = cfg_layout_ratio(bench, args.call_repeats)
+    print(
+        f"one network call on 2B={2 * args.batch}: median {one * 1e3:.2f} ms; two calls on "
+        f"B={args.batch}: median {two * 1e3:.2f} ms => one-pass / two-pass {ratio:.3f} "
+        f"(median of {args.call_repeats} interleaved)"
     )
     # The sampler's own cost per NFE, measured with a free network.
-    sample_0, network_0 = programs(trivial)
-    batch = (params, x_of(0), y_of(0), k_of(0))
-    for fn in (sample_0, network_0):
+    batch = (bench.params, *bench.batch(0))
+    for fn in (bench.sample_free, bench.network_free):
         jax.block_until_ready(fn(*batch))
-    t_s0 = min(time_once(sample_0, *batch) for _ in range(30))
-    t_n0 = min(time_once(network_0, *batch) for _ in range(30))
+    t_s0 = min(time_once(bench.sample_free, *batch) for _ in range(30))
+    t_n0 = min(time_once(bench.network_free, *batch) for _ in range(30))
     per_nfe = (t_s0 - t_n0) / n
     print(
         f"sampler-only cost (free network): {t_s0 * 1e3:.2f} ms vs {t_n0 * 1e3:.2f} ms "
-        f"=> {per_nfe * 1e6:.1f} us per NFE = {per_nfe / (n_min / n) * 100:.2f}% of one guided "
-        "network evaluation"
+        f"=> {per_nfe * 1e6:.1f} us per NFE = {per_nfe / (mins['network'] / n) * 100:.2f}% of "
+        "one guided network evaluation"
     )
-    caches = {"sample": sample._cache_size(), "network": network_only._cache_size()}
+    caches = {k: fn._cache_size() for k, fn in timed.items()}
     print(f"compiled programs after {args.repeats + 1} batches: {caches}")
     if any(v != 1 for v in caches.values()):
         raise SystemExit("recompilation across batches")

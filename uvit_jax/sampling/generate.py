@@ -145,8 +145,8 @@ def cfg_schedule_from_config(config: Any) -> str:
     return str(schedule)
 
 
-def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
-    """Runs the spec's sampler from x_T [B, H, W, C] (key: SDE noise only). Jittable."""
+def configured_sampler(spec: SamplerSpec) -> Callable[..., jax.Array]:
+    """The spec's registered sampler with its options (thresholding, denoise_to_zero, grid)."""
     sampler = SAMPLERS[spec.sampler]
     options: dict[str, Any] = {
         f: True for f in ("thresholding", "denoise_to_zero") if getattr(spec, f)
@@ -155,6 +155,12 @@ def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.
         options["skip_type"] = spec.grid
     if options:  # validated by from_config: the sampler has these fields
         sampler = dataclasses.replace(sampler, **options)
+    return sampler
+
+
+def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.Array) -> jax.Array:
+    """Runs the spec's sampler from x_T [B, H, W, C] (key: SDE noise only). Jittable."""
+    sampler = configured_sampler(spec)
     return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
 
