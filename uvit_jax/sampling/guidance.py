@@ -20,12 +20,11 @@ Classifier-Free Guidance Weight Schedulers"): "constant" (s everywhere) or "line
 increasing-linear scheduler, s(t) = cfg_scale * (1 - t) in the samplers' normalized time t:
 0 at pure noise (t = 1), growing to cfg_scale at the end (t_end: 1e-4 VP, 1e-3 discrete, so
 0.9999 and 0.999 of it): cfg_scale is the end value, and the mean over t is about half of it.
-The time t, rather than the step
-index or sigma, because every sampler already passes it to the noise function (no sampler
-changes, and the ramp is one function of the noise level whatever the grid or step count), and
-it spans [t_end, 1] under every schedule, where sigma_t / alpha_t spans 0.029-14.6 (discrete)
-or 0.0032-152 (VP): a ramp linear in sigma would sit near cfg_scale on most steps of a
-log-spaced grid, where sigma is far below its maximum.
+The time t, rather than the step index or sigma, because every sampler already passes it to the
+noise function (no sampler changes, and the ramp is one function of the noise level whatever
+the grid or step count), and it spans [t_end, 1] under every schedule, where sigma_t / alpha_t
+spans 0.029-14.6 (discrete) or 0.0032-152 (VP): a ramp linear in sigma would sit near
+cfg_scale on most steps of a log-spaced grid, where sigma is far below its maximum.
 """
 
 from __future__ import annotations
