@@ -3,17 +3,21 @@
     python launch/bench_inception.py --batch_size 100 [--image_size 32] [--iters 5]
         [--precision highest|default] [--weights converted.npz]
 
-Both sides do the whole per-image work of an FID evaluation: uint8 images on the host ->
-/255, bilinear resize to 299, 2x - 1 -> pool3 features (and our logits) back on the host. Random
-weights unless --weights is given (speed does not depend on the values). Prints images/s.
+Both sides do the whole per-image work of an FID evaluation: uint8 images on the host -> /255,
+bilinear resize to 299, 2x - 1 -> pool3 features (and our logits) back on the host. They are
+called alternately (medians of their call times), so load from other processes on a shared
+machine falls on both alike. Random weights unless --weights is given (speed does not depend on
+the values). Prints images/s and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
@@ -25,33 +29,41 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 
-def bench(fn, images: np.ndarray, iters: int) -> float:
-    """Images per second of `fn(images)` after one warm-up (compile) call."""
-    fn(images)
-    start = time.perf_counter()
-    for _ in range(iters):
+def time_interleaved(fns: dict[str, Callable], images: np.ndarray, iters: int) -> dict[str, float]:
+    """Median images/s of each `fn(images)`, the functions called alternately (after one warm-up
+    call each) so that load from other processes falls on all of them alike."""
+    for fn in fns.values():
         fn(images)
-    return iters * len(images) / (time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(images)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(images) / statistics.median(t) for name, t in times.items()}
 
 
-def ours(args, images: np.ndarray) -> float:
+def ours(precision_name: str = "highest", weights: str = "") -> Callable[[np.ndarray], object]:
+    """Our jitted pool3 features over all local devices: uint8 [N, H, W, 3] -> [N, 2048]."""
     from uvit_jax.convert.inception import load_inception
     from uvit_jax.evaluation.features import make_feature_fn
     from uvit_jax.models.inception import InceptionV3
     from uvit_jax.parallel.mesh import make_mesh
 
     precision = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}[
-        args.precision
+        precision_name
     ]
-    if args.weights:
-        model = load_inception(args.weights, precision=precision)
+    if weights:
+        model = load_inception(weights, precision=precision)
     else:
         model = InceptionV3(precision=precision, rngs=nnx.Rngs(0))
     features = make_feature_fn(model, make_mesh({"data": -1, "fsdp": 1}))
-    return bench(lambda x: features(x)["pool3"], images, args.iters)
+    return lambda x: np.asarray(features(x)["pool3"])
 
 
-def pytorch_fid(args, images: np.ndarray) -> tuple[float, str] | None:
+def pytorch_fid() -> tuple[Callable[[np.ndarray], object], str] | None:
+    """pytorch-fid's InceptionV3 pool3 (its own resize and normalisation) and its device, or None
+    when pytorch-fid is not installed."""
     try:
         import pytorch_fid.inception as pfi
         import torch
@@ -76,7 +88,35 @@ def pytorch_fid(args, images: np.ndarray) -> tuple[float, str] | None:
         t = torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float() / 255
         return net(t)[0][:, :, 0, 0].cpu().numpy()
 
-    return bench(features, images, args.iters), str(device)
+    return features, str(device)
+
+
+def measure(batch_size: int, image_size: int, iters: int, precision: str, weights: str = ""):
+    """(our img/s, pytorch-fid img/s or None, its device), timed alternately."""
+    images = np.random.default_rng(0).integers(
+        0, 256, (batch_size, image_size, image_size, 3), np.uint8
+    )
+    fns = {"ours": ours(precision, weights)}
+    reference = pytorch_fid()
+    if reference is not None:
+        fns["pytorch-fid"] = reference[0]
+    rates = time_interleaved(fns, images, iters)
+    return rates["ours"], rates.get("pytorch-fid"), None if reference is None else reference[1]
+
+
+def summary() -> list[dict]:
+    """bench_all's row: pool3 features of 32 x 32 images at batch 100, ours vs pytorch-fid."""
+    ours_rate, ref_rate, device = measure(100, 32, 3, "highest")
+    return [
+        dict(
+            job="Inception pool3 (32x32 -> 299, batch 100)",
+            ours=ours_rate,
+            anchor=ref_rate,
+            unit="img/s",
+            ratio=None if ref_rate is None else ours_rate / ref_rate,
+            note=f"anchor: pytorch-fid on {device}" if device else "pytorch-fid not installed",
+        )
+    ]
 
 
 def main() -> None:
@@ -88,15 +128,17 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="converted Inception .npz (else random)")
     args = parser.parse_args()
     size = args.image_size
-    images = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, 3), np.uint8)
-    print(f"batch {args.batch_size}, {size}x{size} uint8 -> 299x299, {args.iters} timed calls")
+    print(f"batch {args.batch_size}, {size}x{size} uint8 -> 299x299, {args.iters} timed calls each")
+    ours_rate, ref_rate, device = measure(
+        args.batch_size, size, args.iters, args.precision, args.weights
+    )
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    print(f"uvit_jax (jit, {args.precision} precision, {devices}): {ours(args, images):.1f} img/s")
-    reference = pytorch_fid(args, images)
-    if reference is None:
+    print(f"uvit_jax (jit, {args.precision} precision, {devices}): {ours_rate:.1f} img/s")
+    if ref_rate is None:
         print("pytorch-fid: not installed")
     else:
-        print(f"pytorch-fid ({reference[1]}): {reference[0]:.1f} img/s")
+        print(f"pytorch-fid ({device}): {ref_rate:.1f} img/s")
+        print(f"ours / pytorch-fid: {ours_rate / ref_rate:.2f} (median call times, alternated)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
       --measure_peak                                    # one H100/H200: MFU vs a bf16 matmul
   python launch/bench_train.py --config configs/imagenet256_uvit_huge.py --what sample
   python launch/bench_train.py --config configs/cifar10_uvit_small.py --config.model.remat=full
+  python launch/bench_train.py --batch 32 --vs_official --official_dir ~/U-ViT   # CPU, torch
 
 `--what train` builds the state and step of `uvit_jax.train` (created sharded over the config's
 mesh, AOT-compiled, state donated) and, beside it, a bare step of the same model: plain
@@ -12,6 +13,12 @@ mesh, AOT-compiled, state donated) and, beside it, a bare step of the same model
 non-finite guard, no metrics; the ratio of their step times is our overhead. `--what sample`
 times one classifier-free-guided network evaluation of `--sample_batch` images (conditional and
 unconditional halves in one batch of 2x, as the samplers run it) with the EMA-shaped weights.
+`--vs_official` adds, interleaved with ours, the official PyTorch training step of the same model
+(`libs/uvit.py` of the official release, from `--official_dir`, a clone you supply; without it,
+the repository's own PyTorch U-ViT of tests/torch_uvit.py, checked against the official golden
+outputs): noise at a random level of the config's schedule, predict it, mean squared error,
+backward, `torch.optim.AdamW`, EMA update: the work of one iteration of the official
+`train_ldm_discrete.py` / `train.py` loop minus data loading.
 
 Data are synthetic (the step's cost does not depend on their values). Printed per program:
 compile seconds, step milliseconds (median and best of `--steps` timed steps after `--warmup`;
@@ -36,6 +43,7 @@ import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()  # as main.py: the numbers are those of the training job
@@ -68,6 +76,8 @@ flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak for MFU (0: measured or
 flags.DEFINE_bool("measure_peak", False, "Time a large jitted bf16 matmul for the MFU peak.")
 flags.DEFINE_integer("peak_matmul_size", 0, "N of the N x N peak matmul (0: 8192, CPU 2048).")
 flags.DEFINE_bool("bare", True, "Also time the bare value_and_grad + adamw step.")
+flags.DEFINE_bool("vs_official", False, "Also time the official PyTorch train step (needs torch).")
+flags.DEFINE_string("official_dir", "", "A clone of the official U-ViT (holds libs/uvit.py).")
 FLAGS = flags.FLAGS
 
 
@@ -219,6 +229,73 @@ def bench_bare_step(config, mesh, batch: dict[str, jax.Array]) -> Timing:
     )
 
 
+# ---- the official PyTorch step -----------------------------------------------------------------
+
+
+def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str) -> Timing:
+    """The official training iteration of the same model in PyTorch (float32, CPU threads)."""
+    import torch
+    from official_uvit import build_official_uvit
+
+    from uvit_jax.diffusion.schedules import schedule_for
+
+    m, d = config.model, config.diffusion
+    if m.num_classes <= 0 or config.autoencoder.kind != "identity":
+        raise SystemExit("--vs_official: class-conditional pixel-space U-ViT configs only")
+    nnet, source = build_official_uvit(m, official_dir)
+    ema, _ = build_official_uvit(m, official_dir)
+    ema.load_state_dict(nnet.state_dict())
+    ema.requires_grad_(False)
+    o = config.optim
+    opt = torch.optim.AdamW(
+        nnet.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    x0 = torch.from_numpy(np.ascontiguousarray(batch["x"].transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(batch["label"].astype(np.int64))
+    b = x0.shape[0]
+    schedule = schedule_for(d.formulation)
+    if d.formulation == "sd_discrete":
+        abar = torch.from_numpy(np.asarray(schedule.alphas_cumprod, np.float32))
+
+        def noise_level():
+            n = torch.randint(1, schedule.total_N + 1, (b,))
+            return abar[n - 1].sqrt(), (1 - abar[n - 1]).sqrt(), n.float()
+
+    else:
+
+        def noise_level():
+            t = torch.rand(b)
+            log_a = torch.from_numpy(np.asarray(schedule.marginal_log_mean_coeff(t.numpy())))
+            return log_a.exp(), (1 - (2 * log_a).exp()).sqrt(), 999.0 * t
+
+    params = list(nnet.parameters())
+    ema_params = list(ema.parameters())
+    rate = float(config.train.ema_rate)
+
+    def run():
+        alpha, std, t_net = noise_level()
+        eps = torch.randn_like(x0)
+        x_t = alpha.view(-1, 1, 1, 1) * x0 + std.view(-1, 1, 1, 1) * eps
+        drop = torch.rand(b) < d.p_uncond
+        labels = torch.where(drop, m.num_classes - 1, y)
+        loss = (nnet(x_t, t_net, labels) - eps).square().mean(dim=(1, 2, 3)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - rate)
+        return None  # torch on the CPU is synchronous
+
+    return Timing(
+        f"train step ({source}, torch {torch.get_num_threads()} threads)",
+        0.0,
+        run,
+        b,
+        flops.train_step_flops(config.model, b),
+        None,
+    )
+
+
 # ---- sampling forward --------------------------------------------------------------------------
 
 
@@ -319,7 +396,7 @@ def _gib(n: int | None) -> str:
 
 
 def print_table(rows: list[Timing], n_dev: int, peak: float | None) -> None:
-    head = f"{'program':<28}{'compile s':>10}{'step ms':>10}{'best ms':>10}{'img/s':>10}"
+    head = f"{'program':<52}{'compile s':>10}{'step ms':>10}{'best ms':>10}{'img/s':>10}"
     head += f"{'TFLOP/s/dev':>13}{'MFU':>8}{'XLA GiB/dev':>13}"
     print(head)
     print("-" * len(head))
@@ -327,10 +404,36 @@ def print_table(rows: list[Timing], n_dev: int, peak: float | None) -> None:
         tflops = r.flops / r.step_s / n_dev / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
         print(
-            f"{r.name:<28}{r.compile_s:>10.1f}{1e3 * r.step_s:>10.2f}{1e3 * r.best_s:>10.2f}"
+            f"{r.name:<52}{r.compile_s:>10.1f}{1e3 * r.step_s:>10.2f}{1e3 * r.best_s:>10.2f}"
             f"{r.images / r.step_s:>10.1f}"
             f"{tflops:>13.4g}{mfu:>8}{_gib(r.memory_bytes):>13}"
         )
+
+
+def summary(official_dir: str = "") -> list[dict]:
+    """bench_all's row: the default config's train step at batch 32, ours vs the official PyTorch
+    step (`official_dir`, else $UVIT_OFFICIAL_DIR, else the stand-in), timed alternately."""
+    from configs.fashion_mnist_uvit import get_config
+
+    official_dir = official_dir or os.environ.get("UVIT_OFFICIAL_DIR", "")
+    config = get_config()
+    config.train.batch_size = 32
+    mesh = make_mesh(config.mesh)
+    host = synthetic_batch(config, config.train.batch_size)
+    rows = [bench_our_step(config, mesh, put(host, mesh))]
+    rows.append(bench_official_step(config, host, official_dir))
+    time_interleaved(rows, steps=15, warmup=3)
+    ours, official = rows
+    return [
+        dict(
+            job="train step (default model, batch 32)",
+            ours=ours.images / ours.step_s,
+            anchor=official.images / official.step_s,
+            unit="img/s",
+            ratio=official.step_s / ours.step_s,
+            note=f"anchor: {official.name}",
+        )
+    ]
 
 
 def main(argv) -> None:
@@ -355,6 +458,9 @@ def main(argv) -> None:
         if FLAGS.bare:
             rows.append(bench_bare_step(config, mesh, batch))
         rows.append(bench_our_step(config, mesh, batch))
+        if FLAGS.vs_official:
+            host = synthetic_batch(config, config.train.batch_size)
+            rows.append(bench_official_step(config, host, FLAGS.official_dir))
     if FLAGS.what in ("sample", "both"):
         rows.append(bench_sample_forward(config, mesh, FLAGS.sample_batch))
     time_interleaved(rows, FLAGS.steps, FLAGS.warmup)
@@ -372,6 +478,12 @@ def main(argv) -> None:
         print(
             f"our step / bare step: median {ours.step_s / bare.step_s:.3f}, "
             f"best {ours.best_s / bare.best_s:.3f} (timed alternately, {FLAGS.steps} steps each)"
+        )
+    if FLAGS.vs_official and FLAGS.what in ("train", "both"):
+        ours, official = rows[int(FLAGS.bare)], rows[int(FLAGS.bare) + 1]
+        print(
+            f"official step / our step: median {official.step_s / ours.step_s:.3f}, "
+            f"best {official.best_s / ours.best_s:.3f} (above 1: ours is faster)"
         )
     what, nbytes = peak_memory()
     print(f"peak memory ({what}): {_gib(nbytes)} GiB")
