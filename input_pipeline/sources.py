@@ -5,6 +5,8 @@ fixed-size shards, so a crashed or multi-host extraction knows exactly which sou
 shard holds. Images stay encoded (file bytes) or raw (uint8 arrays) until `load_image` turns them
 into a PIL image; a corrupt or unreadable image raises `CorruptImageError` there, which the
 extraction counts and reports by its `key` (a file path or a dataset id) instead of stopping.
+Sources of raw arrays also give a shard's images as one array (`array_batch`), which the
+extraction preprocesses without PIL where that is exact.
 
 Sources (`make_source(config.data)`):
   * `"tfds"`: a TFDS image dataset by name (`imagenet2012` from its manual download dir,
@@ -176,6 +178,11 @@ class FashionMnistFilesSource:
             image=self.images[index], label=int(self.labels[index]), key=f"fashion_mnist:{index}"
         )
 
+    def arrays(self, indices: range) -> tuple[np.ndarray, np.ndarray]:
+        """Images uint8 [n, 28, 28] and labels uint8 [n] of the examples `indices` (slices:
+        no per-image decoding)."""
+        return self.images[indices.start : indices.stop], self.labels[indices.start : indices.stop]
+
 
 def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     """Reads a (gzipped) idx file of unsigned bytes: 2049 = labels [N], 2051 = images [N, H, W]."""
@@ -317,6 +324,20 @@ class Subset:
         if not 0 <= index < self._n:
             raise IndexError(index)
         return self._source[index]
+
+    def arrays(self, indices: range) -> tuple[np.ndarray, np.ndarray] | None:
+        """The source's `arrays` (None when it has none): see `array_batch`."""
+        if indices.stop > self._n:
+            raise IndexError(indices)
+        return array_batch(self._source, indices)
+
+
+def array_batch(source: ImageSource, indices: range) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uint8 images [n, H, W] or [n, H, W, C], labels [n]) of `indices` (a step-1 range) when
+    `source` holds raw arrays and has an `arrays` method (Fashion-MNIST), else None: such a
+    source's images are then preprocessed as one batch (`preprocess.preprocess_arrays`)."""
+    arrays = getattr(source, "arrays", None)
+    return arrays(indices) if arrays is not None else None
 
 
 def make_source(data_config: Any) -> ImageSource:

@@ -82,6 +82,56 @@ def test_coco_crop_pad_flip_and_scaling():
         preprocess.make_preprocessor("nope", 32, 3)
 
 
+def test_array_preprocessing_equals_the_pil_path():
+    """The batched form of "pad" / "center_crop" gives the per-image PIL path's bytes, and
+    declines (None) what needs resampling or PIL's weighted RGB -> L."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    cases = [("pad", 32, 1, gray), ("pad", 28, 1, gray), ("pad", 32, 3, gray)]
+    cases += [("center_crop", 32, 3, rgb), ("pad", 36, 3, rgb), ("center_crop", 28, 1, gray)]
+    for name, res, channels, images in cases:
+        fn = preprocess.make_preprocessor(name, res, channels)
+        want = np.stack([fn(Image.fromarray(im)) for im in images])
+        got = preprocess.preprocess_arrays(name, res, channels, images)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {res} {channels}")
+    assert preprocess.preprocess_arrays("pad", 24, 1, gray) is None  # larger: PIL's error
+    assert preprocess.preprocess_arrays("center_crop", 32, 1, gray) is None  # a resize
+    assert preprocess.preprocess_arrays("pad", 32, 1, rgb) is None  # RGB -> L
+
+
+def test_records_are_tfds_examples_serialized_deterministically():
+    """Our records are TFDS's tf.Example of the same row, map entries in key order (protobuf's
+    deterministic serialization), for every record dtype, negative and multi-byte integers,
+    and text contexts with empty and non-ASCII captions."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    from input_pipeline.latent_dataset import records
+
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((28, 28, 1), "uint8"), ((4, 4, 8), "float16"), ((2, 2, 8), "float32")):
+        spec = latent_dataset.DatasetSpec(
+            shape=shape, dtype=dtype, autoencoder="kl_f8", scale_factor=1.0, source="s",
+            split="train", num_source_examples=8, shard_size=8, num_classes=0,
+            preprocess="pad", resolution=8, context_shape=(3, 5),
+        )  # fmt: skip
+        for table in spec.tables:
+            encoder = records.RecordEncoder(table)
+            for i, v in enumerate([0, 1, -1, 127, 128, 2**31 - 1, -(2**31), 1_281_166]):
+                row = {table.tensor: rng.normal(0, 100, table.shape).astype(table.dtype)}
+                row.update({name: v for name, _ in table.scalars})
+                row.update({name: ["", "a cat", "é 猫" * 90][i % 3] for name in table.texts})
+                proto = tf_example_pb2.Example.FromString(table.features().serialize_example(row))
+                assert encoder.encode(row) == proto.SerializeToString(deterministic=True)
+    encoder = records.RecordEncoder(spec.images)
+    row = dict(x=np.zeros(shape, dtype), label=0, index=0, flip=0, context_start=0, num_contexts=1)
+    with pytest.raises(ValueError, match="record label=2147483648 is out of the range of int32"):
+        encoder.encode(dict(row, label=2**31))
+    with pytest.raises(ValueError, match="record x has shape"):
+        encoder.encode(dict(row, x=np.zeros((2, 2, 4), dtype)))
+
+
 # ---------------------------------------------------------------- sources
 
 

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import utils as tfds_utils
 
-from input_pipeline.latent_dataset import layout
+from input_pipeline.latent_dataset import layout, records
 
 
 def _marker_path(directory: pathlib.Path, shard: int) -> pathlib.Path:
@@ -97,15 +97,9 @@ def _write_atomic(final: pathlib.Path, serialized: Iterable[bytes]) -> tuple[int
 
 def _serialized(table: layout.Table, rows: Iterable[Mapping[str, Any]]) -> Iterable[bytes]:
     """`table`'s records as tf.Example bytes; the array feature is checked against its shape."""
-    feats = table.features()
-    keys = list(feats.keys())
+    encoder = records.RecordEncoder(table)
     for row in rows:
-        array = np.asarray(row[table.tensor], dtype=table.dtype)
-        if array.shape != table.shape:
-            raise ValueError(
-                f"record {table.tensor} has shape {array.shape}, the dataset {table.shape}"
-            )
-        yield feats.serialize_example(dict({k: row[k] for k in keys}, **{table.tensor: array}))
+        yield encoder.encode(row)
 
 
 def write_shard(
