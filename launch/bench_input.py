@@ -95,10 +95,10 @@ def latent_config(directory: str, batch: int, workers: int, captions: int = 0):
 
 
 def iterator_rate(config, steps: int) -> tuple[float, dict]:
-    """(examples/s of `steps` batches of `config`'s training iterator after 5 start-up batches,
+    """(examples/s of `steps` batches of `config`'s training iterator after 10 start-up batches,
     the last batch)."""
     it = train_input.make_train_iterator(config, seed=0, process_index=0, process_count=1)
-    for _ in range(5):  # start-up: worker processes, first reads
+    for _ in range(10):  # start-up: worker processes, first reads, filling the prefetch
         next(it)
     t = time.perf_counter()
     for _ in range(steps):
@@ -174,7 +174,7 @@ def summary() -> list[dict]:
     directory = os.path.join(tempfile.gettempdir(), "uvit_bench_input")
     synthetic_dataset(directory, 10_000)
     workers = int(default_config().data.num_workers)
-    rate, _ = iterator_rate(latent_config(directory, 256, workers), 40)
+    rate, _ = iterator_rate(latent_config(directory, 256, workers), 80)
     d = default_balance(steps=20, repeats=3)
     return [
         {
