@@ -273,22 +273,23 @@ def summary(repeats: int = 3) -> list[dict]:
     s = bench.spec
     setting = f"{s.sampler}, {bench.nfe} NFE, CFG {s.cfg_scale:g}, batch {b}"
     device = f"{jax.devices()[0].device_kind}, median of {repeats}"
+
+    def row(job: str, anchor: str, note: str) -> dict:
+        ratio = rate["one"] / rate[anchor]
+        return dict(
+            job=job, ours=rate["one"], anchor=rate[anchor], unit="img/s", ratio=ratio, note=note
+        )
+
     return [
-        dict(
-            job="guided sampling (default model)",
-            ours=rate["one"],
-            anchor=rate["official"],
-            unit="img/s",
-            ratio=rate["one"] / rate["official"],
-            note=f"{setting}; anchor: {source}, two passes per NFE ({device})",
+        row(
+            "guided sampling (default model)",
+            "official",
+            f"{setting}; anchor: {source}, two passes per NFE ({device})",
         ),
-        dict(
-            job="guided sampling, one-pass CFG layout",
-            ours=rate["one"],
-            anchor=rate["two"],
-            unit="img/s",
-            ratio=rate["one"] / rate["two"],
-            note=f"anchor: the same sampler guiding with two network calls of B ({device})",
+        row(
+            "guided sampling, one-pass CFG layout",
+            "two",
+            f"anchor: the same sampler guiding with two network calls of B ({device})",
         ),
     ]
 
