@@ -16,31 +16,18 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()  # as main.py: YNNPACK convolutions on CPUs
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_sampling import interleaved  # noqa: E402
 from flax import nnx  # noqa: E402
-
-
-def time_interleaved(fns: dict[str, Callable], images: np.ndarray, iters: int) -> dict[str, float]:
-    """Median images/s of each `fn(images)`, the functions called alternately (after one warm-up
-    call each) so that load from other processes falls on all of them alike."""
-    for fn in fns.values():
-        fn(images)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(images)
-            times[name].append(time.perf_counter() - start)
-    return {name: len(images) / statistics.median(t) for name, t in times.items()}
 
 
 def ours(precision_name: str = "highest", weights: str = "") -> Callable[[np.ndarray], object]:
@@ -100,7 +87,11 @@ def measure(batch_size: int, image_size: int, iters: int, precision: str, weight
     reference = pytorch_fid()
     if reference is not None:
         fns["pytorch-fid"] = reference[0]
-    rates = time_interleaved(fns, images, iters)
+    for fn in fns.values():  # compile, first loads
+        fn(images)
+    # Alternated call by call, so that load from other processes falls on both alike.
+    times = interleaved(fns, lambda _: (images,), iters)
+    rates = {name: len(images) / statistics.median(t) for name, t in times.items()}
     return rates["ours"], rates.get("pytorch-fid"), None if reference is None else reference[1]
 
 
