@@ -15,6 +15,8 @@ each one the script
   3. scores them: FID with the real FID Inception (TF 2015-12-05 weights, pytorch-fid protocol)
      against as many real test images, and the per-class accuracy of a judge CNN trained on the
      real training split (`launch/fashion_mnist_judge.py`).
+`--at_steps 6000,8000` also scores earlier checkpoints of each run (one row each), which for a
+constant learning rate reads as the curve of shorter runs of the same recipe.
 The table ends with the floor: real training images scored the same way (FID vs the same test
 images; the judge's accuracy on the real test split). Results also go to `<out>/quality.json`.
 """
@@ -22,6 +24,7 @@ images; the judge's accuracy on the real test split). Results also go to `<out>/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -133,14 +136,16 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def draw(workdir: str, n: int, sampling: dict, batch: int, seed: int) -> np.ndarray:
-    """n uint8 samples [n, 32, 32, 1] from out/name's EMA weights, sample j of class j mod 10,
-    with `sampling` overriding config.sample (28 x 28 models' samples are padded like the data:
-    2 black pixels on each side)."""
+def draw(
+    workdir: str, n: int, sampling: dict, batch: int, seed: int, step: int | None = None
+) -> np.ndarray:
+    """n uint8 samples [n, 32, 32, 1] from the EMA weights of `workdir`'s checkpoint `step`
+    (default the last), sample j of class j mod 10, with `sampling` overriding config.sample
+    (28 x 28 models' samples are padded like the data: 2 black pixels on each side)."""
     import uvit_jax
     from uvit_jax.images import to_uint8
 
-    loaded = uvit_jax.load(workdir)
+    loaded = uvit_jax.load(workdir, step)
     for field, value in sampling.items():
         if field not in loaded.config.sample:
             raise ValueError(f"--sampling: config.sample has no field {field!r}")
@@ -211,6 +216,12 @@ def main() -> None:
         default=[],
         help='config.sample overrides, e.g. "cfg_scale=3 steps=50" (repeat for several rows)',
     )
+    parser.add_argument(
+        "--at_steps",
+        default="",
+        help="comma-separated checkpoint steps to score besides the last, e.g. 6000,8000 (the "
+        "run must keep them: --config.train.keep_ckpts); wall s is then the whole run's",
+    )
     parser.add_argument("--batch", type=int, default=256, help="samples per sampling call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_fid", action="store_true", help="judge only (skips Inception)")
@@ -229,10 +240,11 @@ def main() -> None:
     for entry in args.recipe:
         name, spec = entry.split("=", 1)
         record = train(name, spec, out)
-        for sampling in samplings:
+        at_steps = sorted({int(s) for s in args.at_steps.split(",") if s} | {record["steps"]})
+        for step, sampling in itertools.product(at_steps, samplings):
             t0 = time.perf_counter()
             samples = draw(
-                os.path.join(out, name), n, parse_overrides(sampling), args.batch, args.seed
+                os.path.join(out, name), n, parse_overrides(sampling), args.batch, args.seed, step
             )
             sample_s = time.perf_counter() - t0
             labels = np.arange(n) % len(CLASS_NAMES)
@@ -240,10 +252,10 @@ def main() -> None:
             fid = float("nan") if scorer is None else scorer.fid(samples)
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)
             tag = "_".join(sampling.split()) or "config"
-            np.save(os.path.join(out, "samples", f"{name}_{tag}.npy"), samples)
+            np.save(os.path.join(out, "samples", f"{name}_{step}_{tag}.npy"), samples)
             rows.append(
-                dict(recipe=name, sampling=sampling or "config", **record, fid=fid,
-                     sample_s=sample_s, per_class=per_class.tolist(),
+                dict(recipe=name, sampling=sampling or "config", **{**record, "steps": step},
+                     fid=fid, sample_s=sample_s, per_class=per_class.tolist(),
                      mean_acc=float(np.mean(per_class)))
             )  # fmt: skip
             print(table(rows[-1:]).splitlines()[-1], flush=True)

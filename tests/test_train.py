@@ -277,6 +277,18 @@ def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, 
         train_job.train_and_evaluate(other, tmp_path)
 
 
+def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_zero():
+    optim = dict(lr=2e-3, warmup_steps=200, schedule="cosine")
+    cosine = learning_rate_schedule(optim, 9000)
+    # Linear warmup, then half a cosine over the remaining 8,800 steps: half-way at 4,600.
+    steps = jnp.array([0, 100, 200, 4600, 9000])
+    np.testing.assert_allclose(cosine(steps), [0.0, 1e-3, 2e-3, 1e-3, 0.0], atol=1e-9)
+    constant = learning_rate_schedule({**optim, "schedule": "constant"}, 9000)
+    np.testing.assert_allclose(constant(steps), [0.0, 1e-3, 2e-3, 2e-3, 2e-3], atol=1e-9)
+    with pytest.raises(ValueError, match=r"optim.schedule='linear'; expected 'constant' or"):
+        learning_rate_schedule({**optim, "schedule": "linear"}, 9000)
+
+
 def test_state_items_round_trip():
     config = small_config()
     mesh = make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
