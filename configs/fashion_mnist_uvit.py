@@ -73,11 +73,12 @@ def get_config(arg: str = ""):
     # 10 steps + a final denoising step: fewer steps than the paper's 25 measure a lower FID
     # for this short-trained model, and the final step removes the noise left at t_end
     # (sigma 0.029), which otherwise speckles the black backgrounds (README: the recipes tried).
+    # Guidance 1.5: FID 54.7 at 87.7% of classes recognised, where 2 gives 56.6 at 89.8%.
     c.sample.update(
         sampler="dpm_solver++_3s",
         steps=10,
         denoise_to_zero=True,
-        cfg_scale=2.0,
+        cfg_scale=1.5,
         num_samples=100,
         batch_size=100,
     )
