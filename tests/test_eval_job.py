@@ -208,6 +208,7 @@ def test_sweep_cells_cover_the_guidance_schedules():
     from uvit_jax.jobs.sweep import sweep_cells
 
     c = get_config("runlocal")
+    c.sample.cfg_scale = 2.0  # the line names below spell the scale
     c.sweep.update(
         steps=(5, 10), cfg_intervals=((), (0.3, 6)), cfg_schedules=("constant", "linear")
     )

@@ -78,6 +78,8 @@ def test_default_variants():
         "none",
     )
     assert old.sample.cfg_scale == 1.0 and old.train.num_steps == 3000
+    # The default decays its learning rate; the paper recipe holds it (the paper's schedule).
+    assert (new.optim.schedule, old.optim.schedule) == ("cosine", "constant")
     tiny = fashion_mnist_uvit.get_config("paper_recipe,runlocal")
     assert tiny.model.img_size == 32 and tiny.train.num_steps == 20
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['runlocall'\].*paper_recipe"):
