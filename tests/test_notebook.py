@@ -14,7 +14,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def trained_workdir(fmnist_dir, tmp_path_factory):
-    """The runlocal default trained for a few steps on one CPU device (loss logged every 2)."""
+    """The runlocal default trained for a few steps by main.py (loss logged every 2)."""
     workdir = tmp_path_factory.mktemp("notebook") / "fashion_mnist"
     args = [f"--config.train.num_steps={STEPS}", "--config.train.log_every=2"]
     run = subprocess.run(

@@ -1,5 +1,5 @@
-"""Training: sharded = unsharded, topology-changing restores, exact resume after kill -9,
-non-finite losses, configs that cannot work, and kills during asynchronous saves."""
+"""Training: sharded = unsharded, the CPU device split, topology-changing restores, exact resume
+after kill -9, non-finite losses, configs that cannot work, and kills during asynchronous saves."""
 
 import pathlib
 import re
@@ -19,6 +19,7 @@ from configs.fashion_mnist_uvit import get_config
 from uvit_jax import checkpoints
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import global_batch, make_mesh
+from uvit_jax.parallel.xla_flags import add_cpu_flags, cpu_devices
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
     TrainState,
@@ -65,6 +66,24 @@ def test_sharded_training_matches_one_device():
     assert "fsdp" in str(fc1.sharding.spec), "FSDP should split the [64, 256] fc1 kernel"
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
     assert losses1[-1] < losses1[0]
+
+
+def test_cpu_hosts_train_on_two_devices_unless_the_user_sets_the_count():
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    env = {}
+    add_cpu_flags(env, cores=2)
+    assert env["XLA_FLAGS"] == f"{ynn} --xla_force_host_platform_device_count=2"
+    env = {}
+    add_cpu_flags(env, cores=1)  # nothing to run the second half on
+    assert env["XLA_FLAGS"] == ynn
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # the user's count wins
+    add_cpu_flags(env, cores=16)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ynn}"
+    # The default's batches split evenly over the two devices.
+    config = get_config()
+    for field in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        assert config[section][name] % cpu_devices(2) == 0, field
 
 
 def test_checkpoint_restores_on_other_meshes(tmp_path):
