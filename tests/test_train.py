@@ -17,8 +17,9 @@ from runs import poison_step, small_config, subprocess_env, train_cmd
 
 from configs.fashion_mnist_uvit import get_config
 from uvit_jax import checkpoints
+from uvit_jax.errors import ConfigError
 from uvit_jax.jobs import train as train_job
-from uvit_jax.parallel.mesh import global_batch, make_mesh
+from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
 from uvit_jax.parallel.xla_flags import add_cpu_flags, cpu_devices
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from uvit_jax.train.state import (
@@ -79,11 +80,15 @@ def test_cpu_hosts_train_on_two_devices_unless_the_user_sets_the_count():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # the user's count wins
     add_cpu_flags(env, cores=16)
     assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ynn}"
-    # The default's batches split evenly over the two devices.
+    # The default's batches split evenly over the two devices; a batch that does not names the
+    # flag that sets their number.
     config = get_config()
     for field in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
         section, name = field.split(".")
         assert config[section][name] % cpu_devices(2) == 0, field
+    mesh = make_mesh(dict(data=2, fsdp=1), jax.devices()[:2])
+    with pytest.raises(ConfigError, match=r"batch_size=3 .*device_count=N sets the CPU devices"):
+        batch_size_per_shard(mesh, 3, field="config.train.batch_size")
 
 
 def test_checkpoint_restores_on_other_meshes(tmp_path):

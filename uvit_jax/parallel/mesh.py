@@ -57,9 +57,14 @@ def batch_size_per_shard(mesh: Mesh, global_batch: int, *, field: str) -> int:
     """Checks that `global_batch` splits evenly over the batch axes; returns the per-device size."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
+        # main.py splits a CPU host into devices (uvit_jax/parallel/xla_flags.py): say how to
+        # choose their number, since the user never asked for them.
+        hint = ""
+        if mesh.devices.flat[0].platform == "cpu":
+            hint = "; XLA_FLAGS=--xla_force_host_platform_device_count=N sets the CPU devices"
         raise ConfigError(
             f"{field}={global_batch} is not divisible by the data-parallel size {n} "
-            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}){hint}"
         )
     return global_batch // n
 
