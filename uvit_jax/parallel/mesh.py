@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from uvit_jax.errors import ConfigError
 from uvit_jax.parallel.activations import BATCH_AXES
+from uvit_jax.parallel.xla_flags import DEVICE_COUNT_FLAG
 
 # Tensors below this many elements are replicated: splitting them saves nothing and costs
 # a collective each.
@@ -61,7 +62,7 @@ def batch_size_per_shard(mesh: Mesh, global_batch: int, *, field: str) -> int:
         # choose their number, since the user never asked for them.
         hint = ""
         if mesh.devices.flat[0].platform == "cpu":
-            hint = "; XLA_FLAGS=--xla_force_host_platform_device_count=N sets the CPU devices"
+            hint = f"; XLA_FLAGS={DEVICE_COUNT_FLAG}=N sets the CPU devices"
         raise ConfigError(
             f"{field}={global_batch} is not divisible by the data-parallel size {n} "
             f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}){hint}"

@@ -39,7 +39,8 @@ def add_cpu_flags(environ: dict[str, str] | None = None, cores: int | None = Non
     flags = env.get("XLA_FLAGS", "").split()
     names = {f.split("=")[0] for f in flags}
     wanted = list(CPU_FLAGS)
-    if cpu_devices(cores) > 1:
-        wanted.append(f"{DEVICE_COUNT_FLAG}={cpu_devices(cores)}")
+    devices = cpu_devices(cores)
+    if devices > 1:
+        wanted.append(f"{DEVICE_COUNT_FLAG}={devices}")
     flags += [f for f in wanted if f.split("=")[0] not in names]
     env["XLA_FLAGS"] = " ".join(flags)
