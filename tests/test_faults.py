@@ -23,6 +23,7 @@ import uvit_jax
 from uvit_jax import checkpoints, workdir_lock
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import make_mesh
+from uvit_jax.train.step import TrainProgram
 
 STEPS, KEEP = 6, 2
 
@@ -209,7 +210,7 @@ def test_labels_outside_the_models_classes_are_refused(fmnist_dir, tmp_path, mon
                                                        one_device):  # fmt: skip
     c = fault_config(fmnist_dir)
     c.model.num_classes = 6  # 5 classes + the null class; Fashion-MNIST has 10
-    monkeypatch.setattr(train_job, "compile_train_step", pytest.fail)
+    monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(train_job.ConfigError,
                        match=rf"dataset 'fashion_mnist' \({fmnist_dir}\) has label [5-9], but "
                              r"config.model.num_classes=6 gives 5 classes plus the null class: "

@@ -29,6 +29,7 @@ LAYERS = [
     ["uvit_jax.autoencoder", "uvit_jax.text_encoder"],
     ["uvit_jax.sampling", "uvit_jax.train"],
     ["uvit_jax.evaluation"],
+    ["uvit_jax.aot"],  # compiles the programs of the layers below for absent devices
     ["uvit_jax.api", "uvit_jax"],  # `uvit_jax/__init__.py` hands on the notebook API
     ["uvit_jax.jobs"],
     ["configs", "main"],

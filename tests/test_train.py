@@ -28,7 +28,7 @@ from uvit_jax.train.state import (
     create_train_state,
     model_graphdef,
 )
-from uvit_jax.train.step import compile_train_step, make_train_step
+from uvit_jax.train.step import TrainProgram, compile_train_step, make_train_step
 
 # ---- sharding ----------------------------------------------------------------------------------
 
@@ -285,7 +285,7 @@ def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, f
     c = get_config("runlocal")
     section, name = field.split(".")
     c[section][name] = value
-    monkeypatch.setattr(train_job, "compile_train_step", pytest.fail)
+    monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(ValueError, match=message):
         train_job.train_and_evaluate(c, tmp_path)
 
@@ -294,7 +294,7 @@ def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, 
     train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=5), tmp_path)
     other = loop_config(fmnist_dir)
     other.model.update(embed_dim=64, depth=4)
-    monkeypatch.setattr(train_job, "compile_train_step", pytest.fail)
+    monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"another model(.|\n)*model.embed_dim: checkpoint 32, config 64"
                              r"(.|\n)*model.depth: checkpoint 2, config 4"):  # fmt: skip

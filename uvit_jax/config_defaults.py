@@ -209,6 +209,23 @@ def default_config() -> ml_collections.ConfigDict:
         dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), cfg_schedules=(), grids=())
     )
 
+    # ---- --mode compile: the config's programs compiled for a TPU slice that is not there ----
+    c.compile = ml_collections.ConfigDict(
+        dict(
+            # "<chip>:<chips per torus axis>" (v5e:16x16, v5p:4x4x8, v6e:8x8, v4:2x2x4) or an
+            # accelerator type (v5e-256, v6e-256 chips; v5p-128, v4-32 TensorCores).
+            topology="",
+            num_slices=1,  # > 1: a multi-slice job, data parallel across slices (DCN)
+            # Which programs: "train_step", "sample_network" (one guided network call),
+            # "sampler" (the whole jitted sampler), "decode" (latent models), "inception".
+            programs=("train_step", "sample_network", "sampler", "decode", "inception"),
+            # Search the mesh (data x fsdp) and remat policy that fit the train step instead,
+            # and the largest global batch each policy in fit_remat holds.
+            fit=False,
+            fit_remat=("none", "dots", "full"),
+        )
+    )
+
     # ---- conversion of official checkpoints (--mode convert) ----
     c.convert = ml_collections.ConfigDict(dict(source=""))
     return c

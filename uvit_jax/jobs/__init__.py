@@ -6,6 +6,7 @@ sample.py    sample           images from a checkpoint's EMA weights
 evaluate.py  eval, fid_stats  FID & co. of a checkpoint; reference statistics of a dataset
 sweep.py     sweep            eval metrics of a checkpoint over samplers x steps x guidance
 convert.py   convert, convert_autoencoder, convert_inception   official weights -> ours
+compile.py   compile          compile for a TPU slice that is not there: memory, FLOPs, roofline
 """
 
 from __future__ import annotations
@@ -31,20 +32,26 @@ MODES: dict[str, str] = {
     "eval": "uvit_jax.jobs.evaluate:evaluate",
     "sample": "uvit_jax.jobs.sample:sample_job",
     "sweep": "uvit_jax.jobs.sweep:sweep",
+    "compile": "uvit_jax.jobs.compile:compile_job",
 }
+
+# Jobs that only compile, for devices that are not attached: JAX runs them on the CPU platform,
+# so an installed TPU runtime never looks for a TPU here.
+COMPILE_ONLY_MODES = ("compile",)
 
 
 def run(mode: str, config, workdir: str) -> None:
     """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
     if mode not in MODES:
         raise ConfigError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
+    if mode in COMPILE_ONLY_MODES:
+        jax.config.update("jax_platforms", "cpu")  # before any device use
     initialize_distributed()  # before any device use; a no-op for one process
-    logging.info(
-        "%s on %d devices (%s), workdir %s",
-        mode,
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-        os.path.abspath(workdir),
+    where = (
+        f"for {config.compile.topology or '(no config.compile.topology)'}, on this host's CPU"
+        if mode in COMPILE_ONLY_MODES
+        else f"on {jax.device_count()} devices ({jax.devices()[0].device_kind})"
     )
+    logging.info("%s %s, workdir %s", mode, where, os.path.abspath(workdir))
     module, function = MODES[mode].split(":")
     getattr(importlib.import_module(module), function)(config, workdir)

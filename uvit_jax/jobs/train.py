@@ -7,7 +7,6 @@ checkpoints; saves on SIGTERM (preemption) and at the end.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -32,14 +31,8 @@ from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
 from uvit_jax.sampling.generate import sample_images
 from uvit_jax.sampling.prompts import TextConditions, dataset_conditions
 from uvit_jax.train import dashboard, flops
-from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from uvit_jax.train.state import (
-    TrainState,
-    abstract_train_state,
-    create_train_state,
-    model_graphdef,
-)
-from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, compile_train_step, make_train_step
+from uvit_jax.train.state import TrainState, create_train_state
+from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, make_train_program
 
 # Model fields that change the parameters; the others (dtype, attention, remat) may change
 # between runs of one workdir.
@@ -306,10 +299,8 @@ def _train(config, workdir: str) -> TrainState:
     )
 
     num_steps = int(config.train.num_steps)
-    tx = make_optimizer(config.optim, num_steps)
-    schedule = learning_rate_schedule(config.optim, num_steps)
-    graphdef = model_graphdef(config.model)
-    abstract_state, shardings = abstract_train_state(config.model, tx, mesh)
+    program = make_train_program(config, mesh)
+    graphdef, abstract_state = program.graphdef, program.abstract_state
 
     if latest is not None:
         item, ema_target = abstract_state.checkpoint_items()
@@ -323,22 +314,15 @@ def _train(config, workdir: str) -> TrainState:
         state = TrainState.from_checkpoint_items(restored["state"], restored["ema"])
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
-        state = create_train_state(config.model, tx, mesh, config.seed)
+        state = create_train_state(config.model, program.tx, mesh, config.seed)
 
     first = _model_inputs(next(data_iter))
     check_labels(first, config, data_dir)
     batch_spec = abstract_batch(config, first)
     if empty_context is not None:
         batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
-    step_fn = dashboard.accumulating(make_train_step(graphdef, tx, config, schedule))
-    # The dashboard's running sums, replicated beside the replicated metrics.
-    zero_totals = jax.jit(
-        functools.partial(dashboard.zero_totals, NOISE_LEVEL_BUCKETS),
-        out_shardings=replicated(mesh),
-    )
-    compiled, compile_s = compile_train_step(
-        step_fn, abstract_state, shardings, batch_spec, mesh, jax.eval_shape(zero_totals)
-    )
+    compiled, compile_s = program.compile(batch_spec)
+    zero_totals = program.zero_totals
 
     # TensorBoard only: the console gets one progress line per log point instead of every scalar.
     writer = (

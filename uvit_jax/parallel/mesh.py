@@ -2,6 +2,10 @@
 
 Axes: "data" (pure data parallelism) and "fsdp" (data parallelism whose parameters, gradients
 and optimizer state are split across the axis). The batch is split over both axes.
+
+Multi-slice TPU jobs (devices with a `slice_index`) get a hybrid mesh: "data" spans the slices,
+whose only link is the data-centre network (DCN), and "fsdp", whose gathers and reductions run
+every layer, stays within a slice on the chips' interconnect (ICI).
 """
 
 from __future__ import annotations
@@ -46,12 +50,35 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
         raise ConfigError(
             f"config.mesh.data={sizes['data']} x config.mesh.fsdp={sizes['fsdp']} != {n} devices"
         )
+    slices = num_slices(devices)
+    if slices > 1:
+        return _hybrid_mesh(sizes["data"], sizes["fsdp"], slices, devices)
     return jax.make_mesh(
         (sizes["data"], sizes["fsdp"]),
         BATCH_AXES,
         axis_types=(AxisType.Auto, AxisType.Auto),
         devices=devices,
     )
+
+
+def num_slices(devices) -> int:
+    """How many TPU slices `devices` span (1 for devices without a `slice_index`)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _hybrid_mesh(data: int, fsdp: int, slices: int, devices) -> Mesh:
+    """The ("data", "fsdp") mesh of a multi-slice job: data = slices x data within a slice."""
+    from jax.experimental import mesh_utils
+
+    if data % slices:
+        raise ConfigError(
+            f"config.mesh.data={data} must be a multiple of the {slices} slices: the data axis "
+            f"spans the slices (config.mesh.fsdp={fsdp} stays within one slice)"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def batch_size_per_shard(mesh: Mesh, global_batch: int, *, field: str) -> int:

@@ -14,11 +14,20 @@ on a 2-core x86 CPU the default's train step ran 1.32x the steps/s with two devi
 than two (`launch/bench_train.py`), and the one-device run spent 6x the system CPU time (thread
 pool waits); the FID Inception and the sampler run as fast on two devices as on one. Only the
 CPU platform reads the flag; accelerator runs keep their devices.
+
+With the TPU runtime installed (`libtpu`, from `jax[tpu]`, which the tests and `--mode compile`
+use) on a host without a TPU, JAX would first try to start a TPU backend, print a screen of
+errors about missing TPU hosts and only then fall back to the CPU. `add_cpu_flags` sets
+JAX_PLATFORMS=cpu there instead (no TPU device files, no other accelerator plugin installed,
+JAX_PLATFORMS not set by the user), so such a host runs exactly as one without libtpu.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import pkgutil
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -31,11 +40,27 @@ def cpu_devices(cores: int | None = None) -> int:
     return 2 if (cores or 1) >= 2 else 1
 
 
+def tpu_runtime_without_tpu() -> bool:
+    """Whether libtpu is installed on a host with no TPU (no /dev/accel* or /dev/vfio/N device
+    files) and no other JAX accelerator plugin (a `jax_plugins` module: CUDA, ROCm)."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return False
+    plugins = importlib.util.find_spec("jax_plugins")
+    if plugins is not None and any(pkgutil.iter_modules(plugins.submodule_search_locations)):
+        return False
+    return True
+
+
 def add_cpu_flags(environ: dict[str, str] | None = None, cores: int | None = None) -> None:
     """Appends `CPU_FLAGS` and the device split (`cpu_devices(cores)`) to XLA_FLAGS, except any
-    flag whose name is already set there (so a user's own value wins). XLA reads XLA_FLAGS when
-    the first backend starts: call this before any jax array is created."""
+    flag whose name is already set there (so a user's own value wins), and sets JAX_PLATFORMS=cpu
+    where only an unused TPU runtime would answer otherwise (`tpu_runtime_without_tpu`). XLA
+    reads XLA_FLAGS when the first backend starts: call this before any jax array is created."""
     env = os.environ if environ is None else environ
+    if "JAX_PLATFORMS" not in env and tpu_runtime_without_tpu():
+        env["JAX_PLATFORMS"] = "cpu"
     flags = env.get("XLA_FLAGS", "").split()
     names = {f.split("=")[0] for f in flags}
     wanted = list(CPU_FLAGS)

@@ -9,28 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from uvit_jax.models.uvit import model_kwargs
-
-# Dense bf16 peak TFLOP/s per device, by `jax.Device.device_kind` prefix.
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-}
+from uvit_jax.parallel.chips import chip_of_device_kind
 
 
 def peak_tflops(device_kind: str) -> float | None:
-    """Known bf16 peak of a device kind, or None (then MFU needs `--peak_tflops`)."""
-    for prefix, peak in PEAK_BF16_TFLOPS.items():
-        if device_kind.startswith(prefix):
-            return peak
-    return None
+    """Known dense bf16 peak (TFLOP/s) of a device kind (`uvit_jax.parallel.chips`), or None
+    (then MFU needs `--peak_tflops`)."""
+    chip = chip_of_device_kind(device_kind)
+    return None if chip is None else chip.peak_bf16_flops / 1e12
 
 
 def forward_flops(model: Mapping) -> float:

@@ -6,9 +6,12 @@ checkpoint continues bit for bit, and its data order depends only on the step.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,14 @@ from uvit_jax.diffusion.objective import (
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
-from uvit_jax.train.optimizer import ema_decay, ema_update
-from uvit_jax.train.state import TrainState
+from uvit_jax.train import dashboard
+from uvit_jax.train.optimizer import (
+    ema_decay,
+    ema_update,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from uvit_jax.train.state import TrainState, abstract_train_state, model_graphdef
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -225,3 +234,50 @@ def compile_train_step(
     seconds = time.perf_counter() - t0
     logging.info("compiled the train step in %.1f s", seconds)
     return compiled, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """Everything `--mode train` compiles, for a config and a mesh (no arrays allocated).
+
+    step_fn(state, batch, key, totals) -> (state, metrics, totals): the train step with the
+    dashboard's running sums (`dashboard.accumulating`); zero_totals() makes those sums,
+    replicated; abstract_state / shardings: the state's shapes and FSDP layout.
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState
+    shardings: TrainState
+    step_fn: Callable
+    zero_totals: Callable[[], Any]
+    mesh: Mesh
+
+    def compile(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[Callable, float]:
+        """`compile_train_step` of this program for a global batch's shapes."""
+        return compile_train_step(
+            self.step_fn,
+            self.abstract_state,
+            self.shardings,
+            abstract_batch,
+            self.mesh,
+            jax.eval_shape(self.zero_totals),
+        )
+
+
+def make_train_program(config, mesh: Mesh) -> TrainProgram:
+    """The optimizer, state layout and step of `config` over `mesh`, as training runs them."""
+    num_steps = int(config.train.num_steps)
+    tx = make_optimizer(config.optim, num_steps)
+    abstract_state, shardings = abstract_train_state(config.model, tx, mesh)
+    schedule = learning_rate_schedule(config.optim, num_steps)
+    graphdef = model_graphdef(config.model)
+    zero_totals = jax.jit(
+        functools.partial(dashboard.zero_totals, NOISE_LEVEL_BUCKETS),
+        out_shardings=replicated(mesh),
+    )
+    step_fn = dashboard.accumulating(make_train_step(graphdef, tx, config, schedule))
+    return TrainProgram(
+        tx, schedule, graphdef, abstract_state, shardings, step_fn, zero_totals, mesh
+    )
