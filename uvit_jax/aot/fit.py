@@ -7,7 +7,7 @@ on a 2-core host):
 - meshes: fsdp = 1, 2, 4, ... up to the chips of one slice (data takes the rest). The first
   remat policy walks up to the first fsdp size that fits, then also compiles full sharding
   (fewer bytes of optimizer update per chip, more gathers: the roofline decides); the other
-  policies (more compute at the same bytes) compile full sharding only;
+  policies compile full sharding only (the roofline compares every fitting row);
 - largest batch: on the fully sharded mesh, the per-chip peak is about a line in the batch
   (the state fixed, the activations in proportion): the batch it predicts for the chip's HBM
   (a multiple of the chips) is compiled, and if it does not fit, the batch the line through
@@ -78,9 +78,10 @@ def fit_search(
     candidates = []  # every fitting (remat, mesh) at the config's batch
     sizes = fsdp_sizes(devices)
     for i, remat in enumerate(remats):
-        # The first policy walks up the fsdp sizes to the first that fits; the others (more
-        # compute, never a shorter roofline at equal bytes) only hold the most memory-frugal
-        # mesh, for the largest batch.
+        # The first policy walks up the fsdp sizes to the first that fits; the others, which
+        # trade compute for memory, compile the most memory-frugal mesh only (where they are
+        # wanted, and where the largest batch is searched). Every fitting row competes for
+        # the best roofline: remat also cuts the bytes an HBM-bound step moves.
         for fsdp in sizes if i == 0 else sizes[-1:]:
             row = compile_row(remat, fsdp, batch)
             if row["fits"]:

@@ -94,22 +94,12 @@ def _conditions(config, batch: int, mesh: Mesh) -> dict:
 def _train_step(config, mesh: Mesh, program: TrainProgram) -> Program:
     batch = shardable_batch(int(config.train.batch_size), mesh)
     spec = abstract_train_batch(config, batch)
-
-    def lower():
-        # The trainer's own compile path: `compile_train_step` jits and lowers the same way.
-        bs, rep = batch_sharding(mesh), replicated(mesh)
-        shardings = {k: (rep if k == "empty_context" else bs) for k in spec}
-        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-        totals = jax.eval_shape(program.zero_totals)
-        jitted = jax.jit(
-            program.step_fn,
-            in_shardings=(program.shardings, shardings, rep, rep),
-            out_shardings=(program.shardings, rep, rep),
-            donate_argnums=(0, 3),
-        )
-        return jitted.lower(program.abstract_state, spec, key, totals)
-
-    return Program("train_step", lower, batch, flops.train_step_flops(config.model, batch))
+    return Program(
+        "train_step",
+        lambda: program.lower(spec),  # the trainer's own jit, shardings and donation
+        batch,
+        flops.train_step_flops(config.model, batch),
+    )
 
 
 def _guided(config) -> bool:

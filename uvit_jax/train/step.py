@@ -198,15 +198,16 @@ def make_train_step(
     return step
 
 
-def compile_train_step(
+def lower_train_step(
     step_fn: Callable,
     abstract_state: TrainState,
     state_shardings: TrainState,
     abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
     mesh: Mesh,
     abstract_totals: Mapping[str, jax.ShapeDtypeStruct] | None = None,
-) -> tuple[Callable, float]:
-    """AOT-compiles the step with donation over `mesh`; returns (compiled, seconds).
+) -> jax.stages.Lowered:
+    """The step jitted with its shardings and donation over `mesh`, lowered for the abstract
+    arguments (`jax.stages.Lowered`: compile it, or read its cost, for any devices).
 
     abstract_totals: for a step that also takes and returns the dashboard's running sums
     (`dashboard.accumulating`), their shapes; replicated and donated like the state.
@@ -228,9 +229,26 @@ def compile_train_step(
     jitted = jax.jit(
         step_fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
     )
-    t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(*args).compile()
+        return jitted.lower(*args)
+
+
+def compile_train_step(
+    step_fn: Callable,
+    abstract_state: TrainState,
+    state_shardings: TrainState,
+    abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+    abstract_totals: Mapping[str, jax.ShapeDtypeStruct] | None = None,
+) -> tuple[Callable, float]:
+    """AOT-compiles the step with donation over `mesh` (`lower_train_step`); returns
+    (compiled, seconds)."""
+    t0 = time.perf_counter()
+    lowered = lower_train_step(
+        step_fn, abstract_state, state_shardings, abstract_batch, mesh, abstract_totals
+    )
+    with jax.set_mesh(mesh):
+        compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     logging.info("compiled the train step in %.1f s", seconds)
     return compiled, seconds
@@ -254,15 +272,23 @@ class TrainProgram:
     zero_totals: Callable[[], Any]
     mesh: Mesh
 
+    def lower(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+        """`lower_train_step` of this program for a global batch's shapes."""
+        return lower_train_step(*self._arguments(abstract_batch))
+
     def compile(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[Callable, float]:
         """`compile_train_step` of this program for a global batch's shapes."""
-        return compile_train_step(
+        return compile_train_step(*self._arguments(abstract_batch))
+
+    def _arguments(self, abstract_batch) -> tuple:
+        totals = jax.eval_shape(self.zero_totals)
+        return (
             self.step_fn,
             self.abstract_state,
             self.shardings,
             abstract_batch,
             self.mesh,
-            jax.eval_shape(self.zero_totals),
+            totals,
         )
 
 
