@@ -28,6 +28,7 @@ import glob
 import importlib.util
 import os
 import pkgutil
+import sys
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -61,6 +62,9 @@ def add_cpu_flags(environ: dict[str, str] | None = None, cores: int | None = Non
     env = os.environ if environ is None else environ
     if "JAX_PLATFORMS" not in env and tpu_runtime_without_tpu():
         env["JAX_PLATFORMS"] = "cpu"
+        jax = sys.modules.get("jax") if environ is None else None
+        if jax is not None:  # imported already, so it read JAX_PLATFORMS before this line
+            jax.config.update("jax_platforms", "cpu")
     flags = env.get("XLA_FLAGS", "").split()
     names = {f.split("=")[0] for f in flags}
     wanted = list(CPU_FLAGS)
