@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.schedules import schedule_for
 from uvit_jax.models.uvit import apply_fn
+from uvit_jax.parallel.frozen import _apply as frozen_apply
 from uvit_jax.parallel.mesh import batch_shard_count, batch_sharding, replicated
 from uvit_jax.sampling.generate import SamplerSpec, make_generate_fn
 from uvit_jax.sampling.guidance import guided_noise_fn
@@ -162,12 +163,16 @@ def _sampler(config, mesh: Mesh, train: TrainProgram) -> Program:
 
 
 def _frozen(name: str, model: nnx.Module, forward: Callable, x, mesh: Mesh) -> Program:
-    """A frozen network's forward: weights replicated, batch sharded (as `FrozenNetwork`)."""
+    """A frozen network's forward as `FrozenNetwork` runs it (its own jitted `_apply`):
+    weights replicated, batch sharded."""
     graphdef, state = nnx.split(model)
     state = _with_sharding(state, replicated(mesh))
-    x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh))
-    fn = jax.jit(lambda s, x: forward(nnx.merge(graphdef, s), x))
-    return Program(name, lambda: fn.lower(state, x), x.shape[0], None)
+    return Program(
+        name,
+        lambda: frozen_apply.lower(forward, graphdef, state, x, batch_sharding(mesh)),
+        x.shape[0],
+        None,
+    )
 
 
 def _decode(config, mesh: Mesh, train: TrainProgram) -> Program | None:
