@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax import jobs  # noqa: E402
 from uvit_jax.errors import EXPECTED  # noqa: E402
+from uvit_jax.library_logs import QuietLibraries  # noqa: E402
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()  # before the first device use
@@ -33,19 +34,11 @@ flags.DEFINE_bool("verbose", False, "Show the traceback of expected errors too."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-    """Keeps orbax's and grain's per-save INFO chatter out of the job's log."""
-
-    def filter(self, record) -> bool:
-        noisy = ("/orbax/", "/grain/", "/jax/_src/")
-        return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())  # their INFO chatter
     try:
         jobs.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
     except EXPECTED as e:

@@ -179,7 +179,8 @@ def paper_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
     c.paper_fid = row.fid if "deep" not in flags else 5.48
     if "runlocal" in flags:
         c.model.update(embed_dim=32, depth=2, num_heads=2, dtype="float32")
-        c.train.update(batch_size=8, num_steps=10, log_every=2, ckpt_every=5, sample_every=10)
+        c.train.update(batch_size=8, num_steps=10, log_every=2, ckpt_every=5)
+        c.train.evals.sample_grid.every = 10
         c.optim.update(warmup_steps=2)
         c.sample.update(steps=min(c.sample.steps, 6), num_samples=8, batch_size=8)
         c.eval.update(num_samples=64, batch_size=32, train_num_samples=0)

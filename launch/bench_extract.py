@@ -136,7 +136,7 @@ def _random_autoencoder_encode() -> Callable[[np.ndarray], np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from uvit_jax.autoencoder import JittedAutoencoder
+    from uvit_jax.latent_codec import JittedAutoencoder
     from uvit_jax.models import autoencoder as ae
 
     ddconfig = ae.DDConfig(**LATENT_DDCONFIG)

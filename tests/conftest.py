@@ -16,15 +16,15 @@ add_cpu_flags()  # the CPU flags main.py sets: tests run what users run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# TensorFlow (clu's event writer) and PyTorch (the parity references) ship clashing native
-# libraries: importing torchvision (or triton, which it loads) after tensorflow segfaults, while
-# torch + torchvision first work. Tests import both, in an order that depends on which tests
-# run, so the PyTorch side goes first here.
-for _name in ("torch", "torchvision"):
-    try:
-        __import__(_name)
-    except ImportError:
-        pass
+# TensorFlow (clu's event writer, tfds) and triton (which torchvision, pytorch-fid, torch-fidelity,
+# diffusers and transformers' models load) ship clashing native libraries: importing triton
+# after tensorflow segfaults, while triton first makes every order work. Tests import both, in
+# an order that depends on which tests run, so triton (0.2 s; it does not import torch) goes
+# first here, and torch is imported only by the tests that use it.
+try:
+    import triton  # noqa: F401
+except ImportError:  # no triton (a CPU-only torch, or no torch): nothing to clash with
+    pass
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -35,6 +35,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """A `slow` test is also `integration`, so that `-m "not integration"` (which replaces the
+    default `-m 'not slow'`) stays the quick unit tier."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

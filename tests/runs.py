@@ -16,7 +16,8 @@ def small_config():
     """The default's runlocal variant, wide enough (D=64) for FSDP to split some weights."""
     c = get_config("runlocal")
     c.model.update(embed_dim=64, depth=2, num_heads=2)
-    c.train.update(batch_size=16, sample_every=0)
+    c.train.update(batch_size=16)
+    c.train.evals.sample_grid.every = 0
     c.data.num_workers = 0
     return c
 
@@ -29,7 +30,7 @@ def train_cmd(workdir, data_dir, *overrides) -> list[str]:
         "--workdir", str(workdir),
         f"--config.data.latent_dir={data_dir}",
         "--config.data.num_workers=0",
-        "--config.train.sample_every=0",
+        "--config.train.evals.sample_grid.every=0",
         *overrides,
     ]  # fmt: skip
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch  # noqa: F401  (before anything that may load tensorflow: their native libs clash)
 
 from uvit_jax.evaluation.kid import kernel_inception_distance
 from uvit_jax.evaluation.manifold import knn_radii, precision_recall
@@ -117,6 +116,8 @@ def test_precision_recall_errors():
 
 @pytest.mark.parametrize(("subsets", "subset_size"), [(10, 50), (1, 300)])
 def test_kid_matches_torch_fidelity(subsets, subset_size, kid_features_to_metric):
+    import torch  # torch-fidelity's own dependency (the fixture skips without it)
+
     # Unequal set sizes, so that drawing real before fake (the subset order) matters.
     real, fake = _gaussians()
     ours = kernel_inception_distance(real, fake, subsets=subsets, subset_size=subset_size, seed=7)

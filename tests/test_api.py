@@ -91,6 +91,7 @@ np.savez(out, samples=np.asarray(x), step=m.step, **flat(dict(ema=m.params, raw=
 """
 
 
+@pytest.mark.integration
 def test_one_device_load_equals_saved_ema_and_samples_match(saved8, tmp_path):
     env = dict(subprocess_env(), PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")  # one CPU device
     out = tmp_path / "one_device.npz"
@@ -109,6 +110,7 @@ def test_one_device_load_equals_saved_ema_and_samples_match(saved8, tmp_path):
     assert got["samples"].shape == (16, 28, 28, 1) and err < 1e-5, err
 
 
+@pytest.mark.integration
 def test_load_onto_another_mesh(saved8):
     mesh = make_mesh(dict(data=1, fsdp=8))  # written with fsdp=4
     m = uvit_jax.load(saved8["workdir"], mesh=mesh)
@@ -121,6 +123,7 @@ def test_load_onto_another_mesh(saved8):
     assert relative_error(np.asarray(x), saved8["samples"]) < 1e-5
 
 
+@pytest.mark.integration
 def test_step_folder_overrides_and_model(saved8):
     m = uvit_jax.load(saved8["workdir"] / "checkpoints" / str(STEP))
     assert m.step == STEP and m.path.endswith(f"checkpoints/{STEP}") and "step=3" in repr(m)
@@ -153,6 +156,7 @@ def _with(config, **sample):
     return c
 
 
+@pytest.mark.integration
 def test_plain_errors(saved8, tmp_path):
     with pytest.raises(uvit_jax.CheckpointError, match="does not exist"):
         uvit_jax.load(tmp_path / "nowhere")
@@ -186,6 +190,7 @@ def test_plain_errors(saved8, tmp_path):
         uvit_jax.load(tmp_path / "ema_only", ema=False)
 
 
+@pytest.mark.integration
 def test_converted_official_checkpoint(golden_dir, tmp_path):
     torch = pytest.importorskip("torch", reason="writing an official .pth needs PyTorch")
     from uvit_jax import jobs

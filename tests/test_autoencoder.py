@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 from numerics import relative_error
 
-from uvit_jax.autoencoder import JittedAutoencoder, make_autoencoder
 from uvit_jax.convert import autoencoder as conv
 from uvit_jax.convert.state_dict import ConversionError, load_state_dict
+from uvit_jax.latent_codec import JittedAutoencoder, make_autoencoder
 from uvit_jax.models import autoencoder as ae
 
 NCHW_TO_NHWC = (0, 2, 3, 1)

@@ -169,6 +169,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 # ---- what the compiler says of a train step --------------------------------------------------
 
 
+@pytest.mark.integration
 def test_fsdp_step_holds_a_quarter_of_the_state_and_gathers_over_fsdp():
     c = tiny_config(data=1, fsdp=4)
     row, mesh = train_report(c, "v5e:2x2")
@@ -194,6 +195,7 @@ def test_fsdp_step_holds_a_quarter_of_the_state_and_gathers_over_fsdp():
     assert 1.0 <= row["flops_ratio"] < 1.25
 
 
+@pytest.mark.integration
 def test_data_parallel_step_only_all_reduces_the_gradients():
     c = tiny_config(data=4, fsdp=1)
     row, mesh = train_report(c, "v5e:2x2")
@@ -205,6 +207,7 @@ def test_data_parallel_step_only_all_reduces_the_gradients():
     assert moved == pytest.approx(2 * grad_bytes * 3 / 4, rel=0.01)  # ring: 2 (n - 1) / n
 
 
+@pytest.mark.integration
 def test_two_slices_reduce_the_gradients_over_dcn():
     c = tiny_config(data=2, fsdp=4)
     row, mesh = train_report(c, "v5e:2x2", slices=2)
@@ -223,6 +226,7 @@ def test_mesh_that_does_not_divide_the_slice_names_both_numbers():
         make_mesh(dict(data=1, fsdp=8), topo.topology_devices("v5e:2x2", 2))
 
 
+@pytest.mark.integration
 def test_fit_search_reports_what_does_not_fit_and_the_largest_batch():
     """A chip made small enough that the unsharded state does not fit: the search moves to
     FSDP, says what the refused mesh needs, and its largest batch is one that compiled to fit
@@ -261,6 +265,7 @@ def _main(tmp_path, *overrides):
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
 
 
+@pytest.mark.integration
 def test_compile_job_prints_the_table_and_writes_the_json(tmp_path):
     run = _main(
         tmp_path,
@@ -291,6 +296,7 @@ def test_compile_job_prints_the_table_and_writes_the_json(tmp_path):
         ),
     ],
 )
+@pytest.mark.integration
 def test_compile_job_errors_are_one_line(tmp_path, overrides, message):
     run = _main(tmp_path, *overrides)
     assert run.returncode == 2
@@ -299,6 +305,7 @@ def test_compile_job_errors_are_one_line(tmp_path, overrides, message):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_huge_model_at_the_paper_batch_fits_a_v5p_slice():
     """U-ViT-H/2 (ImageNet 256, batch 1024), FSDP over the 32 chips of v5p:4x4x2 (about two
     minutes of compiling on 2 cores): its state is split 32 ways, and the step fits 95 GB."""

@@ -34,7 +34,10 @@ def test_pth_to_orbax_round_trip(golden_dir, tmp_path):
 
     model = abstract_uvit(config.model)
     graphdef, target = nnx.split(model)
-    ema, saved, step = checkpoints.load_ema_and_config(tmp_path / "w", None, target)
+    with checkpoints.open_manager(tmp_path / "w", read_only=True) as manager:
+        step = checkpoints.good_step(manager, None, ("ema",))
+        saved = checkpoints.read_config(manager, step)
+        ema = checkpoints.restore(manager, step, ema_target=target)["ema"]
     assert step == 0 and saved["model"]["embed_dim"] == official["embed_dim"]
     out = apply_fn(graphdef)(ema, d["x"].transpose(0, 2, 3, 1), d["t"], d["y"], None)
     assert relative_error(jax.device_get(out), d["out"].transpose(0, 2, 3, 1)) < 1e-5

@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from random_inception import save_random_inception
 from runs import small_config
 
 from uvit_jax import jobs
-from uvit_jax.convert.inception import save_random_inception
 from uvit_jax.evaluation.reference import load_reference, save_stats
 from uvit_jax.jobs import train as train_job
 
@@ -30,10 +30,11 @@ def eval_setup(fmnist_dir, tmp_path_factory):
         min_samples=8,
     )
     save_random_inception(config.eval.inception_path, seed=0)
-    train_job.train_and_evaluate(config, str(root / "w"))
+    train_job.train_job(config, str(root / "w"))
     return config, root
 
 
+@pytest.mark.integration
 def test_fid_stats_then_eval(eval_setup, monkeypatch):
     config, root = eval_setup
     jobs.run("fid_stats", config, str(root / "w"))
@@ -79,6 +80,7 @@ def test_fid_stats_then_eval(eval_setup, monkeypatch):
     assert again["fid"] == result["fid"] and again["protocol"] == fp
 
 
+@pytest.mark.integration
 def test_eval_with_other_settings_starts_afresh(eval_setup):
     config, root = eval_setup
     c = config.copy_and_resolve_references()
@@ -90,6 +92,7 @@ def test_eval_with_other_settings_starts_afresh(eval_setup):
     assert len(list((root / "w" / "eval" / "step_2").iterdir())) == 2  # one folder per setting
 
 
+@pytest.mark.integration
 def test_eval_refuses_a_reference_of_another_protocol(eval_setup, tmp_path):
     config, root = eval_setup
     c = config.copy_and_resolve_references()
@@ -99,6 +102,7 @@ def test_eval_refuses_a_reference_of_another_protocol(eval_setup, tmp_path):
         jobs.run("eval", c, str(root / "w"))
 
 
+@pytest.mark.integration
 def test_eval_refuses_too_few_samples_before_sampling(eval_setup):
     config, root = eval_setup
     c = config.copy_and_resolve_references()
@@ -114,6 +118,7 @@ def test_eval_refuses_too_few_samples_before_sampling(eval_setup):
         jobs.run("eval", c, str(root / "w"))
 
 
+@pytest.mark.integration
 def test_eval_needs_reference_statistics(eval_setup):
     config, root = eval_setup
     c = config.copy_and_resolve_references()
@@ -122,6 +127,7 @@ def test_eval_needs_reference_statistics(eval_setup):
         jobs.run("eval", c, str(root / "w"))
 
 
+@pytest.mark.integration
 def test_eval_without_inception_weights_says_how_to_import_them(eval_setup, tmp_path):
     config, root = eval_setup
     c = config.copy_and_resolve_references()
@@ -132,15 +138,17 @@ def test_eval_without_inception_weights_says_how_to_import_them(eval_setup, tmp_
         jobs.run("eval", c, str(root / "w"))
 
 
+@pytest.mark.integration
 def test_fid_during_training_is_written_to_tensorboard(eval_setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
     config, root = eval_setup
     c = config.copy_and_resolve_references()
-    c.train.update(num_steps=2, fid_every=2)
+    c.train.update(num_steps=2)
+    c.train.evals.fid.every = 2
     c.eval.train_num_samples = 16
-    train_job.train_and_evaluate(c, str(tmp_path))
+    train_job.train_job(c, str(tmp_path))
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
     (fid,) = events.Tensors("train_fid/fid")
@@ -149,6 +157,7 @@ def test_fid_during_training_is_written_to_tensorboard(eval_setup, tmp_path):
     assert float(tensor_util.make_ndarray(n.tensor_proto)) == 16
 
 
+@pytest.mark.integration
 def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path, monkeypatch):
     import shutil
 
@@ -169,7 +178,7 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
     plain = json.loads((workdir / "eval" / "result_step_2.json").read_text())
 
     c.sweep.update(samplers=("dpm_solver++_3s", "unipc_bh2"), steps=(2, 3))
-    rows = sweep_job.sweep(c, str(workdir))
+    rows = sweep_job.sweep_job(c, str(workdir))
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
         ("dpm_solver++_3s", 2, 3),  # + the final denoising step
         ("dpm_solver++_3s", 3, 4),
@@ -199,7 +208,7 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
         raise AssertionError("a finished sweep cell sampled again")
 
     monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: no_sampling)
-    again = sweep_job.sweep(c, str(workdir))
+    again = sweep_job.sweep_job(c, str(workdir))
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
@@ -224,6 +233,7 @@ def test_sweep_cells_cover_the_guidance_schedules():
     assert cells[0].line == "dpm_solver++_3s, cfg 2"  # constant: the line's name as before
 
 
+@pytest.mark.integration
 def test_sweep_checks_every_cell_before_sampling(eval_setup, monkeypatch):
     from uvit_jax.jobs import evaluate as evaluate_job
 

@@ -71,6 +71,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sigkill_mid_extraction_then_resume_is_complete_without_duplicates(tmp_path):
     out = tmp_path / "pixels"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
@@ -207,7 +208,7 @@ def kl_fmnist_config(tmp_path):
 
 def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
     """300 real images -> random test-size KL autoencoder -> dataset -> training batches."""
-    from uvit_jax.autoencoder import JittedAutoencoder
+    from uvit_jax.latent_codec import JittedAutoencoder
     from uvit_jax.models import autoencoder as ae
 
     ddconfig = ae.DDConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, resolution=32)
@@ -247,9 +248,10 @@ def test_fashion_mnist_through_a_tiny_kl_autoencoder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_default_encoder_from_config(tmp_path):
     """The extract job builds `config.autoencoder` (random weights: ~20 s of eager init)."""
-    from uvit_jax.jobs.extract import extract as extract_job
+    from uvit_jax.jobs.extract import extract_job
 
     c = kl_fmnist_config(tmp_path)
     c.autoencoder.ddconfig = dict(

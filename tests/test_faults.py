@@ -61,7 +61,7 @@ def trained(fmnist_dir, tmp_path_factory):
         mp.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
         mp.setattr(checkpoints, "save", lambda m, *a, **k: (seen.append(step_folders(workdir)),
                                                              real_save(m, *a, **k)))  # fmt: skip
-        train_job.train_and_evaluate(fault_config(fmnist_dir), workdir)
+        train_job.train_job(fault_config(fmnist_dir), workdir)
     return workdir, seen
 
 
@@ -109,6 +109,7 @@ def damage(step_dir: pathlib.Path, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "missing", "empty", "garbage_config"])
+@pytest.mark.integration
 def test_load_falls_back_past_a_damaged_step(trained, tmp_path, caplog, how):
     workdir = copy_of(trained, tmp_path)
     reason = damage(workdir / "checkpoints" / str(STEPS), how)
@@ -124,6 +125,7 @@ def test_load_falls_back_past_a_damaged_step(trained, tmp_path, caplog, how):
     )
 
 
+@pytest.mark.integration
 def test_explicit_damaged_step_is_refused_with_path_and_reason(trained, tmp_path):
     workdir = copy_of(trained, tmp_path)
     reason = damage(workdir / "checkpoints" / str(STEPS), "flipped")
@@ -133,6 +135,7 @@ def test_explicit_damaged_step_is_refused_with_path_and_reason(trained, tmp_path
         uvit_jax.load(workdir / "checkpoints" / str(STEPS))
 
 
+@pytest.mark.integration
 def test_every_step_damaged_is_an_error_listing_each(trained, tmp_path):
     workdir = copy_of(trained, tmp_path)
     for step in (STEPS - 1, STEPS):
@@ -143,6 +146,7 @@ def test_every_step_damaged_is_an_error_listing_each(trained, tmp_path):
         uvit_jax.load(workdir)
 
 
+@pytest.mark.integration
 def test_steps_without_checksums_still_load(trained, tmp_path, caplog):
     """Steps written before checksums existed restore, unverified."""
     workdir = copy_of(trained, tmp_path)
@@ -154,6 +158,7 @@ def test_steps_without_checksums_still_load(trained, tmp_path, caplog):
     )
 
 
+@pytest.mark.integration
 def test_training_resumes_from_the_last_good_step(trained, fmnist_dir, tmp_path, caplog,
                                                   one_device):  # fmt: skip
     """Flipped bytes in the newest EMA file: the run warns, resumes from the step before, sets
@@ -161,7 +166,7 @@ def test_training_resumes_from_the_last_good_step(trained, fmnist_dir, tmp_path,
     workdir = copy_of(trained, tmp_path)
     reason = damage(workdir / "checkpoints" / str(STEPS), "flipped")
     with caplog.at_level(logging.INFO):
-        train_job.train_and_evaluate(fault_config(fmnist_dir), workdir)
+        train_job.train_job(fault_config(fmnist_dir), workdir)
     assert re.search(rf"skipping checkpoint step {STEPS}: {reason}", caplog.text)
     assert f"resumed from step {STEPS - 1}" in caplog.text
     rejected = list((workdir / "checkpoints" / "rejected").iterdir())
@@ -177,6 +182,7 @@ def test_training_resumes_from_the_last_good_step(trained, fmnist_dir, tmp_path,
 
 
 @pytest.mark.parametrize("ckpt_every,log_every,last_good", [(1, 5, 3), (5, 1, None)])
+@pytest.mark.integration
 def test_nonfinite_state_is_never_saved(fmnist_dir, tmp_path, monkeypatch, one_device,
                                         ckpt_every, log_every, last_good):  # fmt: skip
     """Whatever the order of the intervals, the step after the bad one saves nothing and the
@@ -185,7 +191,7 @@ def test_nonfinite_state_is_never_saved(fmnist_dir, tmp_path, monkeypatch, one_d
     c = fault_config(fmnist_dir, ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=10)
     good = "no checkpoint yet" if last_good is None else f"last good checkpoint is step {last_good}"
     with pytest.raises(train_job.NonFiniteLossError, match=rf"at step 3 \(not applied\); .*{good}"):
-        train_job.train_and_evaluate(c, tmp_path)
+        train_job.train_job(c, tmp_path)
     steps = checkpoints.open_manager(tmp_path, read_only=True).all_steps()
     assert list(steps) == ([] if last_good is None else list(range(1, last_good + 1)))
 
@@ -215,12 +221,13 @@ def test_labels_outside_the_models_classes_are_refused(fmnist_dir, tmp_path, mon
                        match=rf"dataset 'fashion_mnist' \({fmnist_dir}\) has label [5-9], but "
                              r"config.model.num_classes=6 gives 5 classes plus the null class: "
                              r"expected labels in \[0, 5\)"):  # fmt: skip
-        train_job.train_and_evaluate(c, tmp_path)
+        train_job.train_job(c, tmp_path)
 
 
 # ---- disk ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_keep_ckpts_bounds_the_disk_during_the_run(trained):
     """Before every save: at most keep_ckpts steps, the one being written, one in the trash."""
     workdir, seen = trained
@@ -243,6 +250,7 @@ def run_main(*args, env=None) -> subprocess.CompletedProcess:
                           text=True, env=env or subprocess_env(), timeout=300)  # fmt: skip
 
 
+@pytest.mark.integration
 def test_second_trainer_on_a_locked_workdir_exits_naming_the_holder(fmnist_dir, tmp_path):
     holder = subprocess.Popen(["sleep", "300"])  # a live process on this host holds the lock
     try:
@@ -284,6 +292,7 @@ def test_stale_locks_are_taken_over_and_released(tmp_path, caplog):
         workdir_lock.acquire(str(tmp_path))
 
 
+@pytest.mark.integration
 def test_a_finished_run_leaves_no_lock(trained):
     assert not (trained[0] / workdir_lock.LOCK).exists()
 
@@ -291,6 +300,7 @@ def test_a_finished_run_leaves_no_lock(trained):
 # ---- clean exits ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_config_error_is_one_line_and_exit_status_2(tmp_path):
     args = ["--config", f"{REPO / 'configs/fashion_mnist_uvit.py'}:runlocal",
             "--workdir", str(tmp_path), "--config.train.ckpt_every=0"]  # fmt: skip
@@ -315,6 +325,7 @@ def test_garbage_weight_files_are_named_without_unsafe_advice(tmp_path, suffix):
     assert "weights_only" not in str(e.value) and "allow_pickle" not in str(e.value)
 
 
+@pytest.mark.integration
 def test_convert_of_a_garbage_file_exits_2_naming_it(tmp_path):
     path = tmp_path / "nnet_ema.pth"
     path.write_bytes(b"\x80\x02garbage")
@@ -329,6 +340,7 @@ def test_convert_of_a_garbage_file_exits_2_naming_it(tmp_path):
 # ---- saves that fail -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_failed_save_stops_the_run_naming_step_and_error(fmnist_dir, tmp_path, monkeypatch,
                                                           one_device):  # fmt: skip
     """A full disk while step 3 is written (here: its checksums) stops the run with the path
@@ -345,7 +357,7 @@ def test_a_failed_save_stops_the_run_naming_step_and_error(fmnist_dir, tmp_path,
                        match=rf"saving checkpoint step 3 into {tmp_path / 'checkpoints'} failed "
                              r"\(OSError: \[Errno 28\] No space left on device: .*3\.orbax-check"
                              r"point-tmp'\); the steps saved before it are intact"):  # fmt: skip
-        train_job.train_and_evaluate(fault_config(fmnist_dir, keep_ckpts=10), tmp_path)
+        train_job.train_job(fault_config(fmnist_dir, keep_ckpts=10), tmp_path)
     assert [uvit_jax.load(tmp_path, step=s).step for s in (1, 2)] == [1, 2]
     assert not (tmp_path / workdir_lock.LOCK).exists()
 
@@ -372,10 +384,11 @@ def read_only_from_step_3(manager, step, **kw):
     return real(manager, step, **kw)
 
 checkpoints.save = read_only_from_step_3
-train_job.train_and_evaluate(fault_config(sys.argv[1], keep_ckpts=10), sys.argv[2])
+train_job.train_job(fault_config(sys.argv[1], keep_ckpts=10), sys.argv[2])
 """
 
 
+@pytest.mark.integration
 def test_a_folder_turning_read_only_stops_the_run_without_hanging(fmnist_dir, tmp_path):
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
         pytest.skip("needs a mount namespace (unshare -m) to make a folder read-only")

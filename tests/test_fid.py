@@ -241,6 +241,7 @@ def _outputs(rng, n, shift=0.0):
     return dict(pool3=pool3, spatial=spatial, logits=rng.normal(size=(n, 1008)).astype(np.float32))
 
 
+@pytest.mark.integration
 def test_evaluation_metrics_of_a_feature_set():
     from uvit_jax.evaluation.kid import kernel_inception_distance
     from uvit_jax.evaluation.manifold import precision_recall
@@ -373,6 +374,7 @@ np.savez(sys.argv[3], n=m.n, mean=m.mean[:12], m2=m.m2[:12, :12], logits=total.l
 """
 
 
+@pytest.mark.integration
 def test_statistics_combine_across_two_processes(tmp_path):
     from runs import run_two_jax_processes
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from numerics import relative_error
+from random_inception import random_state_dict
 
 from uvit_jax.convert.inception import (
     FID_WEIGHTS_NAME,
@@ -17,9 +18,7 @@ from uvit_jax.convert.inception import (
     convert_state_dict,
     inception_info,
     load_inception,
-    random_state_dict,
     resolve_inception_path,
-    save_random_inception,
 )
 from uvit_jax.convert.state_dict import ConversionError
 from uvit_jax.evaluation.features import make_feature_fn
@@ -137,16 +136,6 @@ def test_conversion_names_missing_and_misshapen_keys(weights):
         convert_state_dict(state, source="bad.pth")
 
 
-def test_random_weights_helper_writes_loadable_converted_weights(weights, tmp_path):
-    path = save_random_inception(tmp_path / "random", seed=0)
-    assert path.endswith("random.npz")
-    with np.load(path) as ours, np.load(weights[1]) as converted:
-        assert sorted(ours.files) == sorted(converted.files)
-        for key in ("Conv2d_1a_3x3/conv/kernel", "Mixed_7c/branch_pool/bn/var", "fc/kernel"):
-            np.testing.assert_array_equal(ours[key], converted[key])
-    assert inception_info(path)["feature_sha256"] == inception_info(weights[1])["feature_sha256"]
-
-
 def test_missing_weights_say_how_to_import(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert_inception") as err:
         load_inception(tmp_path / "absent.npz")
@@ -178,6 +167,7 @@ np.savez(sys.argv[5], pool3=pool3, logits=total.logits, n=total.n, mean=total.po
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_features_across_two_processes(weights, features, tmp_path):
     """Two jax processes (2 devices each) see the same features as one 8-device process."""
     from runs import run_two_jax_processes

@@ -27,6 +27,8 @@ from uvit_jax.evaluation.statistics import frechet_distance
 
 PAD = 8  # every call pads to the 8 simulated devices
 
+pytestmark = pytest.mark.integration  # the full-size network on 299 x 299 inputs: ~90 s on CPU
+
 
 @pytest.fixture(scope="module")
 def torchscript_path() -> str:

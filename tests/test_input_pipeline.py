@@ -309,6 +309,7 @@ def test_iterator_checkpoint_round_trip_through_orbax(folder_dataset, tmp_path):
         np.testing.assert_array_equal(got["label"], w["label"])
 
 
+@pytest.mark.integration
 def test_worker_processes_give_the_same_batches_and_restore(folder_dataset):
     config, _, _ = folder_dataset
     config.train.batch_size = 4
@@ -440,6 +441,7 @@ def _reading_script(path, workers: int, then: str) -> str:
     """) + textwrap.dedent(then)
 
 
+@pytest.mark.integration
 def test_reading_never_imports_tensorflow(folder_dataset):
     """A fresh process opens the dataset and reads a batch without importing TensorFlow."""
     _, path, _ = folder_dataset
@@ -492,6 +494,7 @@ def test_shard_files_open_once_when_read_threads_start_together(monkeypatch):
     assert results == {k: [b"%d" % k, b"%d" % (k + 1)] for k in range(4)}
 
 
+@pytest.mark.integration
 def test_workers_exit_when_their_trainer_is_killed(folder_dataset):
     """kill -9 of the process that reads with grain workers leaves no worker (nor its shared
     memory) behind."""

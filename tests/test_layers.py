@@ -20,15 +20,17 @@ LAYERS = [
         "uvit_jax.config_defaults",
         "uvit_jax.checkpoints",
         "uvit_jax.errors",
+        "uvit_jax.library_logs",
         "uvit_jax.workdir_lock",
         "uvit_jax.images",
         "uvit_jax.conditioning",
     ],
     ["uvit_jax.models", "uvit_jax.diffusion"],
     ["uvit_jax.convert"],
-    ["uvit_jax.autoencoder", "uvit_jax.text_encoder"],
+    ["uvit_jax.latent_codec", "uvit_jax.text_encoder"],
     ["uvit_jax.sampling", "uvit_jax.train"],
     ["uvit_jax.evaluation"],
+    ["uvit_jax.evals"],  # evaluators during training, chosen by config
     ["uvit_jax.aot"],  # compiles the programs of the layers below for absent devices
     ["uvit_jax.api", "uvit_jax"],  # `uvit_jax/__init__.py` hands on the notebook API
     ["uvit_jax.jobs"],

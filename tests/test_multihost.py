@@ -45,14 +45,15 @@ WORKER = textwrap.dedent(
     from input_pipeline.train_input import make_train_iterator
     from uvit_jax import checkpoints
     from uvit_jax.parallel.mesh import make_mesh
-    from uvit_jax.jobs.train import train_and_evaluate
+    from uvit_jax.jobs.train import train_job
     from uvit_jax.train.optimizer import make_optimizer
     from uvit_jax.train.state import abstract_train_state
 
     data_dir, workdir, steps, other = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     c = get_config("runlocal")
     c.data.update(latent_dir=data_dir, num_workers=0)
-    c.train.update(sample_every=0, num_steps=steps, log_every=1, ckpt_every=steps)
+    c.train.update(num_steps=steps, log_every=1, ckpt_every=steps)
+    c.train.evals.sample_grid.every = 0
     rank, n = jax.process_index(), jax.process_count()
 
     def gathered(state_items):
@@ -64,7 +65,7 @@ WORKER = textwrap.dedent(
     with open(os.path.join(workdir, f"shard_{rank}.json"), "w") as f:
         json.dump(dict(index=first["index"].tolist(), process=rank, processes=n,
                        local_devices=jax.local_device_count(), devices=jax.device_count()), f)
-    state = train_and_evaluate(c, workdir)
+    state = train_job(c, workdir)
     final = gathered(state.checkpoint_items())
     if other != "-":
         mesh = make_mesh(c.mesh)
@@ -172,6 +173,7 @@ def shard_record(workdir, rank: int) -> dict:
     return json.loads((workdir / f"shard_{rank}.json").read_text())
 
 
+@pytest.mark.integration
 def test_both_processes_train_in_lockstep(runs):
     _, (two_dir, logs) = runs
     for rank in range(2):
@@ -185,6 +187,7 @@ def test_both_processes_train_in_lockstep(runs):
     np.testing.assert_array_equal(logged_losses(logs[0]), logged_losses(logs[1]))
 
 
+@pytest.mark.integration
 def test_two_processes_follow_the_one_process_loss_trajectory(runs):
     (_, one_logs), (_, two_logs) = runs
     one, two = logged_losses(one_logs[0]), logged_losses(two_logs[0])
@@ -192,6 +195,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(runs):
     np.testing.assert_allclose(two, one, rtol=2e-5)
 
 
+@pytest.mark.integration
 def test_each_process_reads_a_disjoint_shard(runs):
     (one_dir, _), (two_dir, _) = runs
     shards = [set(shard_record(two_dir, i)["index"]) for i in range(2)]
@@ -201,6 +205,7 @@ def test_each_process_reads_a_disjoint_shard(runs):
     assert shards[0] | shards[1] == set(whole)
 
 
+@pytest.mark.integration
 def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     _, (two_dir, _) = runs
     # (state item, EMA) as both processes held them at the end, gathered before the save.
@@ -208,6 +213,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     assert_same_arrays(restore_in_this_process(two_dir), written)
 
 
+@pytest.mark.integration
 def test_checkpoint_written_by_one_process_restores_in_two(runs):
     (one_dir, _), (two_dir, _) = runs
     in_two = load_npz(two_dir / "restored_other.npz")  # FSDP shards over both processes
@@ -215,6 +221,7 @@ def test_checkpoint_written_by_one_process_restores_in_two(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(runs, tmp_path):
     """JAX's preemption sync manager picks a step both reach; each saves it and exits 0."""
     import signal
@@ -226,7 +233,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(runs, tmp_path
     cmd = [sys.executable, str(REPO / "main.py"),
            "--config", str(REPO / "configs/fashion_mnist_uvit.py") + ":runlocal",
            "--workdir", str(workdir), f"--config.data.latent_dir={data_dir}",
-           "--config.data.num_workers=0", "--config.train.sample_every=0",
+           "--config.data.num_workers=0", "--config.train.evals.sample_grid.every=0",
            "--config.train.num_steps=100000", "--config.train.ckpt_every=100000",
            "--config.train.log_every=10"]  # fmt: skip
     from local_multiprocess import free_port, process_env
@@ -307,6 +314,7 @@ def test_incomplete_environments_are_named(env, message):
 @pytest.mark.parametrize(
     "config", ["fashion_mnist_uvit.py:runlocal", "mscoco_uvit_small.py:runlocal"]
 )
+@pytest.mark.integration
 def test_benchmark_prints_both_programs_and_the_overhead(config):
     """launch/bench_train.py on 8 devices: class-conditional (labels) and text (contexts)."""
     import subprocess

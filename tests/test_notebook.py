@@ -11,6 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 STEPS = 6
 
+pytestmark = pytest.mark.integration  # main.py trains in a subprocess; a Jupyter kernel runs
+
 
 @pytest.fixture(scope="module")
 def trained_workdir(fmnist_dir, tmp_path_factory):

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 from runs import small_config
 
@@ -10,6 +11,8 @@ from uvit_jax import checkpoints, images, jobs
 from uvit_jax.parallel.mesh import make_mesh
 from uvit_jax.train.optimizer import make_optimizer
 from uvit_jax.train.state import create_train_state
+
+pytestmark = pytest.mark.integration  # the sample job end to end on 8 devices (~7 s)
 
 
 def test_sample_mode_writes_grid_and_images(tmp_path):

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_ode import MU, SD, exact_ode, gaussian_eps, observed_order
 from numerics import relative_error
-from test_sampling import MU, SD, exact_ode, gaussian_eps, observed_order
 
 from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule
 from uvit_jax.sampling import dpm_solver, heun, unipc

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_ode import MU, SD, exact_ode, gaussian_eps, observed_order
 from numerics import relative_error
 from reference_dpm_solver import RefDiscrete, RefDPMSolver, RefVP
 
@@ -168,33 +169,6 @@ def test_sampler_compiles_once_across_batches():
 # Gaussian data: exact noise predictor, analytic ODE solution.
 # ------------------------------------------------------------------------------------------
 
-MU = np.array([0.5, -0.3, 0.0, 1.0])
-SD = np.array([0.5, 0.8, 0.6, 1.0])  # unit-ish scale, like scaled latents
-
-
-def gaussian_eps(ns):
-    """E[eps | x_t] for data N(MU, SD^2): sigma (x - alpha mu) / (alpha^2 sd^2 + sigma^2)."""
-
-    def noise_fn(x, t):
-        a = ns.marginal_alpha(t)[:, None]
-        s = ns.marginal_std(t)[:, None]
-        mu, sd = jnp.asarray(MU, x.dtype), jnp.asarray(SD, x.dtype)
-        return s * (x - a * mu) / (a**2 * sd**2 + s**2)
-
-    return noise_fn
-
-
-def exact_ode(ns, x_T, t_end, t_start=1.0):
-    """The probability-flow ODE keeps (x - alpha mu) / sqrt(alpha^2 sd^2 + sigma^2) fixed."""
-
-    def scale(t):
-        a, s = ns.marginal_alpha(np.float64(t)), ns.marginal_std(np.float64(t))
-        return a, np.sqrt(a**2 * SD**2 + s**2)
-
-    (a0, s0), (a1, s1) = scale(t_end), scale(t_start)
-    return a0 * MU + s0 * (x_T - a1 * MU) / s1
-
-
 N_GAUSS = 8192
 
 
@@ -255,10 +229,6 @@ def test_euler_maruyama_samples_gaussian_data(probability_flow, steps):
     x = fn(gaussian_noise(ns), jax.random.key(7))
     # Euler's O(1/steps) bias on top of the sampling error.
     assert_gaussian_moments(x, ns, 0.0, extra_tol=0.01)
-
-
-def observed_order(errors, sizes):
-    return np.log(errors[-2] / errors[-1]) / np.log(sizes[-1] / sizes[-2])
 
 
 def dpm_errors(ns, step_list, **kwargs):

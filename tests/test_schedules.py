@@ -5,12 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uvit_jax.diffusion.schedules import (
-    DiscreteSchedule,
-    LinearVPSchedule,
-    network_time,
-    schedule_for,
-)
+from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
 
 SCHEDULES = [LinearVPSchedule(), DiscreteSchedule()]
 
@@ -90,8 +85,8 @@ def test_alpha_sigma_consistency_and_beta(ns):
 
 def test_network_time_and_factory():
     t = np.array([1e-3, 0.5, 1.0])
-    np.testing.assert_allclose(network_time("vp_continuous", t), 999 * t)
-    np.testing.assert_allclose(network_time("sd_discrete", t), 1000 * t)
+    np.testing.assert_allclose(schedule_for("vp_continuous").network_time(t), 999 * t)
+    np.testing.assert_allclose(schedule_for("sd_discrete").network_time(t), 1000 * t)
     assert isinstance(schedule_for("vp_continuous"), LinearVPSchedule)
     assert isinstance(schedule_for("sd_discrete"), DiscreteSchedule)
     assert schedule_for("sd_discrete").t_end == 1e-3 and schedule_for("vp_continuous").t_end == 1e-4

@@ -87,7 +87,8 @@ def t2i_config(root: pathlib.Path, latent_dir: pathlib.Path):
         extract_shard_size=4,
     )
     c.diffusion.update(formulation="sd_discrete", p_uncond=0.5)
-    c.train.update(batch_size=4, num_steps=3, log_every=1, ckpt_every=3, sample_every=3)
+    c.train.update(batch_size=4, num_steps=3, log_every=1, ckpt_every=3)
+    c.train.evals.sample_grid.every = 3
     c.optim.update(lr=1e-3, warmup_steps=1)
     c.sample.update(sampler="dpm_solver++_3s", steps=3, cfg_scale=1.0, num_samples=4, batch_size=4)
     return c
@@ -228,18 +229,19 @@ def test_interrupted_text_extraction_resumes_complete(coco, tmp_path):
     np.testing.assert_array_equal(a.read_contexts(ids)["context"], b.read_contexts(ids)["context"])
 
 
+@pytest.mark.integration
 def test_text_to_image_training_sample_grid_and_sample_job(coco, tmp_path):
     """Trains 3 steps (contexts dropped to the stored empty context with p=0.5), draws the grid
     from the dataset's captions, then `--mode sample` writes images with their captions."""
     from uvit_jax.jobs.sample import sample_job
-    from uvit_jax.jobs.train import train_and_evaluate
+    from uvit_jax.jobs.train import train_job
 
     config, _ = coco
     config = config.copy_and_resolve_references()
     config.train.batch_size = 8
     config.sample.update(num_samples=8, batch_size=8)
     workdir = tmp_path / "run"
-    state = train_and_evaluate(config, str(workdir))
+    state = train_job(config, str(workdir))
     assert int(state.step) == 3
     grid = np.asarray(Image.open(workdir / "samples" / "step_00000003.png"))
     assert grid.ndim == 3 and grid.std() > 0
@@ -271,13 +273,14 @@ def test_fid_captions_cover_the_dataset_without_repeats(coco):
         CaptionSampler(ds.directory, 0, (77, 768))
 
 
+@pytest.mark.integration
 def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     """The real (tiny, random) CLIP text encoder end to end: extraction through
     `config.text_encoder.path`, one training step, then `uvit_jax.sample(prompts=...)`."""
     from tiny_clip import write_tiny_clip
 
     import uvit_jax
-    from uvit_jax.jobs.extract import extract as extract_job
+    from uvit_jax.jobs.extract import extract_job
     from uvit_jax.text_encoder import TextEncoder
 
     clip_dir = tmp_path / "clip"
@@ -287,7 +290,8 @@ def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     config = t2i_config(tmp_path, tmp_path / "latents")
     config.model.update(clip_dim=32, num_clip_token=77)
     config.text_encoder.update(path=str(clip_dir), batch_size=8)
-    config.train.update(batch_size=8, num_steps=1, ckpt_every=1, sample_every=0)
+    config.train.update(batch_size=8, num_steps=1, ckpt_every=1)
+    config.train.evals.sample_grid.every = 0
 
     extract_job(config, None)
     ds = latent_dataset.open_dataset(config.data.latent_dir)
@@ -300,10 +304,10 @@ def test_clip_extraction_training_and_prompt_sampling(tmp_path):
     )
     assert ds.spec.text_encoder == f"clip:{clip_dir}"
 
-    from uvit_jax.jobs.train import train_and_evaluate
+    from uvit_jax.jobs.train import train_job
 
     workdir = tmp_path / "run"
-    train_and_evaluate(config, str(workdir))
+    train_job(config, str(workdir))
     loaded = uvit_jax.load(workdir)
     prompts = ["a photo of a cat", "the dog on the table"]
     x = uvit_jax.sample(loaded, prompts=prompts, seed=1)

@@ -1,6 +1,7 @@
 """Training: sharded = unsharded, the CPU device split, topology-changing restores, exact resume
 after kill -9, non-finite losses, configs that cannot work, and kills during asynchronous saves."""
 
+import functools
 import pathlib
 import re
 import signal
@@ -59,6 +60,7 @@ def run_steps(config, data: int, fsdp: int, n: int = 4):
     return state, np.array(losses), mesh
 
 
+@pytest.mark.integration
 def test_sharded_training_matches_one_device():
     config = small_config()
     state8, losses8, mesh = run_steps(config, data=2, fsdp=4)
@@ -91,6 +93,7 @@ def test_cpu_hosts_train_on_two_devices_unless_the_user_sets_the_count():
         batch_size_per_shard(mesh, 3, field="config.train.batch_size")
 
 
+@pytest.mark.integration
 def test_checkpoint_restores_on_other_meshes(tmp_path):
     config = small_config()
     state, _, mesh = run_steps(config, data=2, fsdp=4, n=2)
@@ -129,6 +132,7 @@ def restored_params(workdir, step):
     return jax.device_get(got["state"]["params"]), jax.device_get(got["ema"])
 
 
+@pytest.mark.integration
 def test_resume_after_kill_is_bitwise_exact(fmnist_dir, tmp_path):
     common = ["--config.train.num_steps=16", "--config.train.ckpt_every=4",
               "--config.train.keep_ckpts=10"]  # fmt: skip
@@ -160,6 +164,7 @@ def latest_committed(workdir) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.integration
 def test_kill_during_async_saves_never_leaves_a_broken_checkpoint(fmnist_dir, tmp_path):
     workdir = tmp_path / "w"
     args = ["--config.train.num_steps=100000", "--config.train.ckpt_every=1",
@@ -199,19 +204,21 @@ def one_device(monkeypatch):
     monkeypatch.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
 
 
+@pytest.mark.integration
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch,
                                                              one_device):  # fmt: skip
     poison_step(monkeypatch, at=7)
     with pytest.raises(
         train_job.NonFiniteLossError, match=r"at step 7 .*last good checkpoint is step 5"
     ):
-        train_job.train_and_evaluate(loop_config(fmnist_dir), tmp_path)
+        train_job.train_job(loop_config(fmnist_dir), tmp_path)
     assert checkpoints.open_manager(tmp_path, read_only=True).all_steps() == [5]
 
 
+@pytest.mark.integration
 def test_nonfinite_loss_can_be_skipped(fmnist_dir, tmp_path, monkeypatch, one_device):
     poison_step(monkeypatch, at=7)
-    state = train_job.train_and_evaluate(loop_config(fmnist_dir, on_nonfinite="skip"), tmp_path)
+    state = train_job.train_job(loop_config(fmnist_dir, on_nonfinite="skip"), tmp_path)
     assert int(state.step) == 15 and int(state.nonfinite_steps) == 1
     assert int(state.first_nonfinite_step) == 7
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -240,13 +247,14 @@ def logged(workdir, tag: str) -> dict[int, float]:
     }
 
 
+@pytest.mark.integration
 def test_dashboards_show_interval_means(fmnist_dir, tmp_path, one_device, caplog):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     every, pairs = tmp_path / "every", tmp_path / "pairs"
-    train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=4, log_every=1), every)
+    train_job.train_job(loop_config(fmnist_dir, num_steps=4, log_every=1), every)
     with caplog.at_level("INFO"):
-        train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=4, log_every=2), pairs)
+        train_job.train_job(loop_config(fmnist_dir, num_steps=4, log_every=2), pairs)
     # The same seed trains the same steps: a 2-step interval logs the mean of its 2 steps.
     for tag in ("loss", "grad_norm"):
         one, two = logged(every, tag), logged(pairs, tag)
@@ -276,29 +284,32 @@ def test_dashboards_show_interval_means(fmnist_dir, tmp_path, one_device, caplog
         ("train.batch_size", 0, r"config.train.batch_size=0: expected an integer >= 1"),
         ("train.ckpt_every", 0, r"config.train.ckpt_every=0: expected an integer >= 1"),
         ("train.log_every", 0, r"config.train.log_every=0: expected an integer >= 1"),
-        ("train.sample_every", -1, r"config.train.sample_every=-1: expected an integer >= 0 "
-                                   r"\(0: never\)"),
+        ("train.evals.sample_grid.every", -1, r"config.train.evals.sample_grid.every=-1: "
+                                              r"expected an integer >= 0 \(0: never\)"),
+        ("train.evals.fid.type", "fdi", r"config.train.evals.fid.type='fdi': expected one of "
+                                        r"fid, sample_grid"),
     ],
 )  # fmt: skip
 def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, field, value,
                                                         message):  # fmt: skip
     c = get_config("runlocal")
-    section, name = field.split(".")
-    c[section][name] = value
+    *sections, name = field.split(".")
+    functools.reduce(lambda d, k: d[k], sections, c)[name] = value
     monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(ValueError, match=message):
-        train_job.train_and_evaluate(c, tmp_path)
+        train_job.train_job(c, tmp_path)
 
 
+@pytest.mark.integration
 def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, one_device):
-    train_job.train_and_evaluate(loop_config(fmnist_dir, num_steps=5), tmp_path)
+    train_job.train_job(loop_config(fmnist_dir, num_steps=5), tmp_path)
     other = loop_config(fmnist_dir)
     other.model.update(embed_dim=64, depth=4)
     monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"another model(.|\n)*model.embed_dim: checkpoint 32, config 64"
                              r"(.|\n)*model.depth: checkpoint 2, config 4"):  # fmt: skip
-        train_job.train_and_evaluate(other, tmp_path)
+        train_job.train_job(other, tmp_path)
 
 
 def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_zero():
@@ -324,6 +335,7 @@ def test_state_items_round_trip():
     assert jnp.array_equal(again.first_nonfinite_step, -1)
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_averages_micro_batch_gradients():
     config = small_config()
     config.train.accum_steps = 2
@@ -371,6 +383,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     np.testing.assert_array_equal(metrics["loss_by_t_count"], counts)
 
 
+@pytest.mark.integration
 def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tmp_path):
     """grain keeps one iterator file per process; a run resumed on another number of processes
     finds none for itself and restarts the stream at the step, with the same batches."""
@@ -392,6 +405,7 @@ def test_resume_on_another_process_count_rebuilds_the_data_stream(fmnist_dir, tm
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.integration
 def test_relative_workdir_trains_saves_and_loads(fmnist_dir, tmp_path, monkeypatch):
     """The README's command uses a relative --workdir; orbax itself needs absolute paths."""
     import uvit_jax
@@ -403,3 +417,36 @@ def test_relative_workdir_trains_saves_and_loads(fmnist_dir, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert uvit_jax.load("rel/run").step == 2
     assert uvit_jax.load("rel/run/checkpoints/1", ema=False).step == 1
+
+
+class ToyEval:
+    """An evaluator added through the registry: records the steps and EMA it was given."""
+
+    runs: list[tuple[int, float]] = []
+
+    def __init__(self, context, section):
+        self.offset = float(section.offset)
+
+    def run(self, step, graphdef, ema):
+        total = sum(float(jnp.sum(x)) for x in jax.tree.leaves(ema))
+        ToyEval.runs.append((step, total))
+        return {"value": step + self.offset}
+
+
+@pytest.mark.integration
+def test_an_evaluator_from_the_registry_runs_at_its_interval(fmnist_dir, tmp_path, monkeypatch,
+                                                             one_device):  # fmt: skip
+    import uvit_jax
+    from uvit_jax import evals
+
+    monkeypatch.setitem(evals.EVALS, "toy", "test_train:ToyEval")
+    monkeypatch.setattr(ToyEval, "runs", [])
+    c = loop_config(fmnist_dir, num_steps=7, ckpt_every=3)
+    c.train.evals.toy = dict(type="toy", every=3, offset=0.5)
+    train_job.train_job(c, tmp_path)
+    assert [step for step, _ in ToyEval.runs] == [3, 6]
+    # It is given the EMA weights of its step: those saved at that step.
+    for step, total in ToyEval.runs:
+        saved = uvit_jax.load(tmp_path, step=step).params
+        assert total == sum(float(jnp.sum(x)) for x in jax.tree.leaves(saved))
+    assert logged(tmp_path, "train_toy/value") == {3: 3.5, 6: 6.5}

@@ -115,6 +115,7 @@ def test_torch_reference_reproduces_golden(golden_dir):
 
 
 @pytest.mark.parametrize("case", sorted(HELD_BACK))
+@pytest.mark.integration
 def test_other_shapes_match_reference(case):
     torch = pytest.importorskip("torch", reason="the torch reference needs PyTorch")
     import torch_uvit
@@ -159,6 +160,7 @@ OFFICIAL_COUNTS = {
 }
 
 
+@pytest.mark.integration
 def test_every_paper_config_has_the_official_parameter_count():
     assert {n.split(":")[0] for n in OFFICIAL_COUNTS} == set(PAPER)
     for name, want in OFFICIAL_COUNTS.items():
@@ -166,6 +168,7 @@ def test_every_paper_config_has_the_official_parameter_count():
         assert count_params(abstract_uvit(paper_config(base, arg).model)) == want, name
 
 
+@pytest.mark.integration
 def test_bf16_compute_stays_close_to_float32(golden_dir):
     for name in GOLDEN:
         config, params, inputs, out = load_golden(golden_dir, name)
@@ -186,6 +189,7 @@ def test_cudnn_request_falls_back_to_xla_off_gpu(golden_dir, caplog):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.integration
 def test_remat_keeps_outputs_and_gradients(remat):
     cfg = dict(
         img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=4

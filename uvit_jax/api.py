@@ -24,14 +24,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from uvit_jax import checkpoints
 from uvit_jax import images as image_utils
-from uvit_jax.autoencoder import autoencoder_from_config
 from uvit_jax.checkpoints import CheckpointError
 from uvit_jax.config_defaults import default_config
+from uvit_jax.latent_codec import autoencoder_from_config
 from uvit_jax.models.uvit import abstract_uvit
 from uvit_jax.parallel.mesh import batch_sharding, state_shardings
 from uvit_jax.sampling.generate import sample_images
@@ -103,15 +104,16 @@ def load(
           the file and the reason), a checkpoint format newer than this uvit_jax, or ema=False
           on a checkpoint without raw weights.
     """
-    with _quiet_orbax():
-        root, step = _locate(workdir_or_checkpoint, step, "ema" if ema else "state")
-        config = config_from_dict(checkpoints.read_step_config(root, step))
+    with _reader(workdir_or_checkpoint) as (manager, folder_step):
+        step = _pick(manager, step, folder_step, "ema" if ema else "state")
+        config = config_from_dict(checkpoints.read_config(manager, step))
         graphdef, abstract = nnx.split(abstract_uvit(config.model))
         target = _placed(abstract, mesh)
         if ema:
-            params = checkpoints.load_ema(root, step, target)
+            params = checkpoints.restore(manager, step, ema_target=target)["ema"]
         else:
-            params = checkpoints.load_raw_params(root, step, target)
+            params = checkpoints.restore(manager, step, params_target=target)["params"]
+        root = epath.Path(manager.directory)
     logging.info("loaded checkpoint step %d from %s", step, root / str(step))
     return Loaded(
         model=nnx.merge(graphdef, params),
@@ -146,9 +148,10 @@ def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.Co
             _fill_missing(config[key], value)
 
 
-def _locate(path: str | os.PathLike, step: int | None, item: str) -> tuple[epath.Path, int]:
-    """(folder that holds the step folders, step) for a workdir, checkpoints or step folder,
-    once the step's `item` and config pass their checksums (`checkpoints.check_step`)."""
+@contextlib.contextmanager
+def _reader(path: str | os.PathLike) -> Iterator[tuple[ocp.CheckpointManager, int | None]]:
+    """(read-only manager, the step of a step folder or None) for a workdir, its checkpoints
+    folder or one step's folder."""
     p = checkpoints.absolute(path)
     if p.is_file():
         raise CheckpointError(
@@ -156,11 +159,26 @@ def _locate(path: str | os.PathLike, step: int | None, item: str) -> tuple[epath
             f"checkpoint first: python main.py --config configs/<model>.py --mode convert "
             f"--config.convert.source={p} --workdir <new workdir>"
         )
-    if p.name.isdigit() and (p / "config").exists():
-        if step is not None and step != int(p.name):
-            raise CheckpointError(f"{p} is the checkpoint of step {p.name}, but step={step} given")
-        return p.parent, checkpoints.verified_step(p.parent, int(p.name), (item,))
-    return checkpoints.find_step(p, step, (item,))
+    folder_step = int(p.name) if p.name.isdigit() and (p / "config").exists() else None
+    with checkpoints.open_manager(p.parent if folder_step is not None else p, read_only=True) as m:
+        yield m, folder_step
+
+
+def _pick(
+    manager: ocp.CheckpointManager, step: int | None, folder_step: int | None, item: str
+) -> int:
+    """The step to load once its `item` and config pass their checksums."""
+    if folder_step is not None:
+        if step is not None and step != folder_step:
+            raise CheckpointError(
+                f"{manager.directory}/{folder_step} is the checkpoint of step {folder_step}, but "
+                f"step={step} given"
+            )
+        step = folder_step
+    picked = checkpoints.good_step(manager, step, (item,))
+    if picked is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory}")
+    return picked
 
 
 def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
@@ -174,23 +192,6 @@ def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
     )
-
-
-class _DropOrbaxWarnings(logging.Filter):
-    """Read-only managers warn about every item they were not asked to restore: noise here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.WARNING or "/orbax/" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
-    logger, drop = logging.getLogger("absl"), _DropOrbaxWarnings()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 # ---- sampling ------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ A converted official checkpoint has only `ema` and `config`.
 
 Each step also holds `checksums.json`: the size and SHA-256 of every file of every item.
 
+One API, through an orbax manager:
+  write  `open_manager(workdir, keep=...)`, `save(manager, step, ...)`;
+  read   `with open_manager(path, read_only=True) as m:` then `good_step(m, step, items)` (the
+         step asked for, or the newest sound one, checked), `read_config(m, step)`,
+         `restore(m, step, ema_target=... | state_target=... | params_target=...)`.
+
 Safety, and why a listed step is always restorable:
 - orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once every
   process has written its part; the checksums are written into the temporary folder after all
@@ -33,19 +39,19 @@ on every process).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from uvit_jax import library_logs
 from uvit_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -129,11 +135,23 @@ class _SealingManager(ocp.CheckpointManager):
 def open_manager(
     workdir: str | os.PathLike, *, keep: int | None = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """A CheckpointManager over `workdir/checkpoints` (async sealed saves, keep-N, safe deletes)."""
-    directory = checkpoint_dir(workdir)
+    """A CheckpointManager over `workdir/checkpoints` (async sealed saves, keep-N, safe deletes).
+
+    read_only: a manager that only reads (`good_step`, `read_config`, `restore`); `workdir` may
+    also be the `checkpoints` folder itself. Close it after use (`with open_manager(...) as m`).
+    Raises CheckpointError when there is no such folder.
+    """
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-        return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+        path = absolute(workdir)
+        directory = path if path.name == "checkpoints" else checkpoint_dir(path)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
+        if not directory.exists():
+            raise CheckpointError(f"no checkpoint in {path}: {directory} does not exist")
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        with library_logs.quiet(logging.ERROR, ("/orbax/",)):  # it warns that it is read-only
+            return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, cleanup_tmp_directories=True, todelete_subdir=_TRASH
     )
@@ -221,25 +239,35 @@ def check_step(manager: ocp.CheckpointManager, step: int, items: Sequence[str]) 
     return True
 
 
-def newest_good_step(manager: ocp.CheckpointManager, items: Sequence[str]) -> int | None:
-    """The newest step whose `items` pass `check_step`, warning about each newer one that does
-    not; None when there is no step. Raises CheckpointError when no step passes."""
+def good_step(manager: ocp.CheckpointManager, step: int | None, items: Sequence[str]) -> int | None:
+    """The step to read: `step` once its `items` pass `check_step`, or, when `step` is None,
+    the newest step whose `items` pass (warning about each newer one that does not); None when
+    the folder has no step at all. Raises CheckpointError naming the folder when `step` is not
+    there, and the path and reason when it fails or when no step passes."""
     steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(
+                f"{manager.directory} has no checkpoint at step {step}; it has steps "
+                f"{sorted(steps)}"
+            )
+        check_step(manager, step, items)
+        return step
     reasons = []
-    for step in steps:
+    for candidate in steps:
         try:
-            verified = check_step(manager, step, items)
+            verified = check_step(manager, candidate, items)
         except CheckpointError as e:
-            logging.warning("skipping checkpoint step %d: %s", step, e)
-            reasons.append(f"step {step}: {e}")
+            logging.warning("skipping checkpoint step %d: %s", candidate, e)
+            reasons.append(f"step {candidate}: {e}")
             continue
         if not verified:
             logging.info(
-                "checkpoint step %d has no %s (older uvit_jax): not verified", step, CHECKSUMS
+                "checkpoint step %d has no %s (older uvit_jax): not verified", candidate, CHECKSUMS
             )
         if reasons:
-            logging.warning("falling back to checkpoint step %d", step)
-        return step
+            logging.warning("falling back to checkpoint step %d", candidate)
+        return candidate
     if reasons:
         raise CheckpointError(
             f"no restorable checkpoint in {manager.directory}:\n  " + "\n  ".join(reasons)
@@ -267,7 +295,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int | None) -> None:
         manager.reload()
 
 
-def config_record(config: Mapping) -> dict:
+def _config_record(config: Mapping) -> dict:
     """The JSON item saved with each checkpoint."""
     return {"format_version": FORMAT_VERSION, "config": json.loads(_to_json(config))}
 
@@ -291,27 +319,12 @@ def save(
     before reading it or exiting)."""
     import grain
 
-    items = {"ema": ocp.args.StandardSave(ema), "config": ocp.args.JsonSave(config_record(config))}
+    items = {"ema": ocp.args.StandardSave(ema), "config": ocp.args.JsonSave(_config_record(config))}
     if state is not None:
         items["state"] = ocp.args.StandardSave(state)
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-
-def _pick_step(
-    manager: ocp.CheckpointManager, step: int | None, items: Sequence[str], where: str
-) -> int:
-    """`step` once `check_step` passes, or the newest step that passes when `step` is None."""
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {where}")
-    if step is None:
-        return newest_good_step(manager, items)
-    if step not in steps:
-        raise CheckpointError(f"{where} has no checkpoint at step {step}; it has steps {steps}")
-    check_step(manager, step, items)
-    return step
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -330,91 +343,41 @@ def restore(
     manager: ocp.CheckpointManager,
     step: int,
     *,
-    ema_target: Any,
+    ema_target: Any | None = None,
     state_target: Any | None = None,
+    params_target: Any | None = None,
     data_iter: Any | None = None,
 ) -> dict[str, Any]:
-    """Restores items onto the shardings carried by the targets.
+    """Restores the items whose targets are given, onto the shardings the targets carry.
 
     Targets are pytrees of `jax.ShapeDtypeStruct` with the *current* mesh's shardings, so a run
-    saved on one topology resumes on another. `data_iter` is restored in place.
+    saved on one topology resumes on another. ema_target: the `ema` item. state_target: the
+    whole `state` item. params_target: only the `params` of the `state` item (a partial restore:
+    the optimizer state is not read), returned as "params". data_iter: restored in place.
+    Check the step first (`good_step`).
     """
     import grain
 
-    items = {"ema": ocp.args.StandardRestore(ema_target)}
+    items = {}
+    if ema_target is not None:
+        items["ema"] = ocp.args.StandardRestore(ema_target)
     if state_target is not None:
         items["state"] = ocp.args.StandardRestore(state_target)
+    elif params_target is not None:
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), params_target
+        )
+        items["state"] = ocp.args.PyTreeRestore(
+            item={"params": params_target},
+            restore_args={"params": restore_args},
+            partial_restore=True,
+        )
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return dict(manager.restore(step, args=ocp.args.Composite(**items)))
-
-
-@contextlib.contextmanager
-def _read_only(root: epath.Path) -> Iterator[ocp.CheckpointManager]:
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
-    )
-    try:
-        yield manager
-    finally:
-        manager.close()
-
-
-def find_step(
-    workdir: str | os.PathLike, step: int | None = None, items: Sequence[str] = ("ema",)
-) -> tuple[epath.Path, int]:
-    """(checkpoint directory, step) for `workdir` or a `.../checkpoints` folder, after checking
-    `items` of the step (`check_step`); the newest step that passes if `step` is None."""
-    path = absolute(workdir)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    root = path if path.name == "checkpoints" else checkpoint_dir(path)
-    if not root.exists():
-        raise CheckpointError(f"no checkpoint in {path}: {root} does not exist")
-    return root, verified_step(root, step, items, where=os.fspath(path))
-
-
-def verified_step(
-    root: epath.Path, step: int | None, items: Sequence[str], where: str | None = None
-) -> int:
-    """`step` of the step folders in `root` once `items` pass `check_step` (the newest step
-    that passes if None); `where` names the place in messages (default `root`)."""
-    with _read_only(root) as manager:
-        return _pick_step(manager, step, items, where or os.fspath(root))
-
-
-def read_step_config(root: epath.Path, step: int) -> dict:
-    """The config saved at `step` in the step folders of `root` (already verified)."""
-    with _read_only(root) as manager:
-        return read_config(manager, step)
-
-
-def load_ema(root: epath.Path, step: int, ema_target: Any) -> Any:
-    """The EMA item of `step` in `root` (already verified), restored onto `ema_target`."""
-    args = ocp.args.Composite(ema=ocp.args.StandardRestore(ema_target))
-    with _read_only(root) as manager:
-        return manager.restore(step, args=args)["ema"]
-
-
-def load_ema_and_config(
-    workdir: str | os.PathLike, step: int | None, ema_target: Any
-) -> tuple[Any, dict, int]:
-    """Restores only the EMA item (and the config): what notebooks, sampling and eval need."""
-    root, step = find_step(workdir, step)
-    return load_ema(root, step, ema_target), read_step_config(root, step), step
-
-
-def load_raw_params(root: str | os.PathLike, step: int, target: Any) -> Any:
-    """The `params` of the `state` item alone (a partial restore: the optimizer state is not
-    read) of `step` (already verified). `target`: abstract params carrying the shardings to
-    restore onto."""
-    root = absolute(root)
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-    args = ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-    )
-    with _read_only(root) as manager:
-        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
+    if state_target is None and params_target is not None:
+        restored["params"] = restored.pop("state")["params"]
+    return restored
 
 
 def has_data_iter_for_this_topology(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -422,12 +385,6 @@ def has_data_iter_for_this_topology(manager: ocp.CheckpointManager, step: int) -
     process, so a run resumed on another number of processes has none)."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     return (epath.Path(manager.directory) / str(step) / "data_iter" / name).exists()
-
-
-def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
-    """(config dict, step) of the checkpoint at `step` (latest if None) without loading arrays."""
-    root, step = find_step(workdir, step, items=())
-    return read_step_config(root, step), step
 
 
 # ---- standalone weight folders (converted autoencoders) -----------------------------------

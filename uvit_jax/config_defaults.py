@@ -133,8 +133,12 @@ def default_config() -> ml_collections.ConfigDict:
             log_every=100,
             ckpt_every=5000,
             keep_ckpts=3,
-            sample_every=10_000,
-            fid_every=0,  # 0: no FID during training
+            # Evaluators during training (uvit_jax/evals): name -> type, interval in steps
+            # (0: never) and the type's fields; scalars go out as train_<name>/<key>.
+            evals=dict(
+                sample_grid=dict(type="sample_grid", every=10_000),
+                fid=dict(type="fid", every=0),  # on config.eval.train_num_samples samples
+            ),
             on_nonfinite="stop",  # "stop" or "skip"
         )
     )
@@ -223,6 +227,35 @@ def default_config() -> ml_collections.ConfigDict:
             # and the largest global batch each policy in fit_remat holds.
             fit=False,
             fit_remat=("none", "dots", "full"),
+        )
+    )
+
+    # ---- logging: dashboards beside TensorBoard (uvit_jax/train/dashboard.py metric_writer) ----
+    c.logging = ml_collections.ConfigDict(
+        dict(
+            # Weights & Biases: on process 0, train, eval and sweep send W&B what they write to
+            # TensorBoard (scalars, sample grids, hparams as the run's config, eval results and
+            # their protocol fingerprint). Needs `pip install -e ".[wandb]"`; wandb is imported
+            # only when enabled. W&B's WANDB_* environment variables (WANDB_API_KEY,
+            # WANDB_CONSOLE=off, ...) apply; the fields below win over them where both are set.
+            wandb=dict(
+                enabled=False,
+                project="uvit_jax",  # W&B project
+                entity="",  # W&B user or team; "": the logged-in user's default entity
+                name="",  # run display name; "": one W&B makes up
+                group="",  # run group; "": the workdir's folder name (its train/eval/sweep jobs)
+                tags=(),  # run tags, e.g. ("fmnist", "ablation")
+                # "online" (stream to the server; needs `wandb login` or WANDB_API_KEY),
+                # "offline" (no network: files under <dir>/wandb/offline-run-*, uploaded later
+                # with `wandb sync <that folder>`), or "disabled" (W&B calls do nothing).
+                mode="online",
+                # Where W&B keeps its run folders (it adds a `wandb/` subfolder): a local folder;
+                # "": the workdir (runs in <workdir>/wandb/; a gs:// workdir needs one set here).
+                dir="",
+                # Run id to continue (resume="allow"): one W&B run across a job's restarts.
+                # "": a new run each time a job starts.
+                id="",
+            )
         )
     )
 

@@ -178,7 +178,7 @@ def _frozen(name: str, model: nnx.Module, forward: Callable, x, mesh: Mesh) -> P
 def _decode(config, mesh: Mesh, train: TrainProgram) -> Program | None:
     if config.autoencoder.kind == "identity":
         return None
-    from uvit_jax.autoencoder import make_autoencoder
+    from uvit_jax.latent_codec import make_autoencoder
 
     ae = dict(config.autoencoder.to_dict(), pretrained_path="")  # the architecture alone
     model = nnx.eval_shape(lambda: make_autoencoder(ae))

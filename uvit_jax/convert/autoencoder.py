@@ -15,7 +15,7 @@ PyTorch conv weights [O, I, kh, kw] become Flax kernels [kh, kw, I, O].
 
 Converted models are saved as an orbax checkpoint folder with two items: `params` (the nested
 parameter dict, float32) and `config` (JSON: kind, ddconfig, embed_dim, source file), written by
-`save_converted` and read by `load_converted` (or `uvit_jax.autoencoder.make_autoencoder` given
+`save_converted` and read by `load_converted` (or `uvit_jax.latent_codec.make_autoencoder` given
 the folder).
 """
 

@@ -325,41 +325,6 @@ def _write(dst: str | os.PathLike, params: dict[str, np.ndarray], meta: dict) ->
     return dst
 
 
-def random_state_dict(seed: int = 0, *, head: bool = True) -> StateDict:
-    """Random weights in pytorch-fid's key layout, for tests and benchmarks (FIDs meaningless).
-
-    He-scaled convolutions, BatchNorm scales and running variances in [0.5, 1.5], biases and
-    running means ~ N(0, 0.1): activations stay O(1) through all 94 convolutions, so a parity
-    test compares real numbers rather than zeros. `head=False` leaves out the classifier.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, var in _flat_abstract_state(NUM_CLASSES if head else None).items():
-        shape = _torch_shape(path, var.shape)
-        if path[-1] == "kernel":
-            fan_in = int(np.prod(shape[1:]))
-            value = rng.normal(0.0, np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan_in), shape)
-        elif path[-1] in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        else:
-            value = rng.normal(0.0, 0.1, shape)
-        out[torch_key(path)] = value.astype(np.float32)
-    return out
-
-
-def save_random_inception(dst: str | os.PathLike, seed: int = 0) -> str:
-    """Writes random converted weights (see `random_state_dict`) that `load_inception` reads."""
-    params = convert_state_dict(random_state_dict(seed), source="random weights")
-    meta = dict(
-        source=f"random weights (seed {seed})",
-        source_format="random",
-        source_sha256="",
-        feature_sha256=feature_weights_sha256(params),
-        has_logits=True,
-    )
-    return _write(dst, params, meta)
-
-
 # ---- loading -----------------------------------------------------------------------------------
 
 

@@ -104,20 +104,6 @@ def example_losses(
     return loss_weights(snr, weighting, gamma) * jnp.mean(err, axis=(1, 2, 3)), t_net
 
 
-def noise_prediction_loss(
-    predict: Callable[[Array, Array], Array],
-    key: Array,
-    x0: Array,
-    formulation: str,
-    *,
-    weighting: str = "none",
-    gamma: float = 5.0,
-) -> Array:
-    """The batch mean of `example_losses`: scalar float32."""
-    losses, _ = example_losses(predict, key, x0, formulation, weighting=weighting, gamma=gamma)
-    return jnp.mean(losses)
-
-
 def noise_level_bucket(t_net: Array, formulation: str, num_buckets: int) -> Array:
     """Which of `num_buckets` equal ranges of the schedule's time each network time falls in.
 

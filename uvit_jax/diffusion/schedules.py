@@ -227,8 +227,3 @@ def schedule_for(formulation: str) -> Schedule:
         f"config.diffusion.formulation: unknown formulation {formulation!r}; "
         f"expected one of {FORMULATIONS}"
     )
-
-
-def network_time(formulation: str, t: ArrayLike):
-    """The network's time input for continuous t: 999 t (vp_continuous) or 1000 t (sd_discrete)."""
-    return schedule_for(formulation).network_time(t)

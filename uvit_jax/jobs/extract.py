@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from input_pipeline import latent_dataset
 from input_pipeline.extract import resolve_latent_dir, run_extraction
-from uvit_jax.autoencoder import autoencoder_from_config
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.latent_codec import autoencoder_from_config
 from uvit_jax.text_encoder import text_encoder_from_config
 
 
-def extract(config, workdir: str | None) -> str:
+def extract_job(config, workdir: str | None) -> str:
     """Extracts (or finishes) the dataset of `config` in `config.data.latent_dir`, default
     `<workdir>/latent_dataset`; returns its directory."""
     encode_fn = encode_text_fn = None

@@ -154,7 +154,7 @@ def plot_fid_vs_nfe(rows: list[dict[str, Any]], path: epath.Path, title: str) ->
     plt.close(fig)
 
 
-def sweep(config, workdir: str) -> list[dict[str, Any]]:
+def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     """Evaluates the latest checkpoint at every cell of `config.sweep`; returns the rows."""
     check_sample_count(config, "num_samples")
     mesh = make_mesh(config.mesh)
@@ -187,7 +187,7 @@ def sweep(config, workdir: str) -> list[dict[str, Any]]:
             _write_table(rows, stem, title)
             logging.info("sweep: %s", {k: v for k, v in rows[-1].items() if k != "protocol"})
     if jax.process_index() == 0:
-        _write_tensorboard(rows, out)
+        _write_tensorboard(rows, out, config, workdir)
     return rows
 
 
@@ -200,11 +200,20 @@ def _write_table(rows: list[dict[str, Any]], stem: epath.Path, title: str) -> No
         logging.warning("sweep: no plot (matplotlib missing: pip install -e '.[eval]')")
 
 
-def _write_tensorboard(rows: list[dict[str, Any]], out: epath.Path) -> None:
-    from clu import metric_writers
+def _write_tensorboard(rows: list[dict[str, Any]], out: epath.Path, config, workdir: str) -> None:
+    from uvit_jax.train import dashboard
 
-    writer = metric_writers.create_default_writer(os.fspath(out))
+    # TensorBoard in W/sweep (+ the log) and, where config.logging.wandb is on, W&B (job
+    # "sweep", its x-axis sweep/nfe).
+    writer = dashboard.metric_writer(
+        config,
+        workdir,
+        logdir=os.fspath(out),
+        console=True,
+        job_type="sweep",
+        step_metric="sweep/nfe",
+    )
     for row in rows:
         scalars = {f"sweep/{k}/{row['line']}": row[k] for k in METRICS if k in row}
         writer.write_scalars(row["nfe"], scalars)
-    writer.flush()
+    writer.close()

@@ -1,38 +1,43 @@
 """The training job: `python main.py --mode train --config ... --workdir W`.
 
-Extracts the dataset if it is not there yet; builds the mesh, data, state and step; resumes
-from the latest checkpoint in W; trains with periodic metrics, sample grids, FID and
-checkpoints; saves on SIGTERM (preemption) and at the end.
+Read top to bottom: `train_job` holds the workdir and runs four sections, each one function:
+set-up (checks, evaluators, checkpoints, data), restore or init (the state), compile (the step,
+for the first batch's shapes), the loop (steps; at their intervals: log, checkpoint,
+evaluators of `config.train.evals`; saves on SIGTERM and at the end).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from clu import metric_writers
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from input_pipeline import extract, latent_dataset
-from uvit_jax import checkpoints, images, workdir_lock
+from uvit_jax import checkpoints, workdir_lock
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.objective import noise_level_names
 from uvit_jax.errors import ConfigError, UserError
-from uvit_jax.jobs.extract import extract as extract_job
+from uvit_jax.evals import Scheduled, TrainContext, check_sections, make_evals
+from uvit_jax.jobs.extract import extract_job
 from uvit_jax.models.uvit import build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
-from uvit_jax.sampling.generate import sample_images
-from uvit_jax.sampling.prompts import TextConditions, dataset_conditions
 from uvit_jax.train import dashboard, flops
 from uvit_jax.train.state import TrainState, create_train_state
-from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, make_train_program
+from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, make_train_program
 
 # Model fields that change the parameters; the others (dtype, attention, remat) may change
 # between runs of one workdir.
@@ -57,15 +62,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
 def check_config(config, mesh) -> None:
     """Fails early, naming the fields, on configs that cannot work."""
     nnx.eval_shape(lambda: build_uvit(config.model))  # patch size / heads / remat checks
-    # Positive counts (they divide step numbers in the loop); sample/FID intervals may be 0: off.
-    for field, least in (("batch_size", 1), ("num_steps", 1), ("log_every", 1),
-                         ("ckpt_every", 1), ("sample_every", 0), ("fid_every", 0)):  # fmt: skip
-        value = config.train.get(field, least)
-        if not isinstance(value, int) or value < least:
-            raise ConfigError(
-                f"config.train.{field}={value!r}: expected an integer >= {least}"
-                + (" (0: never)" if least == 0 else "")
-            )
+    # Positive counts: they divide step numbers in the loop.
+    for field in ("batch_size", "num_steps", "log_every", "ckpt_every"):
+        value = config.train.get(field, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.train.{field}={value!r}: expected an integer >= 1")
+    check_sections(config.train.evals)
     accum = int(config.train.accum_steps)
     if accum < 1 or config.train.batch_size % accum:
         raise ConfigError(
@@ -203,93 +205,83 @@ def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in batch.items() if k in ("x", "label", "context")}
 
 
-def _text_inputs(config, data_dir: str, mesh):
-    """Text-to-image models: (the empty context on every device, the sample-grid captions).
-
-    (None, None) for other models. The empty context [L, D] (CLIP of "") replaces dropped
-    contexts in the step; the grid uses the dataset's first captions (no text encoder needed).
-    """
+def _empty_context(config, data_dir: str, mesh: Mesh) -> jax.Array | None:
+    """Text-to-image models: CLIP of "" [L, D] on every device, which replaces the dropped
+    contexts in the step; None for other models."""
     if Conditioning.from_config(config).kind != "text":
-        return None, None
+        return None
     empty = latent_dataset.read_empty_context(
         latent_dataset.open_dataset(data_dir, config.data.split)
     )
-    text = None
-    if config.train.sample_every:
-        text = dataset_conditions(data_dir, config.data.split, int(config.sample.num_samples))
-    return jax.device_put(empty, replicated(mesh)), text
+    return jax.device_put(empty, replicated(mesh))
 
 
-# ---- sample grids ------------------------------------------------------------------------
+# ---- the job -----------------------------------------------------------------------------
 
 
-def write_sample_grid(
-    config, graphdef, ema, step: int, workdir: str, writer, text: TextConditions | None = None
-) -> None:
-    """Samples from the EMA weights with the config's sampler; PNG + TensorBoard image.
-
-    text: the `TextConditions` of text-to-image models (the same captions every time).
-    """
-    n = int(config.sample.num_samples)
-    labels = Conditioning.from_config(config).labels(n)
-    conditions = {}
-    if text is not None:
-        conditions = dict(contexts=text.contexts, null_context=text.null_context)
-    x = sample_images(
-        graphdef, ema, config, jax.random.key(config.seed + 1), labels=labels, num=n, **conditions
-    )
-    x = np.asarray(jax.device_get(x))
-    ncol = None if labels is None else int(labels.max()) + 1
-    grid = images.make_grid(images.to_uint8(x), ncol=ncol)
-    if jax.process_index() == 0:
-        images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
-        writer.write_images(step, {"samples": grid[None]})
-
-
-# ---- the loop ----------------------------------------------------------------------------
-
-
-def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state.
-    Holds the workdir's lock throughout: a second trainer there stops at once."""
+def train_job(config, workdir: str) -> TrainState:
+    """Trains `config` in `workdir` (resuming from its latest good checkpoint); returns the
+    state. Holds the workdir's lock throughout: a second trainer there stops at once."""
     workdir = os.fspath(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lock.hold(workdir):
-        return _train(config, workdir)
+        run = set_up(config, workdir)
+        try:
+            state = restore_or_init(run)
+            step_fn, first_batch = compile_step(run, int(state.step))
+            return train_loop(run, state, step_fn, first_batch)
+        finally:
+            run.manager.wait_until_finished()
+            run.writer.close()
 
 
-def _train(config, workdir: str) -> TrainState:
-    """`train_and_evaluate` once the workdir is held."""
-    from clu import metric_writers
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """What the sections of one run share; built by `set_up`.
 
+    latest: the checkpoint step resumed from (None: a new run). restore_iter: whether that step
+    holds this topology's data iterator position (else the stream was rebuilt at `latest`).
+    empty_context: text-to-image models' replicated CLIP of "" (None otherwise).
+    """
+
+    config: Any
+    workdir: str
+    mesh: Mesh
+    manager: ocp.CheckpointManager
+    latest: int | None
+    restore_iter: bool
+    data_dir: str
+    data_iter: Any
+    program: TrainProgram
+    writer: metric_writers.MetricWriter
+    evals: list[Scheduled]
+    empty_context: jax.Array | None
+
+
+# ---- set-up ------------------------------------------------------------------------------
+
+
+def set_up(config, workdir: str) -> TrainRun:
+    """Checks the config, builds the evaluators (their files must be there before anything
+    compiles), picks the checkpoint to resume from, extracts the dataset if needed and opens
+    its stream at the resumed step."""
     from input_pipeline.train_input import make_train_iterator
 
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
-    # FID during training: its weights and reference must be there before anything compiles.
-    fid_every = int(config.train.fid_every)
-    if fid_every:
-        from uvit_jax.evaluation.evaluator import (
-            caption_sampler,
-            check_sample_count,
-            make_evaluator,
-            metrics_of_samples,
-        )
-
-        check_sample_count(config, "train_num_samples")
-        evaluator = make_evaluator(config, mesh)
+    writer = dashboard.metric_writer(config, workdir)
+    data_dir = extract.resolve_latent_dir(config, workdir)
+    evals = make_evals(TrainContext(config, mesh, workdir, data_dir, writer))
 
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
-    latest = checkpoints.newest_good_step(manager, RESUMED_ITEMS)
+    latest = checkpoints.good_step(manager, None, RESUMED_ITEMS)
     if latest is not None:
         check_same_model(checkpoints.read_config(manager, latest), config, workdir)
     checkpoints.set_aside_newer(manager, latest)
 
     data_dir = ensure_dataset(config, workdir)
-    empty_context, text = _text_inputs(config, data_dir, mesh)
-    captions = caption_sampler(config, data_dir, seed=0) if fid_every else None
-    # A saved iterator position is restored below; one written by another number of processes
-    # cannot be, and the stream is rebuilt at the step instead (the same batches either way).
+    # A saved iterator position is restored with the state; one written by another number of
+    # processes cannot be, and the stream is rebuilt at the step instead (the same batches).
     restore_iter = latest is not None and checkpoints.has_data_iter_for_this_topology(
         manager, latest
     )
@@ -297,117 +289,164 @@ def _train(config, workdir: str) -> TrainState:
     data_iter = make_train_iterator(
         config, seed=config.seed, data_dir=data_dir, start_step=start_step
     )
-
-    num_steps = int(config.train.num_steps)
-    program = make_train_program(config, mesh)
-    graphdef, abstract_state = program.graphdef, program.abstract_state
-
-    if latest is not None:
-        item, ema_target = abstract_state.checkpoint_items()
-        restored = checkpoints.restore(
-            manager,
-            latest,
-            ema_target=ema_target,
-            state_target=item,
-            data_iter=data_iter if restore_iter else None,
-        )
-        state = TrainState.from_checkpoint_items(restored["state"], restored["ema"])
-        logging.info("resumed from step %d in %s", int(state.step), workdir)
-    else:
-        state = create_train_state(config.model, program.tx, mesh, config.seed)
-
-    first = _model_inputs(next(data_iter))
-    check_labels(first, config, data_dir)
-    batch_spec = abstract_batch(config, first)
-    if empty_context is not None:
-        batch_spec["empty_context"] = jax.ShapeDtypeStruct(empty_context.shape, empty_context.dtype)
-    compiled, compile_s = program.compile(batch_spec)
-    zero_totals = program.zero_totals
-
-    # TensorBoard only: the console gets one progress line per log point instead of every scalar.
-    writer = (
-        metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-        if jax.process_index() == 0
-        else metric_writers.MultiWriter([])
+    return TrainRun(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        manager=manager,
+        latest=latest,
+        restore_iter=restore_iter,
+        data_dir=data_dir,
+        data_iter=data_iter,
+        program=make_train_program(config, mesh),
+        writer=writer,
+        evals=evals,
+        empty_context=_empty_context(config, data_dir, mesh),
     )
-    start = int(state.step)
+
+
+# ---- restore or init ---------------------------------------------------------------------
+
+
+def restore_or_init(run: TrainRun) -> TrainState:
+    """The state of the resumed step (and the data iterator's position, in place), or a new
+    state from `config.seed`."""
+    if run.latest is None:
+        return create_train_state(run.config.model, run.program.tx, run.mesh, run.config.seed)
+    item, ema_target = run.program.abstract_state.checkpoint_items()
+    restored = checkpoints.restore(
+        run.manager,
+        run.latest,
+        ema_target=ema_target,
+        state_target=item,
+        data_iter=run.data_iter if run.restore_iter else None,
+    )
+    state = TrainState.from_checkpoint_items(restored["state"], restored["ema"])
+    logging.info("resumed from step %d in %s", int(state.step), run.workdir)
+    return state
+
+
+# ---- compile -----------------------------------------------------------------------------
+
+
+def compile_step(run: TrainRun, start: int) -> tuple[Callable, dict[str, np.ndarray]]:
+    """(the compiled step, the first batch): compiled for the first batch's global shapes once
+    its labels are checked; the dashboards get the flat hparams and the compile time."""
+    config = run.config
+    first = _model_inputs(next(run.data_iter))
+    check_labels(first, config, run.data_dir)
+    batch_spec = abstract_batch(config, first)
+    if run.empty_context is not None:
+        context = run.empty_context
+        batch_spec["empty_context"] = jax.ShapeDtypeStruct(context.shape, context.dtype)
+    step_fn, compile_s = run.program.compile(batch_spec)
     hparams = config.to_dict()
     hparams.pop("convert", None)  # the settings of another job
-    writer.write_hparams(dashboard.flat_hparams(hparams))
-    writer.write_scalars(start, {"compile_seconds": compile_s})
-    step_flops = flops.train_step_flops(config.model, config.train.batch_size)
-    n_dev = jax.device_count()
-    peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(jax.devices()[0].device_kind)
-    level_names = noise_level_names(config.diffusion.formulation, NOISE_LEVEL_BUCKETS)
-    totals = zero_totals()
+    run.writer.write_hparams(dashboard.flat_hparams(hparams))
+    run.writer.write_scalars(start, {"compile_seconds": compile_s})
+    return step_fn, first
 
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def every(interval: int, step: int) -> bool:
+    """Whether a periodic action of `interval` steps (0: never) falls after `step`."""
+    return interval > 0 and step % interval == 0
+
+
+class ProgressLog:
+    """The log point: the interval's means, throughput and MFU to the dashboards, one line to
+    the console (TensorBoard gets every scalar; the console only the progress line)."""
+
+    def __init__(self, config, start: int):
+        self._config = config
+        self._step_flops = flops.train_step_flops(config.model, config.train.batch_size)
+        self._peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(
+            jax.devices()[0].device_kind
+        )
+        self._levels = noise_level_names(config.diffusion.formulation, NOISE_LEVEL_BUCKETS)
+        self._since = (time.perf_counter(), start)
+
+    def write(self, step: int, sums, lr, nonfinite_steps, writer) -> None:
+        """Logs the interval ending at `step` from its fetched `sums` (`dashboard` totals)."""
+        now, (t_last, step_last) = time.perf_counter(), self._since
+        self._since = (now, step)
+        steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+        scalars = dashboard.interval_scalars(sums, self._levels)
+        scalars.update(
+            lr=float(lr),
+            steps_per_s=steps_per_s,
+            images_per_s=steps_per_s * self._config.train.batch_size,
+            tflops_per_device=steps_per_s * self._step_flops / jax.device_count() / 1e12,
+            nonfinite_steps=int(nonfinite_steps),
+        )
+        if self._peak:
+            scalars["mfu"] = scalars["tflops_per_device"] / self._peak
+        writer.write_scalars(step, scalars)
+        num_steps = int(self._config.train.num_steps)
+        loss = scalars.get("loss", float("nan"))
+        logging.info(dashboard.progress_line(step, num_steps, loss, steps_per_s))
+
+
+def save(run: TrainRun, state: TrainState, step: int) -> None:
+    """Starts the asynchronous save of `step` (state, EMA, config, data position)."""
+    item, ema = state.checkpoint_items()
+    checkpoints.save(
+        run.manager, step, ema=ema, config=run.config, state=item, data_iter=run.data_iter
+    )
+
+
+def run_eval(run: TrainRun, scheduled: Scheduled, state: TrainState, step: int) -> None:
+    """Runs one evaluator on the EMA weights; its scalars go out as `train_<name>/<key>`."""
+    result = scheduled.evaluator.run(step, run.program.graphdef, state.ema)
+    if result:
+        run.writer.write_scalars(
+            step, {f"train_{scheduled.name}/{k}": v for k, v in result.items()}
+        )
+        logging.info("step %d: %s %s", step, scheduled.name, dict(result))
+
+
+def train_loop(
+    run: TrainRun, state: TrainState, step_fn: Callable, batch: dict[str, np.ndarray]
+) -> TrainState:
+    """Steps from `state.step` to `config.train.num_steps`; after each step, in this order:
+    log, finiteness check, checkpoint, evaluators, preemption exit."""
+    config = run.config
+    num_steps = int(config.train.num_steps)
     key = jax.random.key_data(jax.random.key(config.seed))
+    totals = run.program.zero_totals()
+    log = ProgressLog(config, int(state.step))
     preempt = PreemptionFlag()
     preempt.install()
-    t_last, step_last = time.perf_counter(), start
-    batch = first
     try:
-        for step in range(start, num_steps):
-            gbatch = global_batch(batch, mesh)
-            if empty_context is not None:
-                gbatch["empty_context"] = empty_context
-            state, metrics, totals = compiled(state, gbatch, key, totals)
-            done = step + 1
+        for step in range(int(state.step), num_steps):
+            device_batch = global_batch(batch, run.mesh)
+            if run.empty_context is not None:
+                device_batch["empty_context"] = run.empty_context
+            state, metrics, totals = step_fn(state, device_batch, key, totals)
+            done, last = step + 1, step + 1 == num_steps
             # Asked once per step: a SIGTERM arriving later in the step must not stop the run
             # without the save that its stop promises.
             stop = preempt.is_set(done)
-            log_now = done % config.train.log_every == 0 or done == num_steps
-            save_now = done % config.train.ckpt_every == 0 or done == num_steps or stop
+            log_now = every(config.train.log_every, done) or last
+            save_now = every(config.train.ckpt_every, done) or last or stop
             if log_now:
                 sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
-                totals = zero_totals()
-                now = time.perf_counter()
-                steps_per_s = (done - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, done
-                scalars = dashboard.interval_scalars(sums, level_names)
-                scalars.update(
-                    lr=float(lr),
-                    steps_per_s=steps_per_s,
-                    images_per_s=steps_per_s * config.train.batch_size,
-                    tflops_per_device=steps_per_s * step_flops / n_dev / 1e12,
-                    nonfinite_steps=int(bad),
-                )
-                if peak:
-                    scalars["mfu"] = scalars["tflops_per_device"] / peak
-                writer.write_scalars(done, scalars)
-                logging.info(
-                    dashboard.progress_line(
-                        done, num_steps, scalars.get("loss", float("nan")), steps_per_s
-                    )
-                )
+                totals = run.program.zero_totals()
+                log.write(done, sums, lr, bad, run.writer)
             if log_now or save_now:  # after the log line, before the save: once per step
-                check_finite(state, config.train.on_nonfinite, manager.latest_step())
+                check_finite(state, config.train.on_nonfinite, run.manager.latest_step())
             if save_now:
-                item, ema = state.checkpoint_items()
-                checkpoints.save(
-                    manager, done, ema=ema, config=config, state=item, data_iter=data_iter
-                )
-            if config.train.sample_every and done % config.train.sample_every == 0:
-                write_sample_grid(config, graphdef, state.ema, done, workdir, writer, text)
-            if fid_every and done % fid_every == 0:
-                result = metrics_of_samples(
-                    config,
-                    graphdef,
-                    state.ema,
-                    mesh,
-                    evaluator,
-                    int(config.eval.train_num_samples),
-                    captions=captions,
-                )
-                writer.write_scalars(done, {f"train_fid/{k}": v for k, v in result.items()})
-                logging.info("step %d: train FID %s", done, result)
+                save(run, state, done)
+            for scheduled in run.evals:
+                if scheduled.due(done):
+                    run_eval(run, scheduled, state, done)
             if stop:
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break
-            if done < num_steps:
-                batch = _model_inputs(next(data_iter))
+            if not last:
+                batch = _model_inputs(next(run.data_iter))
     finally:
         preempt.uninstall()
-        manager.wait_until_finished()
-        writer.flush()
     return state

@@ -19,7 +19,7 @@ speed); GroupNorm, swish, the attention softmax, the residual stream and the out
 (in bf16 this cuts the error against float32 from 1.2e-2 to 0.9e-2 on the golden model).
 
 The network only: building one from a config or a weights file, and running it jitted over a
-mesh, is `uvit_jax.autoencoder`.
+mesh, is `uvit_jax.latent_codec`.
 """
 
 from __future__ import annotations

@@ -22,8 +22,6 @@ from flax import nnx
 Array = jax.Array
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
-# The network is fully convolutional, but the FID protocol always feeds it 299 x 299 inputs.
-INPUT_SIZE = 299
 # sFID (Nash et al. 2021, as the ADM evaluator computes it): the first 7 channels of the 1x1
 # branch of Mixed_6d (TF's `mixed_6/conv`, after its ReLU), 17 x 17 x 7 = 2023 values per image.
 SPATIAL_CHANNELS = 7

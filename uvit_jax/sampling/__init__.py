@@ -2,6 +2,8 @@
 
 - `dpm_solver`: DPM-Solver / DPM-Solver++ (orders 1-3, singlestep incl. the fast schedule,
   multistep) as one `lax.scan` over a precomputed coefficient table.
+- `unipc`: UniPC (Zhao et al. 2023): the multistep predictor UniP with the corrector UniC.
+- `heun`: EDM's deterministic second-order Heun sampler.
 - `euler_maruyama`: reverse-SDE Euler-Maruyama and the probability-flow ODE.
 - `samplers`: every sampler by its `config.sample.sampler` name.
 - `guidance`: U-ViT apply function -> `noise_fn(x, t_continuous)` with the time map and

@@ -305,7 +305,7 @@ def sample_images(
     if decode is None:
         if config.autoencoder.kind == "identity":
             return z
-        from uvit_jax.autoencoder import autoencoder_from_config
+        from uvit_jax.latent_codec import autoencoder_from_config
 
         decode = autoencoder_from_config(config).decode
     return decode(z)

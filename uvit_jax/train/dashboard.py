@@ -3,17 +3,23 @@
 A logged loss of one step is the noise of one batch; the loop instead adds every step's metrics
 up inside the jitted step (`accumulating`: no host sync and no extra dispatch per step) and at
 each log point turns the sums into means over the steps since the previous one
-(`interval_scalars`).
+(`interval_scalars`). `metric_writer` is what every job writes them with: TensorBoard, and
+Weights & Biases beside it where `config.logging.wandb.enabled`.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 Array = jax.Array
 Totals = dict[str, Array]
@@ -98,6 +104,52 @@ def flat_hparams(config: Mapping, prefix: str = "") -> dict[str, HParam]:
         else:
             out[name] = str(value)
     return out
+
+
+def wandb_config(config: Mapping):
+    """`config.logging.wandb`, or None where it is off (or the config predates the section)."""
+    section = (config.get("logging") or {}).get("wandb") or {}
+    return section if section.get("enabled", False) else None
+
+
+def metric_writer(
+    config: Mapping,
+    workdir: str,
+    *,
+    logdir: str | None = None,
+    console: bool = False,
+    job_type: str = "train",
+    step_metric: str = "train/step",
+) -> metric_writers.MetricWriter:
+    """The clu MetricWriter a job writes its dashboards with.
+
+    Process 0: TensorBoard event files in `logdir` (default: the workdir), through
+    `AsyncWriter(SummaryWriter)`, or with `console=True` clu's default writer (the same plus a
+    log line per write: `create_default_writer`); and where `config.logging.wandb.enabled`, a
+    `MultiWriter` of that and a W&B run (`wandb_writer.WandbWriter`: `job_type` names the job,
+    `step_metric` the x-axis the callers' steps are in; its files under <workdir>/wandb unless
+    `config.logging.wandb.dir` is set). Other processes: a writer that writes nothing.
+    wandb is imported only when enabled; missing, it is a ConfigError naming the field and the
+    pip command.
+    """
+    from clu import metric_writers
+
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    logdir = os.fspath(workdir) if logdir is None else os.fspath(logdir)
+    section = wandb_config(config)
+    wandb = None
+    if section is not None:  # first: a failed W&B start leaves no writer thread behind
+        from uvit_jax.train import wandb_writer
+
+        wandb = wandb_writer.WandbWriter.from_config(
+            section, os.fspath(workdir), job_type=job_type, step_metric=step_metric
+        )
+    if console:
+        tensorboard = metric_writers.create_default_writer(logdir)
+    else:
+        tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
+    return tensorboard if wandb is None else metric_writers.MultiWriter([tensorboard, wandb])
 
 
 def progress_line(step: int, num_steps: int, loss: float, steps_per_s: float) -> str:

@@ -1,4 +1,5 @@
-"""The config's autoencoder at run time: built from `config.autoencoder`, jitted over a mesh.
+"""Images <-> latents: the config's autoencoder at run time, built from `config.autoencoder`, jitted
+over a mesh.
 
     ae = autoencoder_from_config(config, mesh)   # read once per process, then cached
     moments = ae.encode_moments_local(images)    # extraction: numpy rows in and out
