@@ -1,19 +1,16 @@
 """XLA flags this project sets for CPU runs (imported before any device is used; no jax here).
 
 `--xla_cpu_experimental_ynn_fusion_type=dot` lets XLA:CPU hand convolutions and matmuls to
-YNNPACK. Measured on a 2-core x86 CPU (AVX-512): the FID Inception 2.3x faster (7.3 -> 17.1
-images/s at batch 50, `launch/bench_inception.py`) and the default's train step a few percent
-faster. ("eltwise" instead of "dot" also claims convolutions, but not those followed by the
-BatchNorm + ReLU epilogue, and slows the train step down.) GPU and TPU backends ignore it.
+YNNPACK, which runs the FID Inception and the train step faster than XLA's own kernels.
+("eltwise" instead of "dot" also claims convolutions, but not those followed by the BatchNorm +
+ReLU epilogue, and slows the train step down.) GPU and TPU backends ignore it.
 
 `--xla_force_host_platform_device_count=2` (on hosts with 2 or more cores) splits the CPU into
 two JAX devices, so the data-parallel mesh runs two halves of every batch at once. One CPU device
-runs a small model's many small ops one after another and leaves the second core mostly waiting:
-on a 2-core x86 CPU the default's train step ran 1.32x the steps/s with two devices (median of
-`main.py` runs of 800 steps, 21.1 vs 15.9 steps/s, interleaved), four devices were no faster
-than two (`launch/bench_train.py`), and the one-device run spent 6x the system CPU time (thread
-pool waits); the FID Inception and the sampler run as fast on two devices as on one. Only the
-CPU platform reads the flag; accelerator runs keep their devices.
+runs a small model's many small ops one after another and leaves the second core mostly waiting
+(thread pool waits); four devices are no faster than two, and the FID Inception and the sampler
+run as fast on two devices as on one. Only the CPU platform reads the flag; accelerator runs
+keep their devices. The measurements behind both flags: docs/benchmarks.md (CPU flags).
 
 With the TPU runtime installed (`libtpu`, from `jax[tpu]`, which the tests and `--mode compile`
 use) on a host without a TPU, JAX would first try to start a TPU backend, print a screen of

@@ -58,8 +58,8 @@ def accumulating(step_fn: Callable) -> Callable:
     """step(state, batch, key) -> (state, metrics) as one program that also adds the metrics to
     running sums: (state, batch, key, totals) -> (state, metrics, totals + metrics).
 
-    Fused rather than a second jitted call per step: that extra dispatch cost the loaded 2-core
-    CPU about 5% of the steps/s of the runlocal model (a 15 ms step).
+    Fused rather than a second jitted call per step: on a CPU, that extra dispatch is a visible
+    share of a small model's step (docs/benchmarks.md, CPU flags).
     """
 
     def step(state, batch, key, totals: Totals):
