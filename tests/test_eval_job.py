@@ -245,3 +245,58 @@ def test_sweep_checks_every_cell_before_sampling(eval_setup, monkeypatch):
     message = r"config.sweep: the cell \(euler_maruyama, .*\): config.sample.grid needs a sampler"
     with pytest.raises(ValueError, match=message):
         jobs.run("sweep", c, str(root / "w"))
+
+
+@pytest.mark.integration
+def test_ablate_trains_every_variant_alike_and_resumes_variant_by_variant(
+    eval_setup, tmp_path, monkeypatch
+):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import uvit_jax
+    from uvit_jax.errors import ConfigError
+    from uvit_jax.jobs import ablate
+    from uvit_jax.train.step import TrainProgram
+
+    config, _ = eval_setup
+    c = config.copy_and_resolve_references()
+    c.eval.ref_stats = str(tmp_path / "ref.npz")  # its own: another test writes the module's
+    jobs.run("fid_stats", c, str(tmp_path / "stats"))
+    c.train.update(num_steps=4)
+    c.ablate.update(variants=("base:",), eval_every=2)
+    workdir = tmp_path / "w"
+    first = ablate.ablate_job(c, str(workdir))
+
+    trained = []
+    real_train_job = ablate.train_job
+    monkeypatch.setattr(
+        ablate, "train_job", lambda cfg, wd: trained.append(wd) or real_train_job(cfg, wd)
+    )
+    c.ablate.variants = ("base:", "deep: model.depth=4, train.batch_size=8")
+    rows = ablate.ablate_job(c, str(workdir))
+    # The finished variant is read back: neither trained nor evaluated again.
+    assert trained == [str(workdir / "ablate" / "deep" / "seed0")]
+    assert [(r["variant"], r["seed"], r["step"]) for r in rows] == [
+        ("base", 0, 2), ("base", 0, 4), ("deep", 0, 2), ("deep", 0, 4)
+    ]  # fmt: skip
+    assert [r["fid"] for r in rows[:2]] == [r["fid"] for r in first]
+    assert rows[2]["fields"] == "model.depth=4; train.batch_size=8"
+    assert len({r["fid"] for r in rows}) == 4 and all(np.isfinite(r["fid"]) for r in rows)
+    deep = uvit_jax.load(workdir / "ablate" / "deep" / "seed0", step=2)
+    assert (deep.config.model.depth, deep.config.train.batch_size) == (4, 8)
+    assert deep.config.seed == 0 and deep.config.data.latent_dir == config.data.latent_dir
+    assert len((workdir / "ablate" / "results.csv").read_text().splitlines()) == 5
+    with Image.open(workdir / "ablate" / "fid.png") as png:
+        assert png.size == (640, 400)
+    events = EventAccumulator(str(workdir / "ablate"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert sorted(e.step for e in events.Tensors("ablate/fid/deep/seed0")) == [2, 4]
+
+    # Every variant is checked before any trains; each problem is named with its variant.
+    monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
+    c.ablate.variants = ("base:", "heads: model.num_heads=3", "typo: model.dpth=2")
+    with pytest.raises(ConfigError, match=r"heads \(model.num_heads=3\): .*does not divide"
+                                          r"(.|\n)*typo \(model.dpth=2\): config.model.dpth: "
+                                          r"no such field"):  # fmt: skip
+        ablate.ablate_job(c, str(workdir))

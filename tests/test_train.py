@@ -278,6 +278,7 @@ def test_dashboards_show_interval_means(fmnist_dir, tmp_path, one_device, caplog
     [
         ("model.patch_size", 3, r"model.patch_size=3 does not divide img_size=28"),
         ("model.num_heads", 3, r"model.num_heads=3 does not divide embed_dim=32"),
+        ("model.skp", True, r"config.model: unknown field\(s\) skp; the model's fields: kind, "),
         ("train.batch_size", 12, r"config.train.batch_size=12 is not divisible by the "
                                  r"data-parallel size 8"),
         ("mesh.fsdp", 3, r"config.mesh: 8 devices are not divisible by the fixed axis size 3"),
@@ -304,11 +305,13 @@ def test_configs_that_cannot_work_fail_before_compiling(tmp_path, monkeypatch, f
 def test_workdir_of_another_model_is_refused(fmnist_dir, tmp_path, monkeypatch, one_device):
     train_job.train_job(loop_config(fmnist_dir, num_steps=5), tmp_path)
     other = loop_config(fmnist_dir)
-    other.model.update(embed_dim=64, depth=4)
+    other.model.update(embed_dim=64, depth=4, skip_fusion="add")
     monkeypatch.setattr(TrainProgram, "compile", lambda *a: pytest.fail("compiled"))
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"another model(.|\n)*model.embed_dim: checkpoint 32, config 64"
-                             r"(.|\n)*model.depth: checkpoint 2, config 4"):  # fmt: skip
+                             r"(.|\n)*model.depth: checkpoint 2, config 4"
+                             r"(.|\n)*model.skip_fusion: checkpoint 'concat_linear', "
+                             r"config 'add'"):  # fmt: skip
         train_job.train_job(other, tmp_path)
 
 

@@ -1,14 +1,20 @@
-"""The config schema every `configs/*.py` starts from, and the paper's model sizes.
+"""The config schema every `configs/*.py` starts from, the model's fields, the paper's sizes.
 
-A config is an `ml_collections.ConfigDict` with these sections (each documented field below);
-`configs/<model>.py` files override the values the paper sets. Keeping every field here means a
-command-line override of a misspelt field (`--config.optim.lrr=1`) is rejected by
-ml_collections instead of silently ignored.
+A config is an `ml_collections.ConfigDict` with these sections (each documented field below; the
+model's in `UViTConfig`); `configs/<model>.py` files override the values the paper sets. Keeping
+every field here means a command-line override of a misspelt field (`--config.optim.lrr=1`) is
+rejected by ml_collections instead of silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
+
+from uvit_jax.errors import ConfigError
 
 # Width, depth and heads of the paper's model sizes (U-ViT-S, S-Deep, M, L, H).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -20,35 +26,142 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+# ---- the model's fields --------------------------------------------------------------------
+# Every field of a U-ViT, in one place, `UViTConfig`. Derived from it: `config.model` below (its
+# fields and defaults), the model (`UViT(UViTConfig)`, uvit_jax/models/uvit.py), the fields a
+# resumed workdir must keep (`ARCHITECTURE_FIELDS`, jobs/train.py) and the FLOP count
+# (train/flops.py traces the model the fields build). An unknown field is refused, by name.
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_NAMES = ("none", "full", "dots")
+
+# The paper's design space (Sec. 3.1, Figure 2 a-e, CIFAR-10); the first value is U-ViT's choice.
+SKIP_FUSIONS = ("concat_linear", "add", "add_linear_skip", "linear_add")
+TIME_CONDITIONINGS = ("token", "adaln")
+CONV_POSITIONS = ("after_projection", "before_projection")
+PATCH_EMBEDS = ("linear", "conv_stack")
+POS_EMBEDS = ("learned_1d", "sinusoidal_2d")
+
+
+def _field(default: Any, choices: tuple = (), compute: bool = False) -> Any:
+    return dataclasses.field(default=default, metadata=dict(choices=choices, compute=compute))
+
+
+@dataclasses.dataclass(frozen=True)
+class UViTConfig:
+    """A U-ViT's fields with the config schema's defaults (U-ViT-S/2 at 32 x 32: the paper's
+    CIFAR-10 model, on which it compares the design alternatives).
+
+    Compute fields (`dtype`, `attention`, `remat`) may change between runs of one workdir; every
+    other field shapes the parameters or the function and may not (`ARCHITECTURE_FIELDS`).
+    """
+
+    # ---- the official U-ViT constructor arguments ----
+    kind: str = _field("uvit", ("uvit", "uvit_t2i"))  # class-cond./uncond.; or text-to-image
+    img_size: int = 32  # side of the network input (latent side for latent models)
+    patch_size: int = 2
+    in_chans: int = 3
+    embed_dim: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    mlp_time_embed: bool = False
+    num_classes: int = -1  # -1: unconditional; ImageNet latent models 1001 (1000 = null)
+    conv: bool = True  # the extra 3x3 conv (where: conv_position); False: none
+    skip: bool = True  # the long skips (how they join: skip_fusion); False: none
+    clip_dim: int = 768  # t2i only
+    num_clip_token: int = 77  # t2i only
+
+    # ---- the paper's alternatives (Sec. 3.1, Figure 2 a-e; uvit.py has each one's form) ----
+    # How an out-block joins the long skip h_s to the main branch h_m: Linear(Concat(h_m, h_s)),
+    # h_m + h_s, h_m + Linear(h_s), Linear(h_m + h_s).
+    skip_fusion: str = _field("concat_linear", SKIP_FUSIONS)
+    # The time embedding as a token, or adaptive LayerNorm in every block.
+    time_conditioning: str = _field("token", TIME_CONDITIONINGS)
+    # The extra 3x3 conv on the image after the linear projection to patches, or on the
+    # H/P x W/P x D token map before it.
+    conv_position: str = _field("after_projection", CONV_POSITIONS)
+    # The linear projection of P x P patches, or 3x3 stride-2 convs then a 1x1 conv.
+    patch_embed: str = _field("linear", PATCH_EMBEDS)
+    # A learned embedding per token, or fixed 2D sinusoids (row, column) for the patches.
+    pos_embed: str = _field("learned_1d", POS_EMBEDS)
+
+    # ---- compute options (parameters stay float32) ----
+    dtype: str = _field("bfloat16", compute=True)  # compute dtype of matmuls and attention
+    # "auto" (cuDNN where available, else XLA), "cudnn", "xla"
+    attention: str = _field("auto", ATTENTION_IMPLS, compute=True)
+    remat: str = _field("none", REMAT_NAMES, compute=True)  # "full", "dots": save matmul outputs
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices", ())
+            if choices and value not in choices:
+                raise ConfigError(f"model.{f.name}={value!r}; expected one of {choices}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"model.patch_size={self.patch_size} does not divide img_size={self.img_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide embed_dim={self.embed_dim}"
+            )
+        p = self.patch_size
+        if self.patch_embed == "conv_stack" and (p < 2 or p & (p - 1)):
+            raise ConfigError(
+                f"model.patch_embed='conv_stack' reaches the patch size with stride-2 convs: "
+                f"model.patch_size={p} must be a power of two >= 2"
+            )
+
+    @property
+    def text(self) -> bool:
+        """Text-to-image (context tokens) rather than class-conditional or unconditional."""
+        return self.kind == "uvit_t2i"
+
+    @classmethod
+    def from_config(cls, model_config: Mapping | UViTConfig, **overrides) -> UViTConfig:
+        """The fields of a `config.model` section (or an official constructor-args mapping, or a
+        `UViTConfig`) with `overrides`; absent fields take their defaults.
+
+        Raises:
+          ConfigError: an unknown field (named, with the valid ones) or a value that cannot work.
+        """
+        if isinstance(model_config, cls):
+            model_config = dataclasses.asdict(model_config)
+        values = {**dict(model_config), **overrides}
+        unknown = sorted(set(values) - set(FIELD_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"config.model: unknown field(s) {', '.join(unknown)}; the model's fields: "
+                f"{', '.join(FIELD_NAMES)}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default: the config schema's `config.model` section."""
+        return dataclasses.asdict(cls())
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UViTConfig))
+# The fields that shape the parameters or the function: a workdir resumes only with the same.
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(UViTConfig) if not f.metadata.get("compute", False)
+)
+
+
 def default_config() -> ml_collections.ConfigDict:
     """All fields with neutral defaults; paper configs override what they set."""
     c = ml_collections.ConfigDict()
     c.name = ""  # the config's name, e.g. "imagenet256_uvit_huge"
     c.seed = 0
 
-    # ---- model: the official U-ViT constructor arguments + compute options ----
-    c.model = ml_collections.ConfigDict(
-        dict(
-            kind="uvit",  # "uvit" (class-conditional / unconditional) or "uvit_t2i"
-            img_size=32,  # side of the network input (latent side for latent models)
-            patch_size=2,
-            in_chans=3,
-            embed_dim=512,
-            depth=12,
-            num_heads=8,
-            mlp_ratio=4.0,
-            qkv_bias=False,
-            mlp_time_embed=False,
-            num_classes=-1,  # -1: unconditional; ImageNet latent models 1001 (1000 = null)
-            conv=True,
-            skip=True,
-            clip_dim=768,  # t2i only
-            num_clip_token=77,  # t2i only
-            dtype="bfloat16",  # compute dtype; parameters stay float32
-            attention="auto",  # "auto" (cuDNN where available, else XLA), "cudnn", "xla"
-            remat="none",  # "none", "full", "dots" (save matmul outputs)
-        )
-    )
+    # ---- model: every field of `UViTConfig` (above, documented there) with its default: the
+    # official U-ViT constructor arguments (kind, img_size, patch_size, embed_dim, depth,
+    # num_heads, num_classes, conv, skip, ...), the paper's design alternatives (skip_fusion,
+    # time_conditioning, conv_position, patch_embed, pos_embed) and the compute options
+    # (dtype, attention, remat) ----
+    c.model = ml_collections.ConfigDict(UViTConfig.defaults())
 
     # ---- diffusion: training objective (noise prediction, MSE) ----
     c.diffusion = ml_collections.ConfigDict(
@@ -211,6 +324,17 @@ def default_config() -> ml_collections.ConfigDict:
     # reference as for --mode eval (config.eval).
     c.sweep = ml_collections.ConfigDict(
         dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), cfg_schedules=(), grids=())
+    )
+
+    # ---- --mode ablate: model (or any) variants trained with one recipe, evaluated alike ----
+    c.ablate = ml_collections.ConfigDict(
+        dict(
+            # "name: field=value, field=value" with fields under config ("model.skip_fusion=add",
+            # "model.depth=9"); "name:" alone is the config as it is.
+            variants=(),
+            seeds=(0,),  # every variant is trained once per seed (config.seed)
+            eval_every=0,  # evaluate every this many training steps (0: the last step only)
+        )
     )
 
     # ---- --mode compile: the config's programs compiled for a TPU slice that is not there ----

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from uvit_jax.convert.state_dict import ConversionError, StateDict, check_keys, check_shape
-from uvit_jax.models.uvit import UViT, model_kwargs
+from uvit_jax.models.uvit import UViT, UViTConfig
 
 _SIZE_NAMES = {
     (512, 12): "U-ViT-S",
@@ -89,31 +89,30 @@ def uvit_from_official(params: Mapping[str, np.ndarray], config: Mapping, **over
     Args:
       params: official state-dict keys -> numpy arrays (PyTorch layouts), e.g. from
         `uvit_jax.convert.state_dict.load_state_dict("imagenet256_uvit_huge.pth")`.
-      config: the official constructor arguments (`img_size`, `patch_size`, ..., extra keys such
-        as `kind` allowed: `kind == "uvit_t2i"` selects the text-to-image model), or a
-        `config.model` section of this package.
+      config: the official constructor arguments (`img_size`, `patch_size`, ..., and `kind`:
+        "uvit_t2i" selects the text-to-image model), or a `config.model` section of this
+        package: `UViTConfig`'s fields (float32 unless `dtype` says otherwise); others refused.
       **overrides: compute options for the built model (`dtype`, `attention`, `remat`).
 
     Returns:
       The model, callable as `model(x, t, y=None, context=None)` with `x: [B, H, W, C]`.
 
     Raises:
+      ConfigError: a field `UViTConfig` does not have, or a value that cannot work.
       ConversionError: the weights are of another model size, keys are missing or unexpected
         (listed by name), or a shape does not fit the config (key, expected and found shapes).
     """
-    kwargs = model_kwargs(config)
-    kwargs.setdefault("dtype", jnp.float32)
-    kwargs.update(overrides)
+    fields = UViTConfig.from_config({"dtype": "float32", **dict(config)}, **overrides)
     source = "official U-ViT checkpoint"
     found = describe_size(params)
-    want = (kwargs["embed_dim"], kwargs["depth"])
+    want = (fields.embed_dim, fields.depth)
     if found is not None and found != want:
         raise ConversionError(
             f"{source}: the weights are a {_size_name(*found)}model (embed_dim {found[0]}, depth "
             f"{found[1]}) but the config asks for a {_size_name(*want)}model (embed_dim "
             f"{want[0]}, depth {want[1]}): pick the config that matches the checkpoint"
         )
-    abstract = nnx.eval_shape(lambda: UViT(**kwargs, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: UViT(fields, rngs=nnx.Rngs(0)))
     expected = {}
     for path, var in _param_paths(abstract):
         key, leaf = _official_key(path)

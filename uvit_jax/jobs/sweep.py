@@ -123,7 +123,7 @@ def _row(cell: Cell, config, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row if k != "protocol"))
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, extrasaction="ignore")
@@ -192,7 +192,7 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
 
 
 def _write_table(rows: list[dict[str, Any]], stem: epath.Path, title: str) -> None:
-    stem.with_suffix(".csv").write_text(_csv_text(rows))
+    stem.with_suffix(".csv").write_text(csv_text(rows))
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     try:
         plot_fid_vs_nfe(rows, stem.with_suffix(".png"), title)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from input_pipeline import extract, latent_dataset
 from uvit_jax import checkpoints, workdir_lock
 from uvit_jax.conditioning import Conditioning
+from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
 from uvit_jax.diffusion.objective import noise_level_names
 from uvit_jax.errors import ConfigError, UserError
 from uvit_jax.evals import Scheduled, TrainContext, check_sections, make_evals
@@ -38,15 +39,6 @@ from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
 from uvit_jax.train import dashboard, flops
 from uvit_jax.train.state import TrainState, create_train_state
 from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, make_train_program
-
-# Model fields that change the parameters; the others (dtype, attention, remat) may change
-# between runs of one workdir.
-ARCHITECTURE_FIELDS = (
-    "kind", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-    "mlp_ratio", "qkv_bias", "mlp_time_embed", "num_classes", "conv", "skip", "clip_dim",
-    "num_clip_token",
-)  # fmt: skip
-
 
 # What a resumed run restores (with the config); each is checked against its checksums.
 RESUMED_ITEMS = ("state", "ema", "data_iter")
@@ -82,12 +74,19 @@ def check_config(config, mesh) -> None:
 
 
 def check_same_model(saved: Mapping, config, workdir: str) -> None:
-    """Refuses to resume a workdir whose checkpoint holds another model."""
+    """Refuses to resume a workdir whose checkpoint holds another model: one that differs in a
+    field of `ARCHITECTURE_FIELDS` (all of `UViTConfig`'s but the compute options dtype,
+    attention and remat, which may change between runs). A field the saved config lacks (it
+    was written before the field existed) had its default."""
     saved_model = saved.get("model", {})
+    if not saved_model:
+        return
+    defaults = UViTConfig.defaults()
+    model = UViTConfig.from_config(config.model)
     diffs = [
-        f"model.{k}: checkpoint {saved_model.get(k)!r}, config {config.model[k]!r}"
+        f"model.{k}: checkpoint {saved_model.get(k, defaults[k])!r}, config {getattr(model, k)!r}"
         for k in ARCHITECTURE_FIELDS
-        if k in saved_model and saved_model[k] != config.model[k]
+        if saved_model.get(k, defaults[k]) != getattr(model, k)
     ]
     if diffs:
         raise checkpoints.CheckpointError(

@@ -5,6 +5,11 @@ patches; long skip connections join shallow and deep blocks. Parameter paths mir
 state-dict names (`in_blocks/3/attn/qkv/kernel` <-> `in_blocks.3.attn.qkv.weight`) so that
 `uvit_jax.convert.uvit` maps them mechanically.
 
+Its fields are `UViTConfig` (`config_defaults.py`): the official constructor arguments, the paper's
+design alternatives (Sec. 3.1, Figure 2 a-e: `skip_fusion`, `time_conditioning`, `conv_position`,
+`patch_embed`, `pos_embed`; each default is U-ViT's choice, whose parameters are the official
+ones) and the compute options.
+
 Precision: parameters are float32; matmuls and attention run in `dtype` (bf16 for speed);
 LayerNorm statistics, softmax and the residual stream stay float32.
 """
@@ -14,13 +19,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uvit_jax.config_defaults import ATTENTION_IMPLS, REMAT_NAMES, UViTConfig
 from uvit_jax.errors import ConfigError
 from uvit_jax.parallel.activations import constrain_batch
 
@@ -32,12 +38,18 @@ _linear_init = nnx.initializers.normal(0.02)
 # PyTorch's default conv init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# config.model.remat -> what the backward pass may keep of a block's forward.
+REMAT_POLICIES = dict(
+    zip(
+        REMAT_NAMES,
+        (
+            None,
+            jax.checkpoint_policies.nothing_saveable,
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        ),
+        strict=True,
+    )
+)
 
 
 def _torch_conv_bias_init(fan_in: int) -> Callable:
@@ -118,8 +130,36 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+def _modulate(h: Array, y: list[Array] | None) -> Array:
+    """AdaLN(h, y) = y_s LayerNorm(h) + y_b on a normalised h, the scale written 1 + y_s (see
+    `Block`); the identity without a modulation."""
+    if y is None:
+        return h
+    y_s, y_b = y
+    return h * (1.0 + y_s) + y_b
+
+
 class Block(nnx.Module):
-    """Pre-LN transformer block; out-blocks first fuse a long skip with a 2D -> D linear."""
+    """Pre-LN transformer block; an out-block first joins the long skip (`skip_fusion`).
+
+    The long skip (paper Sec. 3.1, Figure 2a), h_m the main branch and h_s the skip:
+      "concat_linear"    Linear(Concat(h_m, h_s)): a 2D -> D `skip_linear` (U-ViT's, official);
+      "add"              h_m + h_s: no weights;
+      "add_linear_skip"  h_m + Linear(h_s): a D -> D `skip_linear`;
+      "linear_add"       Linear(h_m + h_s): a D -> D `skip_linear`;
+      None               no long skip: an in-block, the mid-block, or `skip=False`.
+
+    `adaln` (time_conditioning="adaln", Sec. 3.1, Figure 2b): both LayerNorms of the block
+    (`norm1` before attention, `norm2` before the MLP) become AdaLN(h, y) = y_s LayerNorm(h) +
+    y_b, y_s and y_b (one pair per norm) from one linear projection of the time embedding,
+    `adaln`: D -> 4D, with no activation before it (the paper: "obtained from a linear
+    projection of the time embedding"). The LayerNorms keep their affine parameters (the
+    formula's LayerNorm is PyTorch's, affine). The projection starts at zero and the scale is
+    written 1 + y_s, as in ADM's adaptive group norm (which the paper likens AdaLN to) and DiT's
+    adaLN: at initialisation the block is the plain pre-LN block, and weight decay pulls the
+    modulation towards the identity, not towards a zero scale that cuts the attention and MLP
+    off their input. The final LayerNorm (`UViT.norm`) is outside the blocks and stays plain.
+    """
 
     def __init__(
         self,
@@ -127,29 +167,46 @@ class Block(nnx.Module):
         num_heads: int,
         mlp_ratio: float,
         qkv_bias: bool,
-        skip: bool,
+        skip_fusion: str | None,
         *,
+        adaln: bool,
         dtype,
         attention: str,
         rngs,
     ):
+        linear = functools.partial(nnx.Linear, dtype=dtype, kernel_init=_linear_init, rngs=rngs)
         norm = functools.partial(nnx.LayerNorm, dim, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+        self.skip_fusion = skip_fusion
+        fusion_width = {"concat_linear": 2 * dim, "add_linear_skip": dim, "linear_add": dim}
         self.skip_linear = (
-            nnx.Linear(2 * dim, dim, dtype=dtype, kernel_init=_linear_init, rngs=rngs)
-            if skip
-            else None
+            linear(fusion_width[skip_fusion], dim) if skip_fusion in fusion_width else None
         )
         self.norm1 = norm()
         self.attn = Attention(dim, num_heads, qkv_bias, dtype=dtype, impl=attention, rngs=rngs)
         self.norm2 = norm()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.adaln = linear(dim, 4 * dim, kernel_init=nnx.initializers.zeros) if adaln else None
 
-    def __call__(self, x: Array, skip: Array | None = None) -> Array:
-        if self.skip_linear is not None:
-            x = self.skip_linear(jnp.concatenate([x, skip], axis=-1)).astype(jnp.float32)
-        x = x + self.attn(self.norm1(x)).astype(jnp.float32)
-        x = x + self.mlp(self.norm2(x)).astype(jnp.float32)
+    def __call__(self, x: Array, skip: Array | None = None, t_emb: Array | None = None) -> Array:
+        x = self._join_skip(x, skip)
+        y1 = y2 = None
+        if self.adaln is not None:
+            y = jnp.split(self.adaln(t_emb).astype(jnp.float32)[:, None], 4, axis=-1)
+            y1, y2 = y[:2], y[2:]
+        x = x + self.attn(_modulate(self.norm1(x), y1)).astype(jnp.float32)
+        x = x + self.mlp(_modulate(self.norm2(x), y2)).astype(jnp.float32)
         return constrain_batch(x)
+
+    def _join_skip(self, h_m: Array, h_s: Array | None) -> Array:
+        fusion = self.skip_fusion
+        if fusion is None:
+            return h_m
+        if fusion == "add":
+            return h_m + h_s
+        if fusion == "add_linear_skip":
+            return h_m + self.skip_linear(h_s).astype(jnp.float32)
+        joined = jnp.concatenate([h_m, h_s], axis=-1) if fusion == "concat_linear" else h_m + h_s
+        return self.skip_linear(joined).astype(jnp.float32)
 
 
 class TimeMLP(nnx.Module):
@@ -168,115 +225,161 @@ class TimeMLP(nnx.Module):
         return self.layers[2](jax.nn.silu(self.layers[0](t_emb))).astype(jnp.float32)
 
 
-class UViT(nnx.Module):
-    """U-ViT noise-prediction network.
+def _torch_conv(c_in: int, c_out: int, k: int, stride: int, padding, *, dtype, rngs) -> nnx.Conv:
+    """A k x k conv with PyTorch's default init (as the official convs)."""
+    return nnx.Conv(
+        c_in,
+        c_out,
+        (k, k),
+        strides=stride,
+        padding=padding,
+        dtype=dtype,
+        kernel_init=_torch_conv_init,
+        bias_init=_torch_conv_bias_init(c_in * k * k),
+        rngs=rngs,
+    )
 
-    Class-conditional when `num_classes > 0` (tokens [label, time, patches]); unconditional when
-    `num_classes <= 0` ([time, patches]); text-to-image when `clip_dim`/`num_clip_token` are given
-    with `text=True` ([time, context..., patches]).
+
+class PatchEmbed(nnx.Module):
+    """Image [B, H, W, C] -> token map [B, H/P, W/P, D] (`patch_embed`, Sec. 3.1, Figure 2d).
+
+    "linear": the linear projection of each P x P patch, a P x P stride-P conv `proj` (official).
+    "conv_stack": the convolutional stem the paper takes from Xiao et al. 2021 ("Early
+      convolutions help transformers see better"): a stack of 3x3 convs `convs`, then a 1x1
+      conv `proj` D -> D. The paper says no more; as in that stem each 3x3 conv has stride 2
+      (padding 1) and a ReLU after it, log2(P) of them reach the patch grid, and the widths
+      double up to D (..., D/4, D/2, D). Its BatchNorms are left out (each conv has a bias
+      instead): they would make an example's prediction depend on the rest of its batch and
+      add running statistics to a model that has no state but its parameters.
     """
 
-    def __init__(
-        self,
-        *,
-        img_size: int,
-        patch_size: int,
-        in_chans: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        mlp_time_embed: bool = False,
-        num_classes: int = -1,
-        conv: bool = True,
-        skip: bool = True,
-        text: bool = False,
-        clip_dim: int = 768,
-        num_clip_token: int = 77,
-        dtype: jnp.dtype | str = jnp.float32,
-        attention: str = "auto",
-        remat: str = "none",
-        rngs: nnx.Rngs,
-    ):
-        if img_size % patch_size:
-            raise ConfigError(f"model.patch_size={patch_size} does not divide img_size={img_size}")
-        if embed_dim % num_heads:
-            raise ConfigError(f"model.num_heads={num_heads} does not divide embed_dim={embed_dim}")
-        if remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
-        dtype = jnp.dtype(dtype)
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.embed_dim = embed_dim
-        self.text = text
-        self.num_classes = num_classes
-        self.remat = remat
-        self.dtype = dtype
-        num_patches = (img_size // patch_size) ** 2
-        if text:
-            self.extras = 1 + num_clip_token
-        else:
-            self.extras = 2 if num_classes > 0 else 1
-
-        fan_in = in_chans * patch_size * patch_size
-        self.patch_embed = nnx.Module()
-        self.patch_embed.proj = nnx.Conv(
-            in_chans,
-            embed_dim,
-            (patch_size, patch_size),
-            strides=patch_size,
-            padding="VALID",
-            dtype=dtype,
-            kernel_init=_torch_conv_init,
-            bias_init=_torch_conv_bias_init(fan_in),
-            rngs=rngs,
+    def __init__(self, kind: str, in_chans: int, dim: int, patch_size: int, *, dtype, rngs):
+        conv = functools.partial(_torch_conv, dtype=dtype, rngs=rngs)
+        if kind == "linear":
+            self.convs = None
+            self.proj = conv(in_chans, dim, patch_size, patch_size, "VALID")
+            return
+        n = patch_size.bit_length() - 1  # log2(P) stride-2 convs
+        widths = [in_chans, *(dim // 2 ** (n - 1 - i) for i in range(n))]
+        self.convs = nnx.List(
+            [conv(a, b, 3, 2, ((1, 1), (1, 1))) for a, b in zip(widths, widths[1:], strict=False)]
         )
-        self.time_embed = TimeMLP(embed_dim, dtype=dtype, rngs=rngs) if mlp_time_embed else None
+        self.proj = conv(dim, dim, 1, 1, "VALID")
+
+    def __call__(self, x: Array) -> Array:
+        for conv in self.convs or ():
+            x = jax.nn.relu(conv(x))
+        return self.proj(x)
+
+
+def sinusoidal_2d_embedding(n_side: int, dim: int) -> Array:
+    """The fixed position embedding of an n_side x n_side patch grid, [n_side**2, dim] float32
+    in token (row-major) order: the patch at row i, column j gets Concat(e(i), e(j)), e the
+    sinusoidal embedding of `timestep_embedding` (cos half first) of width dim / 2."""
+    rows, cols = jnp.divmod(jnp.arange(n_side * n_side), n_side)
+    half = dim // 2
+    return jnp.concatenate(
+        [timestep_embedding(rows, half), timestep_embedding(cols, dim - half)], axis=-1
+    )
+
+
+class UViT(nnx.Module):
+    """U-ViT noise-prediction network with the fields of `config` (`UViTConfig`).
+
+    Tokens: class-conditional when `num_classes > 0` ([label, time, patches]); unconditional
+    when `num_classes <= 0` ([time, patches]); text-to-image when `kind="uvit_t2i"` ([time,
+    context..., patches]). With `time_conditioning="adaln"` there is no time token: the time
+    embedding modulates every block's LayerNorms (`Block`); a label or context stays tokens.
+
+    Position embedding (`pos_embed`, Figure 2e): "learned_1d", a parameter per token
+    (official); "sinusoidal_2d", a constant, not a parameter: `sinusoidal_2d_embedding` for the
+    patches and zeros for the extra tokens (time, label, context), which have no place on the
+    image grid and are told apart by their own embeddings already.
+
+    The extra 3x3 conv (`conv`, `conv_position`, Figure 2c), `final_layer`: on the image after
+    the linear projection back to patches (C -> C, float32, official), or before it on the
+    H/P x W/P x D map of the patch tokens, after the final LayerNorm (D -> D, in `dtype` like
+    the other D-wide layers).
+    """
+
+    def __init__(self, config: UViTConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        dtype = self.dtype = jnp.dtype(cfg.dtype)
+        d = cfg.embed_dim
+        self.n_side = cfg.img_size // cfg.patch_size
+        self.time_token = cfg.time_conditioning == "token"
+        num_classes = -1 if cfg.text else cfg.num_classes  # a t2i model has no labels
+        conditions = cfg.num_clip_token if cfg.text else int(num_classes > 0)
+        self.extras = int(self.time_token) + conditions  # tokens before the patches
+
+        self.patch_embed = PatchEmbed(
+            cfg.patch_embed, cfg.in_chans, d, cfg.patch_size, dtype=dtype, rngs=rngs
+        )
+        self.time_embed = TimeMLP(d, dtype=dtype, rngs=rngs) if cfg.mlp_time_embed else None
         self.label_emb = (
-            nnx.Embed(
-                num_classes, embed_dim, embedding_init=nnx.initializers.normal(1.0), rngs=rngs
-            )
-            if num_classes > 0 and not text
+            nnx.Embed(num_classes, d, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+            if num_classes > 0
             else None
         )
         self.context_embed = (
-            nnx.Linear(clip_dim, embed_dim, dtype=dtype, kernel_init=_linear_init, rngs=rngs)
-            if text
+            nnx.Linear(cfg.clip_dim, d, dtype=dtype, kernel_init=_linear_init, rngs=rngs)
+            if cfg.text
             else None
         )
-        self.pos_embed = nnx.Param(
-            _linear_init(rngs.params(), (1, self.extras + num_patches, embed_dim), jnp.float32)
+        self.pos_embed = (
+            nnx.Param(
+                _linear_init(rngs.params(), (1, self.extras + self.n_side**2, d), jnp.float32)
+            )
+            if cfg.pos_embed == "learned_1d"
+            else None
         )
-        impl = resolve_attention(attention, dtype)
+        impl = resolve_attention(cfg.attention, dtype)
         block = functools.partial(
-            Block, embed_dim, num_heads, mlp_ratio, qkv_bias, dtype=dtype, attention=impl, rngs=rngs
+            Block,
+            d,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            cfg.qkv_bias,
+            adaln=not self.time_token,
+            dtype=dtype,
+            attention=impl,
+            rngs=rngs,
         )
-        self.in_blocks = nnx.List([block(skip=False) for _ in range(depth // 2)])
-        self.mid_block = block(skip=False)
-        self.out_blocks = nnx.List([block(skip=skip) for _ in range(depth // 2)])
-        self.norm = nnx.LayerNorm(embed_dim, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+        fusion = cfg.skip_fusion if cfg.skip else None
+        self.in_blocks = nnx.List([block(None) for _ in range(cfg.depth // 2)])
+        self.mid_block = block(None)
+        self.out_blocks = nnx.List([block(fusion) for _ in range(cfg.depth // 2)])
+        self.norm = nnx.LayerNorm(d, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
         self.decoder_pred = nnx.Linear(
-            embed_dim, patch_size * patch_size * in_chans, kernel_init=_linear_init, rngs=rngs
+            d, cfg.patch_size**2 * cfg.in_chans, kernel_init=_linear_init, rngs=rngs
         )
+        self.conv_before_projection = cfg.conv and cfg.conv_position == "before_projection"
+        width = d if self.conv_before_projection else cfg.in_chans
         self.final_layer = (
-            nnx.Conv(
-                in_chans,
-                in_chans,
-                (3, 3),
-                padding="SAME",
-                kernel_init=_torch_conv_init,
-                bias_init=_torch_conv_bias_init(in_chans * 9),
+            _torch_conv(
+                width,
+                width,
+                3,
+                1,
+                "SAME",
+                dtype=dtype if self.conv_before_projection else None,
                 rngs=rngs,
             )
-            if conv
+            if cfg.conv
             else None
         )
 
-    def _run_block(self, block: Block, x: Array, skip: Array | None) -> Array:
-        policy = REMAT_POLICIES[self.remat]
-        if self.remat == "none":
-            return block(x, skip)
-        return nnx.remat(lambda b, h, s: b(h, s), policy=policy)(block, x, skip)
+    def _run_block(self, block: Block, x: Array, skip: Array | None, t_emb: Array | None):
+        if self.config.remat == "none":
+            return block(x, skip, t_emb)
+        policy = REMAT_POLICIES[self.config.remat]
+        return nnx.remat(lambda b, h, s, c: b(h, s, c), policy=policy)(block, x, skip, t_emb)
+
+    def _position_embedding(self) -> Array:
+        if self.pos_embed is not None:
+            return self.pos_embed[...]
+        patches = sinusoidal_2d_embedding(self.n_side, self.config.embed_dim)
+        return jnp.concatenate([jnp.zeros((self.extras, patches.shape[1])), patches])[None]
 
     def __call__(
         self, x: Array, t: Array, y: Array | None = None, context: Array | None = None
@@ -291,19 +394,20 @@ class UViT(nnx.Module):
         Returns:
           [B, H, W, C] float32 predicted noise.
         """
+        cfg = self.config
         b, h, w, c = x.shape
-        if (h, w, c) != (self.img_size, self.img_size, self.in_chans):
+        if (h, w, c) != (cfg.img_size, cfg.img_size, cfg.in_chans):
             raise ValueError(
                 f"input of shape {x.shape[1:]} (H, W, C); the model expects "
-                f"({self.img_size}, {self.img_size}, {self.in_chans})"
+                f"({cfg.img_size}, {cfg.img_size}, {cfg.in_chans})"
             )
-        tokens = self.patch_embed.proj(x).astype(jnp.float32).reshape(b, -1, self.embed_dim)
+        tokens = self.patch_embed(x).astype(jnp.float32).reshape(b, -1, cfg.embed_dim)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        time_token = timestep_embedding(t, self.embed_dim)
+        t_emb = timestep_embedding(t, cfg.embed_dim)
         if self.time_embed is not None:
-            time_token = self.time_embed(time_token)
-        prefix = [time_token[:, None]]
-        if self.text:
+            t_emb = self.time_embed(t_emb)
+        prefix = [t_emb[:, None]] if self.time_token else []
+        if cfg.text:
             if context is None:
                 raise ValueError("a text-to-image U-ViT needs `context` [B, L, clip_dim]")
             prefix.append(self.context_embed(context).astype(jnp.float32))
@@ -311,20 +415,26 @@ class UViT(nnx.Module):
             if y is None:
                 raise ValueError("a class-conditional U-ViT needs labels `y` [B]")
             prefix.insert(0, self.label_emb(y)[:, None].astype(jnp.float32))
-        x = jnp.concatenate([*prefix, tokens], axis=1) + self.pos_embed[...]
+        x = jnp.concatenate([*prefix, tokens], axis=1) + self._position_embedding()
         x = constrain_batch(x)
 
+        cond = None if self.time_token else t_emb
         skips = []
         for blk in self.in_blocks:
-            x = self._run_block(blk, x, None)
+            x = self._run_block(blk, x, None, cond)
             skips.append(x)
-        x = self._run_block(self.mid_block, x, None)
+        x = self._run_block(self.mid_block, x, None, cond)
         for blk in self.out_blocks:
-            x = self._run_block(blk, x, skips.pop())
+            x = self._run_block(blk, x, skips.pop(), cond)
 
-        x = self.decoder_pred(self.norm(x)).astype(jnp.float32)[:, self.extras :]
-        x = unpatchify(x, self.patch_size, self.in_chans, self.img_size // self.patch_size)
-        if self.final_layer is not None:
+        x = self.norm(x)
+        n = self.n_side
+        if self.conv_before_projection:
+            token_map = x[:, self.extras :].reshape(b, n, n, cfg.embed_dim)
+            x = self.final_layer(token_map).astype(jnp.float32).reshape(b, n * n, cfg.embed_dim)
+        x = self.decoder_pred(x).astype(jnp.float32)[:, -n * n :]  # the patch tokens
+        x = unpatchify(x, cfg.patch_size, cfg.in_chans, n)
+        if self.final_layer is not None and not self.conv_before_projection:
             x = self.final_layer(x)
         return x
 
@@ -340,47 +450,11 @@ def unpatchify(x: Array, p: int, c: int, n_side: int) -> Array:
 # Construction from configs
 # ---------------------------------------------------------------------------------------------
 
-_OFFICIAL_ARGS = (
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "qkv_bias",
-    "mlp_time_embed",
-    "num_classes",
-    "conv",
-    "skip",
-    "clip_dim",
-    "num_clip_token",
-)
 
-
-def model_kwargs(model_config) -> dict:
-    """Constructor kwargs of `UViT` from a `config.model` section (or official-args mapping).
-
-    Accepts both our config (`kind`, `dtype`, `attention`, `remat`) and the official
-    constructor dicts of the golden files (`kind` = "uvit" / "uvit_t2i", no compute options).
-    """
-    cfg = dict(model_config)
-    kind = cfg.get("kind", "uvit")
-    if kind not in ("uvit", "uvit_t2i"):
-        raise ConfigError(f"model.kind={kind!r}; expected 'uvit' or 'uvit_t2i'")
-    kwargs = {k: cfg[k] for k in _OFFICIAL_ARGS if k in cfg}
-    kwargs["text"] = kind == "uvit_t2i"
-    if kwargs["text"]:
-        kwargs.pop("num_classes", None)
-    for k in ("dtype", "attention", "remat"):
-        if k in cfg:
-            kwargs[k] = cfg[k]
-    return kwargs
-
-
-def build_uvit(model_config, *, seed: int = 0) -> UViT:
-    """Builds (and initialises) a U-ViT from a `config.model` section."""
-    return UViT(**model_kwargs(model_config), rngs=nnx.Rngs(seed))
+def build_uvit(model_config: Mapping | UViTConfig, *, seed: int = 0) -> UViT:
+    """Builds (and initialises) a U-ViT from a `config.model` section (or a `UViTConfig`, or
+    official constructor arguments); an unknown field is a `ConfigError` naming it."""
+    return UViT(UViTConfig.from_config(model_config), rngs=nnx.Rngs(seed))
 
 
 def abstract_uvit(model_config) -> UViT:
