@@ -11,7 +11,7 @@ decode          the autoencoder's decoder at config.eval.batch_size (latent mode
 inception       the FID Inception forward (resize included) at config.eval.batch_size.
 
 Batches that do not split over the mesh's batch shards are rounded up to the next multiple
-(`Program.batch` says what was compiled). FLOPs are the analytic model count
+(`Program.batch` says what was compiled). FLOPs are the model count
 (`train.flops`), global per execution, for comparison with the compiler's.
 """
 
@@ -43,7 +43,7 @@ PROGRAMS = ("train_step", "sample_network", "sampler", "decode", "inception")
 class Program:
     """One program to compile: lower() -> jax.stages.Lowered (call under `jax.set_mesh`).
 
-    batch: the global batch it is compiled for; model_flops: the analytic FLOPs of one
+    batch: the global batch it is compiled for; model_flops: the model FLOPs (`train.flops`) of one
     execution over the whole mesh (None where the project has no count: decode, Inception).
     """
 

@@ -6,15 +6,16 @@ memory    per-chip bytes of XLA's buffer assignment: arguments, outputs, tempora
           code, and the output bytes that alias (donated) arguments; `peak` = arguments +
           outputs - aliased + temporaries + code, against the chip's HBM.
 flops     the compiler's FLOPs per chip per execution (`cost_analysis()`), next to the
-          analytic model count divided by the chips (`train.flops`); XLA's count adds the
-          elementwise work and any rematerialized forward pass, and counts a loop's body once.
+          model count (`train.flops`: the traced forward's matmuls and convolutions) divided by
+          the chips; XLA's count adds the elementwise work and any rematerialized forward pass,
+          and counts a loop's body once.
 roofline  an estimate, not a measurement: the time each resource alone would need at its
           published peak (`parallel.chips`): compute at the bf16 peak, HBM traffic
           (`bytes accessed`) at the HBM bandwidth, collective bytes at the full ICI bandwidth
           (DCN for groups that cross slices). `step_s` is the largest (perfect overlap);
           the MFU ceiling and images/s/chip follow from it. Compute counts the larger of the
           two FLOP figures: XLA's misses all but one pass of every loop (the sampler's steps,
-          the TPU compiler's windowed-einsum loops), the analytic one the elementwise work.
+          the TPU compiler's windowed-einsum loops), the model count the elementwise work.
 """
 
 from __future__ import annotations
