@@ -31,17 +31,19 @@ itself, and the `--mode extract` job (`uvit_jax/jobs/extract.py`) builds the con
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import os
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
 from input_pipeline import latent_dataset, preprocess, sources
-from input_pipeline.errors import DataConfigError
+from input_pipeline.errors import DataConfigError, DataError
 
 EncodeFn = Callable[[np.ndarray], Any]
 # Captions -> contexts float32 [n, L, D] (any n, including 0).
@@ -261,9 +263,11 @@ def run_extraction(
         )
     if spec.has_contexts and encode_text_fn is None:
         raise ValueError("extracting a text dataset needs encode_text_fn, captions -> contexts")
-    latent_dataset.prepare_directory(out_dir, spec)
-    if spec.has_contexts and not latent_dataset.has_empty_context(out_dir):
-        latent_dataset.write_empty_context(out_dir, _encode_captions(encode_text_fn, [""], spec)[0])
+    with writing(out_dir):
+        latent_dataset.prepare_directory(out_dir, spec)
+        if spec.has_contexts and not latent_dataset.has_empty_context(out_dir):
+            empty = _encode_captions(encode_text_fn, [""], spec)[0]
+            latent_dataset.write_empty_context(out_dir, empty)
     if identity:
         encode_fn = None
     fn = preprocess.make_preprocessor(
@@ -311,11 +315,42 @@ def run_extraction(
                 missing,
             )
         elif not latent_dataset.is_finalized(out_dir):
-            meta = latent_dataset.finalize(out_dir, spec)
+            with writing(out_dir):
+                meta = latent_dataset.finalize(out_dir, spec)
             _report(out_dir, meta)
     if distributed:
         multihost_utils.sync_global_devices("uvit_extract_finalized")
     return os.fspath(out_dir)
+
+
+# Write failures of the disk rather than of the data: full, over quota, read-only, no access.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class ExtractionWriteError(DataError, OSError):
+    """The dataset folder cannot be written (disk full, read-only, no access); the message names
+    the folder and says that a rerun resumes."""
+
+
+@contextlib.contextmanager
+def writing(out_dir: pathlib.Path) -> Iterator[None]:
+    """Turns a disk's write failure (`DISK_ERRNOS`) under `out_dir` into one line naming the
+    folder: the shards written so far are whole (each is renamed into place once complete), so
+    a rerun resumes after the last of them."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, DataError) or e.errno not in DISK_ERRNOS:
+            raise
+        what = e.strerror or os.strerror(e.errno)
+        where = f" ({e.filename})" if e.filename else ""
+        error = ExtractionWriteError(
+            f"cannot write the dataset folder {out_dir}: {what}{where}; the shards written so "
+            "far are complete: free space (or fix the permissions) and rerun, the extraction "
+            "resumes where it stopped"
+        )
+        error.errno = e.errno
+        raise error from e
 
 
 STAGES = ("read", "encode", "write")
@@ -397,7 +432,8 @@ def _write_shards(
                 for r, rec in enumerate(records):
                     rec["context_start"] = int(starts[r // 2])
                     rec["num_contexts"] = len(captions[r // 2])
-            latent_dataset.write_shard(out_dir, spec, shard, records, skipped, contexts)
+            with writing(out_dir):
+                latent_dataset.write_shard(out_dir, spec, shard, records, skipped, contexts)
             seconds["write"] += time.perf_counter() - t
             images_done += len(spec.shard_range(shard))
             elapsed = time.time() - start

@@ -89,6 +89,7 @@ def load_image(example: RawExample) -> Image.Image:
       CorruptImageError: the bytes are not a readable image (names `example.key`).
     """
     if isinstance(example.image, np.ndarray):
+        _check_finite(example.key, example.image)
         return Image.fromarray(example.image)
     try:
         if isinstance(example.image, pathlib.Path):
@@ -98,7 +99,17 @@ def load_image(example: RawExample) -> Image.Image:
         image.load()  # decode now, so truncated files fail here and not in a resize
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(example.key, f"{type(e).__name__}: {e}") from e
+    if image.mode == "F":  # 32-bit float pixels (e.g. a float TIFF)
+        _check_finite(example.key, np.asarray(image))
     return image
+
+
+def _check_finite(key: str, pixels: np.ndarray) -> None:
+    """CorruptImageError for float pixels with NaN or inf: the conversion to 8 bits would make
+    them black or white without a word, so the image is skipped and reported instead."""
+    if pixels.dtype.kind == "f" and not np.all(np.isfinite(pixels)):
+        bad = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
+        raise CorruptImageError(key, f"{bad} of its {pixels.size} float pixels are NaN or inf")
 
 
 class ImageFolderSource:

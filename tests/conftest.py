@@ -66,3 +66,12 @@ def fmnist_dir(tmp_path_factory) -> str:
     c = small_config()
     c.data.latent_dir = str(out)
     return run_extraction(c, None, source=Subset(FashionMnistFilesSource(FMNIST, "train"), 256))
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """The train job's mesh on the first device alone."""
+    from uvit_jax.jobs import train as train_job
+    from uvit_jax.parallel.mesh import make_mesh
+
+    monkeypatch.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))

@@ -95,3 +95,17 @@ def poison_step(monkeypatch, at: int) -> None:
         return out
 
     monkeypatch.setattr(train_job, "_model_inputs", poisoned)
+
+
+FAULT_STEPS, FAULT_KEEP = 6, 2
+
+
+def fault_config(data_dir, **train):
+    """The tests' smallest training run: one device, D=32, a checkpoint every step."""
+    c = small_config()
+    c.model.update(embed_dim=32)
+    c.data.latent_dir = data_dir
+    c.mesh.update(data=1, fsdp=1)
+    steps = dict(num_steps=FAULT_STEPS, log_every=3, ckpt_every=1, keep_ckpts=FAULT_KEEP)
+    c.train.update(dict(steps, **train))
+    return c

@@ -17,30 +17,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from runs import REPO, poison_step, small_config, subprocess_env, train_cmd
+from runs import FAULT_KEEP as KEEP
+from runs import FAULT_STEPS as STEPS
+from runs import REPO, fault_config, poison_step, small_config, subprocess_env, train_cmd
 
 import uvit_jax
 from uvit_jax import checkpoints, workdir_lock
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import make_mesh
 from uvit_jax.train.step import TrainProgram
-
-STEPS, KEEP = 6, 2
-
-
-def fault_config(data_dir, **train):
-    """The tests' smallest training run: one device, D=32, a checkpoint every step."""
-    c = small_config()
-    c.model.update(embed_dim=32)
-    c.data.latent_dir = data_dir
-    c.mesh.update(data=1, fsdp=1)
-    c.train.update(dict(dict(num_steps=STEPS, log_every=3, ckpt_every=1, keep_ckpts=KEEP), **train))
-    return c
-
-
-@pytest.fixture
-def one_device(monkeypatch):
-    monkeypatch.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
 
 
 def step_folders(workdir) -> list[str]:
@@ -144,18 +129,6 @@ def test_every_step_damaged_is_an_error_listing_each(trained, tmp_path):
                        match=rf"no restorable checkpoint in .*\n  step {STEPS}: .*corrupt"
                              rf"(.|\n)*step {STEPS - 1}: .*corrupt"):  # fmt: skip
         uvit_jax.load(workdir)
-
-
-@pytest.mark.integration
-def test_steps_without_checksums_still_load(trained, tmp_path, caplog):
-    """Steps written before checksums existed restore, unverified."""
-    workdir = copy_of(trained, tmp_path)
-    (workdir / "checkpoints" / str(STEPS) / checkpoints.CHECKSUMS).unlink()
-    with caplog.at_level(logging.INFO):
-        assert uvit_jax.load(workdir).step == STEPS
-    assert f"checkpoint step {STEPS} has no checksums.json (older uvit_jax): not verified" in (
-        caplog.text
-    )
 
 
 @pytest.mark.integration
@@ -366,11 +339,10 @@ READ_ONLY_RUN = """
 import subprocess, sys
 import conftest  # noqa: F401  (the tests' devices and compilation cache)
 import jax
-from runs import small_config
+from runs import fault_config, small_config
 from uvit_jax import checkpoints
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import make_mesh
-from test_faults import fault_config
 
 train_job.make_mesh = lambda cfg: make_mesh(cfg, jax.devices()[:1])
 real = checkpoints.save

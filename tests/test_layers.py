@@ -18,6 +18,7 @@ LAYERS = [
     [
         "uvit_jax.parallel",
         "uvit_jax.config_defaults",
+        "uvit_jax.config_checks",
         "uvit_jax.checkpoints",
         "uvit_jax.errors",
         "uvit_jax.library_logs",

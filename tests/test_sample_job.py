@@ -26,8 +26,9 @@ def test_sample_mode_writes_grid_and_images(tmp_path):
     checkpoints.save(manager, 7, ema=ema, config=config, state=item)
     manager.wait_until_finished()
 
-    path = tmp_path / "samples" / "sample_step7_seed0"
     jobs.run("sample", config, str(tmp_path))
+    (npz,) = (tmp_path / "samples").glob("sample_step7_seed0_*.npz")  # _<settings digest>
+    path = npz.with_suffix("")
     saved = np.load(f"{path}.npz")
     assert saved["arr_0"].shape == (20, 28, 28, 1) and saved["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(saved["labels"], np.arange(20) % 10)

@@ -199,11 +199,6 @@ def loop_config(data_dir, **train):
     return c
 
 
-@pytest.fixture
-def one_device(monkeypatch):
-    monkeypatch.setattr(train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
-
-
 @pytest.mark.integration
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fmnist_dir, tmp_path, monkeypatch,
                                                              one_device):  # fmt: skip

@@ -91,6 +91,8 @@ def load(
           (`<workdir>/checkpoints/<step>`).
       step: the training step to load; default the newest one whose files pass their
           checksums (a warning names each damaged newer step skipped), or the folder's step.
+          Without a step, a step that a trainer deletes while it is read is replaced by the
+          newest good one left (with a warning).
       ema: True: the EMA weights (what sampling and FID use); False: the raw training weights
           from the `state` item (training checkpoints only).
       mesh: None: everything on the first device (`jax.devices()[0]`). A ("data", "fsdp") mesh
@@ -105,15 +107,28 @@ def load(
           on a checkpoint without raw weights.
     """
     with _reader(workdir_or_checkpoint) as (manager, folder_step):
-        step = _pick(manager, step, folder_step, "ema" if ema else "state")
-        config = config_from_dict(checkpoints.read_config(manager, step))
-        graphdef, abstract = nnx.split(abstract_uvit(config.model))
-        target = _placed(abstract, mesh)
-        if ema:
-            params = checkpoints.restore(manager, step, ema_target=target)["ema"]
-        else:
-            params = checkpoints.restore(manager, step, params_target=target)["params"]
         root = epath.Path(manager.directory)
+        asked = step
+        for attempt in range(_VANISHED_RETRIES + 1):
+            step = _pick(manager, asked, folder_step, "ema" if ema else "state")
+            try:
+                config, graphdef, params = _read_weights(manager, step, ema, mesh)
+                break
+            except Exception as e:
+                # A trainer writing the workdir may move the step to its trash (keep-N) between
+                # the check and the read: the newest good step is then another one.
+                if (root / str(step)).exists():
+                    raise
+                if asked is not None or folder_step is not None or attempt == _VANISHED_RETRIES:
+                    raise CheckpointError(
+                        f"{root / str(step)} vanished while it was read (a trainer writing the "
+                        f"workdir deleted it?): {type(e).__name__}: {e}"
+                    ) from e
+                logging.warning(
+                    "checkpoint step %d vanished from %s while it was read (a trainer deleted "
+                    "it): reading the newest good step again", step, root,
+                )  # fmt: skip
+                manager.reload()
     logging.info("loaded checkpoint step %d from %s", step, root / str(step))
     return Loaded(
         model=nnx.merge(graphdef, params),
@@ -125,6 +140,24 @@ def load(
         ema=ema,
         mesh=mesh,
     )
+
+
+# How many times `load` without a step picks again when the step it chose is deleted under it.
+_VANISHED_RETRIES = 3
+
+
+def _read_weights(
+    manager: ocp.CheckpointManager, step: int, ema: bool, mesh: jax.sharding.Mesh | None
+) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, nnx.State]:
+    """(config, graphdef, params) of `step`: its EMA weights or the raw ones."""
+    config = config_from_dict(checkpoints.read_config(manager, step))
+    graphdef, abstract = nnx.split(abstract_uvit(config.model))
+    target = _placed(abstract, mesh)
+    if ema:
+        params = checkpoints.restore(manager, step, ema_target=target)["ema"]
+    else:
+        params = checkpoints.restore(manager, step, params_target=target)["params"]
+    return config, graphdef, params
 
 
 def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:

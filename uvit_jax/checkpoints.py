@@ -7,7 +7,9 @@ A workdir's `checkpoints/<step>/` holds up to four items:
   config    JSON: the resolved config, the checkpoint format version and what wrote it.
 A converted official checkpoint has only `ema` and `config`.
 
-Each step also holds `checksums.json`: the size and SHA-256 of every file of every item.
+Each step also holds `checksums.json`: the size and SHA-256 of every file of every item; its
+`config` record says so (`"checksums": true`), so a step whose manifest is lost is damaged, not
+taken for an older unverified one.
 
 One API, through an orbax manager:
   write  `open_manager(workdir, keep=...)`, `save(manager, step, ...)`;
@@ -23,9 +25,12 @@ Safety, and why a listed step is always restorable:
   either no `<step>` or a complete one with its checksums.
 - Restoring checks the items it reads against the checksums (`check_step`); a step that fails
   (changed or truncated file, missing file or item, empty folder, unreadable config) is named
-  with the path and reason. Training and `uvit_jax.load` without a step fall back to the newest
-  step that passes, with a warning naming each skipped one; an explicit step that fails raises.
-  Steps written before checksums existed have none and are restored unverified.
+  with the path and reason; so is a step whose config says it was saved with checksums but whose
+  `checksums.json` is missing or lacks an entry for an item read. Training and `uvit_jax.load`
+  without a step fall back to the newest step that passes, with a warning naming each skipped
+  one; an explicit step that fails raises.
+  Steps written before checksums existed (no `"checksums": true` in their config record, no
+  `checksums.json`) are restored unverified.
 - Deleting an old step is not atomic, so orbax first renames it into `checkpoints/trash/`
   (which takes it out of the listing at once); the trash is emptied as soon as each save and its
   deletions have finished, so `keep` bounds the disk during the run (at most `keep` + 2 steps:
@@ -214,28 +219,51 @@ _MISSING_HINTS = {
 def check_step(manager: ocp.CheckpointManager, step: int, items: Sequence[str]) -> bool:
     """Checks that `items` of `step` (and its config) can be restored: present, a config this
     version reads, every file as saved. True when checksums were checked, False for a step
-    written before checksums existed. Raises CheckpointError naming the path and the reason."""
+    written before checksums existed. Raises CheckpointError naming the path and the reason
+    (a step deleted while it is checked included)."""
     folder = epath.Path(manager.directory) / str(step)
+    try:
+        return _check_step(manager, step, items, folder)
+    except FileNotFoundError as e:  # deleted in between (a trainer's keep-N moved it to trash)
+        raise CheckpointError(f"{folder} vanished while it was checked ({e})") from e
+
+
+def _check_step(
+    manager: ocp.CheckpointManager, step: int, items: Sequence[str], folder: epath.Path
+) -> bool:
     if not folder.is_dir() or not any(folder.iterdir()):
         raise CheckpointError(f"{folder} is empty")
     for name in ("config", *items):
         if not (folder / name).is_dir():
             raise CheckpointError(f"{folder} has no `{name}` item{_MISSING_HINTS.get(name, '')}")
     try:
-        read_config(manager, step)
-    except CheckpointError:
+        sealed = _read_record(manager, step).get("checksums") is True
+    except (CheckpointError, FileNotFoundError):
         raise
     except Exception as e:  # orbax reports a damaged JSON item with various exception types
         raise CheckpointError(f"{folder / 'config'} is unreadable ({type(e).__name__}: {e})") from e
     record = folder / CHECKSUMS
     if not record.exists():
+        if sealed:
+            raise CheckpointError(
+                f"{record} is missing, but the step was saved with checksums (its config says "
+                "so): its files cannot be verified"
+            )
         return False
     try:
         saved = json.loads(record.read_text())["items"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"`items` is a {type(saved).__name__}, not an object")
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{record} is unreadable ({type(e).__name__}: {e})") from e
     for name in dict.fromkeys(("config", *items)):
-        _check_files(folder / name, saved.get(name, {}))
+        if name not in saved:  # every item folder of a step has its entry when it is sealed
+            raise CheckpointError(
+                f"{record} has no entry for the `{name}` item: its files cannot be verified"
+            )
+        _check_files(folder / name, saved[name])
     return True
 
 
@@ -296,8 +324,13 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int | None) -> None:
 
 
 def _config_record(config: Mapping) -> dict:
-    """The JSON item saved with each checkpoint."""
-    return {"format_version": FORMAT_VERSION, "config": json.loads(_to_json(config))}
+    """The JSON item saved with each checkpoint. `checksums`: the step has a `checksums.json`
+    (`check_step` refuses the step without it, or without an item's entry in it)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "checksums": True,
+        "config": json.loads(_to_json(config)),
+    }
 
 
 def _to_json(config: Mapping) -> str:
@@ -329,6 +362,11 @@ def save(
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The resolved config saved at `step`; refuses formats newer than this package."""
+    return _read_record(manager, step)["config"]
+
+
+def _read_record(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The whole `config` item of `step` (`_config_record`); refuses newer formats."""
     record = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     version = record.get("format_version", 0)
     if version > FORMAT_VERSION:
@@ -336,7 +374,7 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
             f"checkpoint step {step} has format version {version}; this uvit_jax reads up to "
             f"{FORMAT_VERSION}: upgrade uvit_jax to read it"
         )
-    return record["config"]
+    return record
 
 
 def restore(

@@ -6,6 +6,7 @@ dataset shard by shard and finalizes it, `reader` opens, checks and reads one.
 
 from input_pipeline.latent_dataset.layout import (
     EXTRACTION_DIR,
+    CorruptMetadataError,
     CorruptShardError,
     DatasetMismatchError,
     DatasetSpec,
@@ -32,6 +33,7 @@ from input_pipeline.latent_dataset.writer import (
 
 __all__ = [
     "EXTRACTION_DIR",
+    "CorruptMetadataError",
     "CorruptShardError",
     "DatasetMismatchError",
     "DatasetOnDisk",

@@ -75,6 +75,11 @@ class CorruptShardError(DataError, OSError):
     """A shard file is missing, truncated or unreadable; the message names the file."""
 
 
+class CorruptMetadataError(DataError, ValueError):
+    """A metadata file of a dataset (`dataset_info.json`, `features.json`, `metadata.json`) is
+    unreadable or not what this project writes; the message names the file."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     """One TFDS dataset of a dataset directory: its files, its records and its bookkeeping.

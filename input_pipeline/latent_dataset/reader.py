@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import pathlib
@@ -48,11 +49,50 @@ class DatasetOnDisk:
         return self.num_records // 2
 
 
+# The TFDS metadata files of a dataset directory.
+METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
+
+
+def _read_info(directory: pathlib.Path) -> Any:
+    """TFDS's `DatasetInfo` of a dataset directory; `CorruptMetadataError` naming the file when
+    one of its metadata files is not JSON or not what TFDS reads."""
+    for name in METADATA_FILES:
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            content = json.loads(path.read_bytes())
+        except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError included
+            raise layout.CorruptMetadataError(f"{path}: not readable JSON ({_one_line(e)})") from e
+        if not isinstance(content, dict):
+            raise layout.CorruptMetadataError(
+                f"{path}: expected a JSON object, got {type(content).__name__}"
+            )
+    try:
+        return tfds.builder_from_directory(os.fspath(directory)).info
+    except Exception as e:  # TFDS raises anything from KeyError to protobuf's ParseError
+        # TFDS's messages name the proto (DatasetInfo: dataset_info.json; Feature, or a feature
+        # class name: features.json) rather than the file.
+        text = str(e)
+        if "Feature" in text or "class name" in text:
+            where = f"{directory / 'features.json'}: not TFDS features"
+        elif "DatasetInfo" in text or "version" in text.lower():
+            where = f"{directory / 'dataset_info.json'}: not a TFDS dataset info"
+        else:
+            where = f"{directory}: unreadable TFDS metadata ({', '.join(METADATA_FILES)})"
+        raise layout.CorruptMetadataError(f"{where} ({_one_line(e)})") from e
+
+
+def _one_line(e: Exception) -> str:
+    """`Type: message`, its first line only."""
+    return (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
+
+
 def _table_files(
     directory: pathlib.Path, table: layout.Table, split: str, metadata: dict[str, Any]
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(shard paths, record counts) of one table of a finalized dataset, sizes checked."""
-    info = tfds.builder_from_directory(os.fspath(directory / table.subdir)).info
+    info = _read_info(directory / table.subdir)
     if split not in info.splits:
         raise layout.DatasetMismatchError(
             f"{directory} has splits {list(info.splits)}, not {split!r}"
@@ -81,10 +121,21 @@ def open_dataset(directory: str | os.PathLike, split: str | None = None) -> Data
         raise FileNotFoundError(
             f"{directory} holds {state}: run `main.py --mode extract` with this config first"
         )
-    metadata = dict(tfds.builder_from_directory(os.fspath(directory)).info.metadata)
-    spec = layout.DatasetSpec.from_json(metadata)
+    metadata = dict(_read_info(directory).metadata or {})
+    try:
+        spec = layout.DatasetSpec.from_json(metadata)
+    except (TypeError, ValueError) as e:
+        raise layout.CorruptMetadataError(
+            f"{directory / METADATA_FILES[2]}: not the metadata of a uvit_jax dataset ({e})"
+        ) from e
     # (paths, record counts) of each table's shards, in the order of DatasetOnDisk's fields.
-    files = [_table_files(directory, t, split or spec.split, metadata) for t in spec.tables]
+    try:
+        files = [_table_files(directory, t, split or spec.split, metadata) for t in spec.tables]
+    except (KeyError, TypeError) as e:  # a field of metadata.json missing or of another type
+        raise layout.CorruptMetadataError(
+            f"{directory / METADATA_FILES[2]}: not the metadata of a uvit_jax dataset "
+            f"({_one_line(e)})"
+        ) from e
     return DatasetOnDisk(os.fspath(directory), spec, metadata, *itertools.chain(*files))
 
 

@@ -128,13 +128,33 @@ def write_shard(
     """
     directory = pathlib.Path(directory)
     marker: dict[str, Any] = {"shard": shard}
+    labels: list[int] = []
+    records = _noting_labels(records, labels)
     for table, rows in zip(spec.tables, (records, contexts), strict=False):
         marker[table.count_key], marker[table.bytes_key] = _write_atomic(
             spec.shard_path(directory, table, shard), _serialized(table, rows)
         )
     marker["skipped"] = list(skipped)
+    if labels:  # the label range, which training checks against the model's classes
+        marker["label_min"], marker["label_max"] = min(labels), max(labels)
     _write_json_atomic(_marker_path(directory, shard), marker)
     return marker
+
+
+def _noting_labels(rows: Iterable[dict[str, Any]], labels: list[int]) -> Iterable[dict[str, Any]]:
+    """`rows` as they are, appending each row's label to `labels` on the way."""
+    for row in rows:
+        labels.append(int(row["label"]))
+        yield row
+
+
+def label_range(markers: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """{"label_min", "label_max"} over the shards' done-markers; {} when a marker (of an
+    extraction begun before markers recorded labels) or every shard has none."""
+    ranges = [(m["label_min"], m["label_max"]) for m in markers if "label_min" in m]
+    if not ranges or any("label_min" not in m and m.get("num_records") for m in markers):
+        return {}
+    return {"label_min": min(r[0] for r in ranges), "label_max": max(r[1] for r in ranges)}
 
 
 def finalize(directory: str | os.PathLike, spec: layout.DatasetSpec) -> dict[str, Any]:
@@ -174,6 +194,7 @@ def finalize(directory: str | os.PathLike, spec: layout.DatasetSpec) -> dict[str
         num_examples=metadata["num_records"] // 2,
         num_skipped=sum(len(m["skipped"]) for m in markers),
         flip_copies=True,
+        **label_range(markers),
     )
     for table in others:
         _write_info(

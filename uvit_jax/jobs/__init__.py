@@ -18,8 +18,15 @@ import os
 
 import jax
 
+from uvit_jax.config_checks import check_config
+from uvit_jax.diffusion.objective import LOSS_WEIGHTINGS
+from uvit_jax.diffusion.schedules import FORMULATIONS
 from uvit_jax.errors import ConfigError
+from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
+from uvit_jax.sampling.dpm_solver import SKIP_TYPES
+from uvit_jax.sampling.guidance import CFG_SCHEDULES
+from uvit_jax.sampling.samplers import SAMPLERS
 
 # mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
 # TensorFlow (clu) and `--mode train` never loads torch.
@@ -41,11 +48,37 @@ MODES: dict[str, str] = {
 # so an installed TPU runtime never looks for a TPU here.
 COMPILE_ONLY_MODES = ("compile",)
 
+# Modes that train, and so run `config.train.evals`.
+TRAINING_MODES = ("train", "ablate")
+
+
+def registry_choices() -> dict[str, tuple[str, ...]]:
+    """The names each registry-backed field of `config_checks.FIELD_CHECKS` may take."""
+    return {
+        "diffusion.formulation": tuple(FORMULATIONS),
+        "diffusion.loss_weighting": tuple(LOSS_WEIGHTINGS),
+        "sample.sampler": tuple(SAMPLERS),
+        "sample.grid": ("", *SKIP_TYPES),  # "": the sampler's own
+        "sample.cfg_schedule": tuple(CFG_SCHEDULES),
+        "eval.protocol": tuple(PROTOCOLS),
+    }
+
+
+def check(mode: str, config) -> None:
+    """Every field's range and names (`config_checks`), the evaluators of training modes."""
+    check_config(config, registry_choices())
+    if mode in TRAINING_MODES:
+        from uvit_jax.evals import check_sections  # loads TensorFlow (clu): training modes only
+
+        check_sections(config.train.get("evals", {}))
+
 
 def run(mode: str, config, workdir: str) -> None:
-    """Runs job `mode`; a mode this version does not have fails with the list of those it has."""
+    """Runs job `mode` after checking `config` (`check`); a mode this version does not have
+    fails with the list of those it has."""
     if mode not in MODES:
         raise ConfigError(f"--mode={mode!r} is not available; modes: {', '.join(sorted(MODES))}")
+    check(mode, config)  # before any device use, compilation or read
     if mode in COMPILE_ONLY_MODES:
         jax.config.update("jax_platforms", "cpu")  # before any device use
     initialize_distributed()  # before any device use; a no-op for one process

@@ -42,7 +42,7 @@ from uvit_jax.api import load
 from uvit_jax.errors import ConfigError, UserError
 from uvit_jax.evaluation.evaluator import check_sample_count, make_evaluator
 from uvit_jax.jobs.evaluate import evaluate_loaded
-from uvit_jax.jobs.sweep import METRICS, csv_text
+from uvit_jax.jobs.sweep import METRICS, csv_text, write_metric_rows
 from uvit_jax.jobs.train import check_config, train_job
 from uvit_jax.parallel.mesh import make_mesh
 
@@ -188,7 +188,15 @@ def ablate_job(config, workdir: str) -> list[dict[str, Any]]:
         if jax.process_index() == 0:
             _write_table(rows, out)
     if jax.process_index() == 0:
-        _write_tensorboard(rows, out, config, workdir)
+        write_metric_rows(
+            rows,
+            out,
+            config,
+            workdir,
+            job="ablate",
+            step="step",
+            series=lambda r: f"{r['variant']}/seed{r['seed']}",
+        )
     return rows
 
 
@@ -239,21 +247,3 @@ def plot_fid_vs_training(rows: list[dict[str, Any]], path: epath.Path) -> None:
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)
-
-
-def _write_tensorboard(rows: list[dict[str, Any]], out: epath.Path, config, workdir: str) -> None:
-    from uvit_jax.train import dashboard
-
-    writer = dashboard.metric_writer(
-        config,
-        workdir,
-        logdir=os.fspath(out),
-        console=True,
-        job_type="ablate",
-        step_metric="ablate/step",
-    )
-    for row in rows:
-        run = f"{row['variant']}/seed{row['seed']}"
-        scalars = {f"ablate/{k}/{run}": row[k] for k in METRICS if k in row}
-        writer.write_scalars(row["step"], scalars)
-    writer.close()

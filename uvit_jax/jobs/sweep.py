@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -187,7 +188,9 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
             _write_table(rows, stem, title)
             logging.info("sweep: %s", {k: v for k, v in rows[-1].items() if k != "protocol"})
     if jax.process_index() == 0:
-        _write_tensorboard(rows, out, config, workdir)
+        write_metric_rows(
+            rows, out, config, workdir, job="sweep", step="nfe", series=lambda r: r["line"]
+        )
     return rows
 
 
@@ -200,20 +203,30 @@ def _write_table(rows: list[dict[str, Any]], stem: epath.Path, title: str) -> No
         logging.warning("sweep: no plot (matplotlib missing: pip install -e '.[eval]')")
 
 
-def _write_tensorboard(rows: list[dict[str, Any]], out: epath.Path, config, workdir: str) -> None:
+def write_metric_rows(
+    rows: list[dict[str, Any]],
+    out: epath.Path,
+    config,
+    workdir: str,
+    *,
+    job: str,
+    step: str,
+    series: Callable[[dict[str, Any]], str],
+) -> None:
+    """Each row's METRICS as `<job>/<metric>/<series(row)>` at step `row[step]`: TensorBoard in
+    `out` (+ the log) and, where config.logging.wandb is on, W&B (job `job`, x-axis
+    `<job>/<step>`)."""
     from uvit_jax.train import dashboard
 
-    # TensorBoard in W/sweep (+ the log) and, where config.logging.wandb is on, W&B (job
-    # "sweep", its x-axis sweep/nfe).
     writer = dashboard.metric_writer(
         config,
         workdir,
         logdir=os.fspath(out),
         console=True,
-        job_type="sweep",
-        step_metric="sweep/nfe",
+        job_type=job,
+        step_metric=f"{job}/{step}",
     )
     for row in rows:
-        scalars = {f"sweep/{k}/{row['line']}": row[k] for k in METRICS if k in row}
-        writer.write_scalars(row["nfe"], scalars)
+        scalars = {f"{job}/{k}/{series(row)}": row[k] for k in METRICS if k in row}
+        writer.write_scalars(row[step], scalars)
     writer.close()

@@ -97,19 +97,44 @@ def check_same_model(saved: Mapping, config, workdir: str) -> None:
 
 def check_labels(batch: Mapping[str, np.ndarray], config, data_dir: str) -> None:
     """Refuses a class-conditional run whose dataset has labels outside the model's classes
-    (the embedding lookup would read past its table and train into NaN); checks one batch."""
+    (the embedding lookup would read past its table and train into NaN) or equal to the null
+    class (those examples would train as unconditional). Checks the label range the extraction
+    recorded in the dataset's metadata, and the first batch (datasets written before the range
+    was recorded have only that)."""
     cond = Conditioning.from_config(config)
     if cond.kind != "class":
         return
     labels = np.asarray(batch["label"])
-    bad = labels[(labels < 0) | (labels >= cond.num_classes)]
-    if bad.size:
-        null = " plus the null class" if cond.has_null else ""
-        raise ConfigError(
-            f"dataset {config.data.name!r} ({data_dir}) has label {int(bad[0])}, but "
-            f"config.model.num_classes={config.model.num_classes} gives {cond.num_classes} "
-            f"classes{null}: expected labels in [0, {cond.num_classes})"
+    recorded = _recorded_labels(data_dir, config.data.split)
+    bad = [v for v in recorded if not 0 <= v < cond.num_classes]
+    bad += [int(v) for v in labels[(labels < 0) | (labels >= cond.num_classes)][:1]]
+    if not bad:
+        return
+    label = bad[0]
+    if cond.has_null and label == cond.null_class:
+        problem = (
+            f"label {label}, the null class of config.model.num_classes="
+            f"{config.model.num_classes} with diffusion.p_uncond > 0 (its examples would train "
+            f"as unconditional)"
         )
+    else:
+        null = " plus the null class" if cond.has_null else ""
+        problem = (
+            f"label {label}, but config.model.num_classes={config.model.num_classes} gives "
+            f"{cond.num_classes} classes{null}"
+        )
+    raise ConfigError(
+        f"dataset {config.data.name!r} ({data_dir}) has {problem}: expected labels in "
+        f"[0, {cond.num_classes})"
+    )
+
+
+def _recorded_labels(data_dir: str, split: str) -> list[int]:
+    """[label_min, label_max] of the dataset's metadata; [] when it was written without them."""
+    metadata = latent_dataset.open_dataset(data_dir, split).metadata
+    if "label_min" not in metadata:
+        return []
+    return [int(metadata["label_min"]), int(metadata["label_max"])]
 
 
 # ---- non-finite values -----------------------------------------------------------------------
@@ -389,7 +414,9 @@ class ProgressLog:
 
 
 def save(run: TrainRun, state: TrainState, step: int) -> None:
-    """Starts the asynchronous save of `step` (state, EMA, config, data position)."""
+    """Starts the asynchronous save of `step` (state, EMA, config, data position); stops first
+    (LockLostError) when another trainer took the workdir's lock over while this one stalled."""
+    workdir_lock.check(run.workdir)
     item, ema = state.checkpoint_items()
     checkpoints.save(
         run.manager, step, ema=ema, config=run.config, state=item, data_iter=run.data_iter
