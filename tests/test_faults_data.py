@@ -229,6 +229,7 @@ def test_garbage_inception_weights_name_the_path(tmp_path, content):
         assert message.startswith(f"{path} (config.eval.inception_path): not readable"), message
 
 
+@pytest.mark.integration  # converts the Inception weights three times: 11 s
 @pytest.mark.parametrize("name", ["inception", "inception.npz", "weights.bin"])
 def test_convert_inception_writes_the_path_the_readers_read(tmp_path, monkeypatch, name):
     """`--mode convert_inception --config.eval.inception_path=X` writes X itself, which
