@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax import jobs  # noqa: E402
-from uvit_jax.errors import EXPECTED  # noqa: E402
+from uvit_jax.errors import EXPECTED, ConfigError  # noqa: E402
 from uvit_jax.library_logs import QuietLibraries  # noqa: E402
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
@@ -34,13 +34,55 @@ flags.DEFINE_bool("verbose", False, "Show the traceback of expected errors too."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyError):  # an override of a field the config does not have
+        return "no such field " + " ".join(str(e.args[0]).split())
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with the config's own failures (a missing file, a file that raises
+    or does not parse, an override of a field it does not have) as one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error:
+        return app.parse_flags_with_usage(argv)  # absl's message and usage
+    except Exception as e:
+        if "--verbose" in argv or os.environ.get("UVIT_DEBUG") == "1":
+            raise
+        print(f"error: --config: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config():
+    """FLAGS.config; a config file that failed to load raises on first use: one line."""
+    try:
+        config = FLAGS.config
+        config.keys()
+    except Exception as e:
+        raise ConfigError(f"--config: {_one_line(e)}") from e
+    return config
+
+
+def _check_workdir(workdir: str) -> None:
+    """A local workdir that cannot be a folder (under a file, unwritable) is named at once."""
+    if "://" in workdir:
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot be a folder ({e.strerror})") from e
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(QuietLibraries())  # their INFO chatter
     try:
-        jobs.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+        config = _config()
+        _check_workdir(FLAGS.workdir)
+        jobs.run(FLAGS.mode, config, FLAGS.workdir)
     except EXPECTED as e:
         if FLAGS.verbose or os.environ.get("UVIT_DEBUG") == "1":
             raise
@@ -49,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -6,10 +6,13 @@ import importlib
 import json
 import numbers
 import pkgutil
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from runs import small_config
+from runs import REPO, small_config, subprocess_env
 
 import configs
 from configs.fashion_mnist_uvit import get_config
@@ -223,3 +226,41 @@ def test_sample_runs_with_other_settings_keep_both_outputs_and_record_them(tmp_p
     assert settings_b["labels"] == "sample j: class j mod 10"
     names = sorted(p.name for p in (tmp_path / "samples").glob("sample_step7_seed0_*.npz"))
     assert len(names) == 2
+
+
+def _main_py(tmp_path, case: str) -> list[str]:
+    """main.py's arguments for one of the ways a command line can be wrong before any job."""
+    default = str(REPO / "configs/fashion_mnist_uvit.py")
+    (tmp_path / "raises.py").write_text('def get_config():\n    raise RuntimeError("boom")\n')
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "a_file").write_text("")
+    w = str(tmp_path / "w")
+    return {
+        "missing config file": ["--config", str(tmp_path / "nope.py"), "--workdir", w],
+        "misspelt field": ["--config", default, "--workdir", w, "--config.trian.batch_size=3"],
+        "config file raises": ["--config", str(tmp_path / "raises.py"), "--workdir", w],
+        "config file syntax": ["--config", str(tmp_path / "syntax.py"), "--workdir", w],
+        "workdir under a file": ["--config", default, "--workdir", str(tmp_path / "a_file/w")],
+        "convert source missing": ["--config", default, "--workdir", w, "--mode", "convert",
+                                   f"--config.convert.source={tmp_path / 'nope.pth'}"],
+    }[case]  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing config file", r"error: --config: OSError: .*nope.py"),
+        ("misspelt field", r"error: --config: no such field 'trian' Did you mean \"train\""),
+        ("config file raises", r"error: --config: RuntimeError: boom$"),
+        ("config file syntax", r"error: --config: SyntaxError: invalid syntax \(syntax.py"),
+        ("workdir under a file", r"error: --workdir=.*a_file/w: cannot be a folder \(Not a dir"),
+        ("convert source missing", r"error: checkpoint file not found: .*nope.pth$"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_and_exit_status_2(tmp_path, case, message):
+    command = [sys.executable, str(REPO / "main.py"), *_main_py(tmp_path, case)]
+    run = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert len(lines) == 1 and re.search(message, lines[0]), run.stderr[-3000:]

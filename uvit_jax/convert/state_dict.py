@@ -26,6 +26,10 @@ class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model it is converted into."""
 
 
+class MissingCheckpointFile(UserError, FileNotFoundError):
+    """The checkpoint file to convert is not there."""
+
+
 def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> StateDict:
     """Reads a state dict as float32/int numpy arrays.
 
@@ -41,7 +45,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> St
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingCheckpointFile(f"checkpoint file not found: {path}")
     kind = _format_of(path)
     try:
         state = _READERS[kind](path)
