@@ -27,12 +27,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from input_pipeline import extract, latent_dataset
-from uvit_jax import checkpoints, workdir_lock
+from uvit_jax import checkpoints, jobs, workdir_lock
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
 from uvit_jax.diffusion.objective import noise_level_names
 from uvit_jax.errors import ConfigError, UserError
-from uvit_jax.evals import Scheduled, TrainContext, check_sections, make_evals
+from uvit_jax.evals import Scheduled, TrainContext, make_evals
 from uvit_jax.jobs.extract import extract_job
 from uvit_jax.models.uvit import build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
@@ -52,25 +52,18 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 
 def check_config(config, mesh) -> None:
-    """Fails early, naming the fields, on configs that cannot work."""
-    nnx.eval_shape(lambda: build_uvit(config.model))  # patch size / heads / remat checks
-    # Positive counts: they divide step numbers in the loop.
-    for field in ("batch_size", "num_steps", "log_every", "ckpt_every"):
-        value = config.train.get(field, 1)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config.train.{field}={value!r}: expected an integer >= 1")
-    check_sections(config.train.evals)
+    """Fails early, naming the fields, on configs that cannot work: every field's range and
+    names (`jobs.check`, also when the job is called without `jobs.run`), then what depends on
+    the mesh and the model."""
+    jobs.check("train", config)
+    nnx.eval_shape(lambda: build_uvit(config.model))  # remat checks
     accum = int(config.train.accum_steps)
-    if accum < 1 or config.train.batch_size % accum:
+    if config.train.batch_size % accum:
         raise ConfigError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
             f"config.train.accum_steps={accum}"
         )
     batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
-    if config.train.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(
-            f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected 'stop' or 'skip'"
-        )
 
 
 def check_same_model(saved: Mapping, config, workdir: str) -> None:
