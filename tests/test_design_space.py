@@ -274,3 +274,14 @@ def test_flops_of_the_default_are_the_usual_count():
     macs = 13 * (4 * d * d + 8 * d * d) * tokens + 6 * 2 * d * d * tokens
     macs += n * 12 * d + tokens * d * 12 + 32 * 32 * 9 * 9  # patches in and out, the final conv
     assert forward_flops(cfg) == 2 * macs + 13 * 4 * tokens * tokens * d
+
+
+def test_a_variant_that_sets_a_seed_trains_that_seed_alone():
+    from uvit_jax.jobs import ablate
+
+    config = default_config()
+    config.ablate.variants = ("base:", "base_s2: seed=2, model.depth=4")
+    shared, extra = ablate.parse_variants(config)
+    assert shared.seeds([0, 1]) == [0, 1] and extra.seeds([0, 1]) == [2]
+    run = ablate.run_config(config, extra, extra.seeds([0, 1])[0], "/data")
+    assert (run.seed, run.model.depth, run.data.latent_dir) == (2, 4, "/data")

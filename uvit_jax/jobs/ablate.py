@@ -6,7 +6,8 @@
         "--config.ablate.seeds=(0, 1)" --config.ablate.eval_every=1000
 
 The paper's design study (Figures 2 and 3) in one job. Each variant is the config with its
-fields changed; every variant trains with the same data, data order, seeds and step count, in
+fields changed; every variant trains with the same data, data order, seeds and step count (a
+variant that sets `seed=` trains that seed only: `'base_s2: seed=2'` adds a seed to one), in
 `W/ablate/<variant>/seed<s>/` (a checkpoint every `eval_every` steps, all kept), and each of
 those checkpoints is evaluated as `--mode eval` evaluates it (the config's sampler, samples,
 reference and Inception). Every variant is checked before the first one trains, and a config
@@ -19,7 +20,8 @@ read back. After each variant the results are rewritten:
   W/ablate/results.csv    one row per variant, seed and evaluated step: fields, metrics;
   W/ablate/results.json   the same rows, each with its evaluation's protocol fingerprint;
   W/ablate/fid.png        FID against training steps, one curve per variant (the mean over
-                          seeds; each seed's points beside it);
+                          seeds; each seed's points beside it); with one evaluated step,
+                          each variant's FID as a row of points instead;
 and TensorBoard (`W/ablate`) gets `ablate/<metric>/<variant>/seed<s>` with the training step.
 """
 
@@ -75,6 +77,12 @@ class Variant:
                 )
             fields.append((field.strip(), _literal(value.strip())))
         return cls(name, tuple(fields))
+
+    def seeds(self, shared: list[int]) -> list[int]:
+        """The training seeds of this variant: its own `seed=` field alone, else `shared`
+        (`config.ablate.seeds`); an extra seed of one variant is a variant of its own."""
+        own = [int(v) for f, v in self.fields if f == "seed"]
+        return own[-1:] or shared
 
     @property
     def label(self) -> str:
@@ -163,12 +171,14 @@ def ablate_job(config, workdir: str) -> list[dict[str, Any]]:
     runs, problems = [], []
     for variant in variants:
         try:
-            checked = run_config(config, variant, seeds[0], data_dir)  # seeds change no check
+            checked = run_config(config, variant, variant.seeds(seeds)[0], data_dir)
             check_config(checked, make_mesh(checked.mesh))
         except (UserError, ValueError, TypeError) as e:
             problems.append(f"{variant.label}: {e}")
             continue
-        runs += [(variant, s, run_config(config, variant, s, data_dir)) for s in seeds]
+        runs += [
+            (variant, s, run_config(config, variant, s, data_dir)) for s in variant.seeds(seeds)
+        ]
     if problems:
         raise ConfigError("config.ablate.variants that cannot train:\n  " + "\n  ".join(problems))
     evaluator = make_evaluator(config, mesh)
@@ -224,26 +234,43 @@ def _write_table(rows: list[dict[str, Any]], out: epath.Path) -> None:
 
 def plot_fid_vs_training(rows: list[dict[str, Any]], path: epath.Path) -> None:
     """FID against training steps, one curve per variant (the mean over its seeds, each seed's
-    points beside it), as a PNG at `path` (the paper's Figure 2 form)."""
+    points beside it), as a PNG at `path` (the paper's Figure 2 form). With one evaluated step,
+    a row per variant instead: each seed's FID as a point, the mean as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a training host
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant and "fid" in r]
+    rows = [r for r in rows if "fid" in r]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    one_step = len({r["step"] for r in rows}) == 1
+    height = max(4.0, 0.3 * len(variants) + 1.0) if one_step else 4.0
+    fig, ax = plt.subplots(figsize=(6.4, height), dpi=100)
+    for i, variant in enumerate(variants):
+        mine = [r for r in rows if r["variant"] == variant]
         steps = sorted({r["step"] for r in mine})
-        means = [sum(r["fid"] for r in mine if r["step"] == s) for s in steps]
-        means = [m / sum(r["step"] == s for r in mine) for m, s in zip(means, steps, strict=True)]
+        means = [_mean([r["fid"] for r in mine if r["step"] == s]) for s in steps]
+        if one_step:
+            ax.barh(i, means[0], height=0.6, alpha=0.35)
+            ax.scatter([r["fid"] for r in mine], [i] * len(mine), s=12, color="k")
+            continue
         (line,) = ax.plot(steps, means, marker="o", label=variant)
         if len({r["seed"] for r in mine}) > 1:
             ax.scatter([r["step"] for r in mine], [r["fid"] for r in mine], s=8,
                        color=line.get_color(), alpha=0.5)  # fmt: skip
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("FID")
+    if one_step:
+        ax.set_yticks(range(len(variants)), variants, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"FID at step {rows[0]['step']} (bar: mean over seeds; points: seeds)")
+    else:
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("FID")
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
