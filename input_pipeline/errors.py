@@ -8,3 +8,7 @@ class DataError(Exception):
 
 class DataConfigError(DataError, ValueError):
     """A config field the data layer cannot work with; the message names the field."""
+
+
+class MissingDataFile(DataError, FileNotFoundError):
+    """A dataset file or folder the config names is not there; the message names it."""

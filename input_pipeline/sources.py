@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from input_pipeline.errors import DataConfigError
+from input_pipeline.errors import DataConfigError, MissingDataFile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -122,7 +122,7 @@ class ImageFolderSource:
     def __init__(self, root: str | os.PathLike):
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+            raise MissingDataFile(f"image folder {self.root} does not exist")
         classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if classes:
             self.class_names = classes
@@ -199,7 +199,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     """Reads a (gzipped) idx file of unsigned bytes: 2049 = labels [N], 2051 = images [N, H, W]."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingDataFile(
             f"{path} does not exist (Debian: apt-get install dataset-fashion-mnist)"
         )
     opener = gzip.open if path.suffix == ".gz" else open
@@ -236,9 +236,9 @@ class CocoCaptionsFilesSource:
         self.image_dir = pathlib.Path(image_dir)
         captions_path = pathlib.Path(captions_file)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"COCO image folder {self.image_dir} does not exist")
+            raise MissingDataFile(f"COCO image folder {self.image_dir} does not exist")
         if not captions_path.is_file():
-            raise FileNotFoundError(
+            raise MissingDataFile(
                 f"COCO captions file {captions_path} does not exist (config.data.captions_file; "
                 "e.g. annotations/captions_train2014.json)"
             )

@@ -40,7 +40,7 @@ import grain
 import numpy as np
 
 from input_pipeline import latent_dataset
-from input_pipeline.errors import DataConfigError
+from input_pipeline.errors import DataConfigError, DataError
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -83,6 +83,10 @@ def caption_choices(
     return (low % np.maximum(num_contexts, 1).astype(np.uint64)).astype(np.int64)
 
 
+class LabelOutOfRangeError(DataError, ValueError):
+    """A batch holds a label outside the model's classes; names the dataset, example, label."""
+
+
 class ReadBatch(grain.transforms.MapWithIndex):
     """Global step k -> this process's batch k, decoded.
 
@@ -104,6 +108,8 @@ class ReadBatch(grain.transforms.MapWithIndex):
         labelled: bool,
         include_index: bool,
         with_contexts: bool = False,
+        label_limit: int | None = None,
+        where: str = "",
     ):
         self._reader = reader
         self._seed = seed
@@ -116,7 +122,20 @@ class ReadBatch(grain.transforms.MapWithIndex):
         self._labelled = labelled
         self._include_index = include_index
         self._with_contexts = with_contexts
+        self._label_limit = label_limit
+        self._where = where
         self._perm: tuple[int, np.ndarray] | None = None
+
+    def _check_labels(self, labels: np.ndarray, indices: np.ndarray) -> None:
+        """Every batch, two comparisons: a label past the model's table would train into NaN,
+        one equal to its null class as unconditional."""
+        bad = np.flatnonzero((labels < 0) | (labels >= self._label_limit))
+        if bad.size:
+            raise LabelOutOfRangeError(
+                f"dataset {self._where}: example {int(indices[bad[0]])} has label "
+                f"{int(labels[bad[0]])}: expected labels in [0, {self._label_limit}), the model's "
+                "classes"
+            )
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -150,6 +169,8 @@ class ReadBatch(grain.transforms.MapWithIndex):
         out = {"x": batch["x"]}
         if self._labelled:
             out["label"] = batch["label"]
+            if self._label_limit is not None:
+                self._check_labels(batch["label"], batch["index"])
         if self._include_index:
             out["index"] = batch["index"]
             out["flip"] = batch["flip"]
@@ -200,6 +221,7 @@ def make_train_dataset(
     data_dir: str | os.PathLike | None = None,
     include_index: bool = False,
     start_step: int = 0,
+    label_limit: int | None = None,
 ) -> grain.IterDataset:
     """The per-process training `IterDataset` (see the module docstring).
 
@@ -212,10 +234,13 @@ def make_train_dataset(
       include_index: also yield the source `index` and `flip` of every example (tests).
       start_step: begin at this global step: how a run resumes when its saved iterator state
         was written by another number of processes (batch k is the same for any count).
+      label_limit: if given, every batch's labels must lie in [0, label_limit) (the model's
+        classes, its null class excluded).
     Raises:
       DatasetMismatchError: the dataset's record shape, autoencoder or scale factor differ from
         the config's (the message names both), or it is too small for one batch per process.
       CorruptShardError: a shard file is missing or truncated (named).
+      LabelOutOfRangeError (when the batch is read): names the dataset, example and label.
     """
     if process_index is None or process_count is None:
         import jax
@@ -251,6 +276,8 @@ def make_train_dataset(
         labelled=dataset.spec.num_classes > 0,
         include_index=include_index,
         with_contexts=bool(latent_dataset.expected_context_shape(config)),
+        label_limit=label_limit,
+        where=f"{directory} ({config.data.split})",
     )
     ds = grain.MapDataset.range(per_process // batch).repeat().map_with_index(read)
     if start_step:  # the stream from global step `start_step` on (same batches as a restore)

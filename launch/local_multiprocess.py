@@ -7,8 +7,8 @@ Every process gets the same command and `UVIT_COORDINATOR` / `UVIT_NUM_PROCESSES
 `UVIT_PROCESS_ID` (read by `uvit_jax.parallel.distributed.initialize_distributed`); on CPU each
 simulates `--devices_per_process` devices (`--xla_force_host_platform_device_count`), and the
 processes talk over gloo. Output lines are prefixed with the process index. If one process fails
-or `--timeout` passes, the others are stopped, so a hung collective cannot hang the caller; the
-exit status is the first non-zero one.
+(an error, or killed) or `--timeout` passes, the others are stopped, so a hung collective cannot
+hang the caller; the exit status is that of the process that failed first.
 
 On GPU machines use one process per GPU with `--gpus_per_process` (sets
 `CUDA_VISIBLE_DEVICES`): it exercises the same code paths as `launch/slurm_gpu.sbatch`.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -61,6 +62,23 @@ def process_env(
     return env
 
 
+def exit_status(returncode: int) -> int:
+    """A child's return code as this process's exit status: a death by signal N is 128 + N,
+    as a shell reports it (Popen gives -N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe(returncode: int) -> str:
+    """`status 3`, or `SIGKILL (status 137)` for a death by signal."""
+    if returncode >= 0:
+        return f"status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"{name} (status {exit_status(returncode)})"
+
+
 def _pump(stream, prefix: str, sink) -> None:
     for line in iter(stream.readline, ""):
         sink.write(prefix + line)
@@ -77,7 +95,8 @@ def run_processes(
     env: dict[str, str] | None = None,
     log_files: list[str] | None = None,
 ) -> int:
-    """Starts `num_processes` copies of `command`; returns the first non-zero exit status (or 0).
+    """Starts `num_processes` copies of `command`; returns the exit status of the first to fail
+    (128 + N for a death by signal N), after stopping the others; 0 when all succeed.
 
     Args:
       log_files: one path per process to write its stdout+stderr to; default: this process's
@@ -112,15 +131,21 @@ def run_processes(
     deadline = None if timeout is None else time.monotonic() + timeout
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]  # every child, every time: any may die first
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                status = failed[0]
-                break  # the others would wait for it in a collective forever
+                i, code = failed[0]
+                status = exit_status(code)
+                if any(c is None for c in codes):
+                    print(f"local_multiprocess: process {i} exited with {describe(code)}; "
+                          "stopping the others", file=sys.stderr, flush=True)  # fmt: skip
+                break  # the others would wait for it in a collective
+            if all(c == 0 for c in codes):
+                break
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{command[:3]}... still running after {timeout} s")
             time.sleep(0.1)
-        status = status or next((p.returncode for p in procs if p.returncode), 0)
     finally:
         for p in procs:
             if p.poll() is None:

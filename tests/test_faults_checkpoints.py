@@ -12,6 +12,7 @@ import socket
 import time
 
 import jax
+import numpy as np
 import pytest
 from runs import FAULT_STEPS as STEPS
 from runs import fault_config, poison_step
@@ -176,6 +177,43 @@ def test_a_trainer_whose_lock_was_taken_over_stops_before_saving(
     assert json.loads((tmp_path / workdir_lock.LOCK).read_text())["host"] == "another-host"
 
 
+# ---- 11. SIGTERM before the first step ---------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_sigterm_during_compile_stops_in_one_line_and_one_in_the_loop_saves(
+    trained, fmnist_dir, tmp_path, monkeypatch, one_device
+):
+    """Before the first step there is nothing new to save: the run stops as soon as the compile
+    returns, its checkpoints and lock untouched; from the first step on, SIGTERM saves and stops
+    after the step it arrived in."""
+    import signal
+
+    from uvit_jax.errors import StoppedBeforeTraining
+
+    workdir = copy_of(trained, tmp_path)
+    config = fault_config(fmnist_dir, num_steps=STEPS + 3)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm_then(real):
+        return lambda *a: (os.kill(os.getpid(), signal.SIGTERM), real(*a))[1]
+
+    with monkeypatch.context() as m:
+        m.setattr(train_job, "compile_step", sigterm_then(train_job.compile_step))
+        with pytest.raises(StoppedBeforeTraining, match=r"^SIGTERM before the first step \(se"):
+            train_job.train_job(config, workdir)
+    assert not (workdir / workdir_lock.LOCK).exists()
+    with checkpoints.open_manager(workdir, read_only=True) as manager:
+        assert list(manager.all_steps()) == [STEPS - 1, STEPS]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    monkeypatch.setattr(train_job, "train_loop", sigterm_then(train_job.train_loop))
+    state = train_job.train_job(config, workdir)
+    assert int(state.step) == STEPS + 1
+    with checkpoints.open_manager(workdir, read_only=True) as manager:
+        assert manager.latest_step() == STEPS + 1
+
+
 # ---- 10. lock files that are not lock records ----------------------------------------------------
 
 
@@ -259,3 +297,35 @@ def test_load_picks_again_when_the_chosen_step_vanishes(trained, tmp_path, caplo
         match=rf"^{re.escape(str(root / str(STEPS)))} vanished while it was read",
     ):
         uvit_jax.load(workdir, step=STEPS)  # fmt: skip
+
+
+# ---- 17. a resume on another device count ------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_resume_on_another_device_count_continues_the_data_and_differs_by_rounding(
+    fmnist_dir, tmp_path, monkeypatch
+):
+    """What the README promises: 4 steps on 2 devices then 4 on 1 give the uninterrupted
+    2-device run's weights up to float rounding (the all-reduce sums in another order); the
+    next batches are the same ones (another batch would move the weights by ~lr = 2e-3)."""
+
+    def train_on(devices: int, workdir, num_steps: int):
+        monkeypatch.setattr(
+            train_job, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:devices])
+        )
+        config = fault_config(fmnist_dir, num_steps=num_steps, ckpt_every=4, keep_ckpts=4)
+        config.mesh.update(data=-1, fsdp=1)
+        return train_job.train_job(config, workdir)
+
+    straight = train_on(2, tmp_path / "straight", 8)
+    train_on(2, tmp_path / "resumed", 4)
+    resumed = train_on(1, tmp_path / "resumed", 8)
+    assert int(resumed.step) == int(straight.step) == 8
+    worst = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(
+            jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True
+        )
+    )
+    assert worst < 1e-5, worst

@@ -243,6 +243,13 @@ def _main_py(tmp_path, case: str) -> list[str]:
         "workdir under a file": ["--config", default, "--workdir", str(tmp_path / "a_file/w")],
         "convert source missing": ["--config", default, "--workdir", w, "--mode", "convert",
                                    f"--config.convert.source={tmp_path / 'nope.pth'}"],
+        "eval without reference": ["--config", default, "--workdir", w, "--mode", "eval",
+                                   "--config.eval.ref_stats="],
+        "reference missing": ["--config", default, "--workdir", w, "--mode", "eval",
+                              f"--config.eval.ref_stats={tmp_path / 'nope.npz'}"],
+        "inception missing": ["--config", default, "--workdir", w, "--mode", "fid_stats",
+                              f"--config.eval.inception_path={tmp_path / 'nope_inception.npz'}",
+                              f"--config.eval.ref_stats={tmp_path / 'ref.npz'}"],
     }[case]  # fmt: skip
 
 
@@ -256,6 +263,9 @@ def _main_py(tmp_path, case: str) -> list[str]:
         ("config file syntax", r"error: --config: SyntaxError: invalid syntax \(syntax.py"),
         ("workdir under a file", r"error: --workdir=.*a_file/w: cannot be a folder \(Not a dir"),
         ("convert source missing", r"error: checkpoint file not found: .*nope.pth$"),
+        ("eval without reference", r"error: evaluation needs a reference: --config.eval.ref_stats"),
+        ("reference missing", r"error: FID reference statistics not found: .*nope.npz$"),
+        ("inception missing", r"error: converted Inception weights not found: .*nope_inception"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_status_2(tmp_path, case, message):

@@ -88,23 +88,34 @@ def test_check_labels_refuses_a_label_deeper_than_the_first_batch(tmp_path, deep
     data = extract_arrays(tmp_path / "d", ArraySource(labels))
     config = small_config()
     with pytest.raises(ConfigError) as e:
-        train_job.check_labels(first_batch(labels[:16]), config, data)
+        train_job.check_labels(config, data)
     message = one_line(e.value)
     assert data in message and "fashion_mnist" in message
     assert re.search(problem, message), message
 
 
-def test_check_labels_keeps_the_first_batch_check_for_older_datasets(tmp_path):
-    """A dataset written before the label range was recorded: its first batch is checked."""
-    data = extract_arrays(tmp_path / "d", ArraySource([0, 1, 2, 3]))
+def test_every_batch_is_checked_for_datasets_without_a_recorded_range(tmp_path):
+    """A dataset written before the label range was recorded: the pipeline checks each batch and
+    names the dataset, the example and the label (example 40 is drawn in some later batch)."""
+    from input_pipeline.train_input import LabelOutOfRangeError, make_train_iterator
+
+    data = extract_arrays(tmp_path / "d", ArraySource([i % 10 for i in range(40)] + [10]))
     meta_file = pathlib.Path(data) / "metadata.json"
     meta = json.loads(meta_file.read_text())
     del meta["label_min"], meta["label_max"]
     meta_file.write_text(json.dumps(meta))
     config = small_config()
-    train_job.check_labels(first_batch([0, 1, 2, 3]), config, data)  # passes
-    with pytest.raises(ConfigError, match=r"has label 10, the null class"):
-        train_job.check_labels(first_batch([0, 10]), config, data)
+    train_job.check_labels(config, data)  # nothing recorded: passes
+    batches = make_train_iterator(config, seed=0, data_dir=data, label_limit=10)
+    with pytest.raises(LabelOutOfRangeError) as e:
+        for _ in range(50):
+            next(batches)
+    assert one_line(e.value) == (
+        f"dataset {data} (train): example 40 has label 10: expected labels in [0, 10), the "
+        "model's classes"
+    )
+    clean = make_train_iterator(config, seed=0, data_dir=data, label_limit=11)
+    assert all(next(clean)["label"].max() <= 10 for _ in range(50))
 
 
 @pytest.mark.integration

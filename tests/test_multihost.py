@@ -12,6 +12,7 @@ import pathlib
 import re
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -23,6 +24,7 @@ from uvit_jax.parallel.distributed import (
     distributed_arguments,
     initialize_distributed,
 )
+from uvit_jax.parallel.peers import PeerWatch, peer_timeout_s
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -264,6 +266,163 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(runs, tmp_path
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
         saved[0][0]
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_killed_process_stops_the_other_in_bounded_time_with_one_line(runs, tmp_path):
+    """Without the watch the survivor waits in a collective until JAX's heartbeat timeout, then
+    aborts with a stack dump; with it, it names the dead process within UVIT_PEER_TIMEOUT."""
+    import signal
+    import subprocess
+
+    from local_multiprocess import free_port, process_env
+
+    (one_dir, _), _ = runs
+    cmd = [sys.executable, str(REPO / "main.py"),
+           "--config", str(REPO / "configs/fashion_mnist_uvit.py") + ":runlocal",
+           "--workdir", str(tmp_path / "w"), f"--config.data.latent_dir={one_dir.parent / 'data'}",
+           "--config.data.num_workers=0", "--config.train.evals.sample_grid.every=0",
+           "--config.train.num_steps=100000", "--config.train.log_every=10"]  # fmt: skip
+    coordinator, timeout_s = f"localhost:{free_port()}", 5
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        env = process_env(worker_env(), index=i, count=2, coordinator=coordinator,
+                          devices_per_process=4, gpus_per_process=0)  # fmt: skip
+        env["UVIT_PEER_TIMEOUT"] = str(timeout_s)
+        with open(logs[i], "w") as f:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while "] step 20/" not in logs[0].read_text():
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach step 20"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = logs[0].read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 2 and waited < 3 * timeout_s, (code, waited, text[-3000:])
+    assert errors == [
+        f"error: process 1 of 2 stopped answering for {timeout_s} s (killed, or its host is "
+        "down); stopping process 0 too"
+    ], text[-3000:]
+    assert "Traceback" not in text and "Check failure" not in text
+
+
+def test_the_launcher_stops_everything_when_any_child_dies_and_reports_it(tmp_path, capfd):
+    """Process 1 is killed while process 0 runs on: the launcher reports 1's death (128 + 9),
+    whatever the order it polls them in, and does not wait for 0."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "if os.environ['UVIT_PROCESS_ID'] == '1':\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    status = run_processes([sys.executable, str(script)], num_processes=2, timeout=50)
+    assert status == 137 and time.monotonic() - started < 30
+    err = capfd.readouterr().err
+    assert "process 1 exited with SIGKILL (status 137); stopping the others" in err
+
+
+class FakeStore:
+    """The coordination service's key-value calls the watch makes, in memory."""
+
+    def __init__(self):
+        self.data, self.lock = {}, threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            if key in self.data and not allow_overwrite:
+                raise RuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
+            self.data[key] = value
+
+    def key_value_try_get(self, key):
+        with self.lock:
+            if key not in self.data:
+                raise RuntimeError(f"NOT_FOUND: Config key {key} not found.")
+            return self.data[key]
+
+
+def watches(store, count, timeout_s=0.3):
+    exits = {}
+    made = [PeerWatch(store, i, count, timeout_s, exit=lambda c, i=i: exits.setdefault(i, c))
+            for i in range(count)]  # fmt: skip
+    return [w.start() for w in made], exits
+
+
+def wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_silent_process_is_named_by_its_watcher_and_every_other_stops(capfd):
+    store = FakeStore()
+    live, exits = watches(store, 4)
+    live[2].close()  # killed: its beat stops, and it writes nothing more
+    wait_for(lambda: len(exits) == 3)
+    for w in live:
+        w.close()
+    assert exits == {0: 2, 1: 2, 3: 2}
+    assert store.data["uvit_peers/stopped"] == (
+        "process 2 of 4 stopped answering for 0.3 s (killed, or its host is down)"
+    )
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error:")]
+    assert sorted(lines) == [
+        f"error: process 2 of 4 stopped answering for 0.3 s (killed, or its host is down); "
+        f"stopping process {i} too" for i in (0, 1, 3)
+    ]  # fmt: skip
+
+
+def test_a_failed_process_stops_the_others_with_its_first_line_and_finished_ones_are_skipped():
+    store = FakeStore()
+    live, exits = watches(store, 3)
+    live[1].finished()
+    live[1].close()  # finished and gone: not a death
+    time.sleep(1.0)  # over three timeouts
+    assert exits == {}
+    live[0].failed("ConfigError: config.x=1: expected 2\nsecond line", 2)
+    wait_for(lambda: 2 in exits)
+    time.sleep(0.2)
+    for w in live:
+        w.close()
+    assert exits == {2: 2}  # the failing process ends by its own error, not by the watch
+    why = "process 0 of 3 failed: ConfigError: config.x=1: expected 2"
+    assert store.data["uvit_peers/stopped"] == why
+
+
+def test_an_error_caused_by_a_death_is_reported_as_that_death(capfd):
+    """Process 1 is killed; process 0's collective fails at once (its own error names no one):
+    it waits for its watcher to name process 1, and leaves with that line."""
+    store = FakeStore()
+    live, exits = watches(store, 3)
+    live[1].close()
+    live[0].failed("JaxRuntimeError: Gloo AllGather failed: Connection reset by peer", 2)
+    wait_for(lambda: len(exits) == 2)
+    for w in live:
+        w.close()
+    assert exits == {0: 2, 2: 2}
+    why = "process 1 of 3 stopped answering for 0.3 s (killed, or its host is down)"
+    assert store.data["uvit_peers/stopped"] == why
+    assert f"error: {why}; stopping process 0 too" in capfd.readouterr().err
+
+
+def test_peer_timeout_is_read_from_the_environment():
+    assert peer_timeout_s({}) == 30.0 and peer_timeout_s({"UVIT_PEER_TIMEOUT": "0"}) == 0.0
+    with pytest.raises(ValueError, match=r"UVIT_PEER_TIMEOUT='soon': expected a number"):
+        peer_timeout_s({"UVIT_PEER_TIMEOUT": "soon"})
 
 
 # ---- configuration from the environment --------------------------------------------------------

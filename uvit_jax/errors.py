@@ -15,5 +15,18 @@ class ConfigError(UserError, ValueError):
     """A config field (or the data it points to) that cannot work; the message names the field."""
 
 
+class MissingFile(UserError, FileNotFoundError):
+    """A file the config names (weights, reference statistics, a checkpoint to convert) is not
+    there; the message names it and how to make it."""
+
+
+class StoppedBeforeTraining(BaseException):
+    """SIGTERM during set-up, restore or compile, before the first step: nothing new to save.
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler wherever the set-up
+    happens to be, it must pass every `except Exception` there (a checkpoint being verified
+    would otherwise be called damaged). `main.py` prints it as one line and exits 2."""
+
+
 # What main.py reports without a traceback: uvit_jax's base and the data layer's.
 EXPECTED: tuple[type[Exception], ...] = (UserError, DataError)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from uvit_jax.convert.autoencoder import load_autoencoder
-from uvit_jax.errors import ConfigError
+from uvit_jax.errors import ConfigError, MissingFile
 from uvit_jax.models.autoencoder import (
     SD_EMBED_DIM,
     SD_KL_F8,
@@ -102,7 +102,7 @@ def make_autoencoder(
             rngs=nnx.Rngs(seed),
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"autoencoder.pretrained_path={path!r} does not exist")
+        raise MissingFile(f"autoencoder.pretrained_path={path!r} does not exist")
     return load_autoencoder(
         path, ddconfig=ddconfig, embed_dim=embed_dim, scale_factor=scale, dtype=dtype
     )

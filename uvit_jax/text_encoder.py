@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from uvit_jax.convert.clip_text import load_clip_text, read_clip_text_config
-from uvit_jax.errors import ConfigError
+from uvit_jax.errors import ConfigError, MissingFile
 from uvit_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from uvit_jax.parallel.frozen import FrozenNetwork
 from uvit_jax.parallel.mesh import batch_shard_count
@@ -80,7 +80,7 @@ class TextEncoder:
             all(os.path.isfile(os.path.join(self._directory, f)) for f in group)
             for group in _TOKENIZER_FILES
         ):
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"{self._directory}: no CLIP tokenizer files; expected tokenizer.json, or "
                 "vocab.json and merges.txt"
             )

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_data_source
 from tensorflow_datasets.proto import tf_example_pb2
 
+from input_pipeline.errors import MissingDataFile
 from input_pipeline.latent_dataset import layout
 from input_pipeline.preprocess import to_model_range
 
@@ -118,7 +119,7 @@ def open_dataset(directory: str | os.PathLike, split: str | None = None) -> Data
             if (directory / layout.EXTRACTION_DIR).exists()
             else "no dataset"
         )
-        raise FileNotFoundError(
+        raise MissingDataFile(
             f"{directory} holds {state}: run `main.py --mode extract` with this config first"
         )
     metadata = dict(_read_info(directory).metadata or {})

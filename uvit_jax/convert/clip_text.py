@@ -33,6 +33,7 @@ from uvit_jax.convert.state_dict import (
     check_shape,
     load_state_dict,
 )
+from uvit_jax.errors import MissingFile
 from uvit_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer, resolve_dtype
 
 _ANCHOR = "embeddings.token_embedding.weight"
@@ -144,7 +145,7 @@ def find_weight_files(directory: str) -> list[str]:
                 f"{directory}: several weights files ({', '.join(map(os.path.basename, found))}) "
                 f"and none of {', '.join(_WEIGHT_FILES + _INDEX_FILES)}: keep only one"
             )
-    raise FileNotFoundError(
+    raise MissingFile(
         f"{directory}: no CLIP text encoder weights found; looked for "
         f"{', '.join(_WEIGHT_FILES + _INDEX_FILES)}, or a single *.safetensors / *.bin file"
     )
@@ -163,7 +164,7 @@ def _shards_of(index_path: str) -> list[str]:
     paths = [os.path.join(directory, n) for n in names]
     missing = [n for n, p in zip(names, paths, strict=True) if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{index_path}: lists shards that are not there: {missing}")
+        raise MissingFile(f"{index_path}: lists shards that are not there: {missing}")
     return paths
 
 
@@ -177,10 +178,10 @@ def read_clip_text_config(directory: str | os.PathLike) -> CLIPTextConfig:
     """
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"CLIP text encoder folder not found: {directory}")
+        raise MissingFile(f"CLIP text encoder folder not found: {directory}")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{directory}: no config.json (a Hugging Face CLIPModel / CLIPTextModel folder holds "
             "config.json, the weights model.safetensors or pytorch_model.bin, and the tokenizer "
             "files vocab.json, merges.txt)"

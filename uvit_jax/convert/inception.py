@@ -37,6 +37,7 @@ from uvit_jax.convert.state_dict import (
     check_shape,
     load_state_dict,
 )
+from uvit_jax.errors import MissingFile
 from uvit_jax.models.inception import NUM_CLASSES, InceptionV3, abstract_inception
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -298,7 +299,7 @@ def convert_inception(
     """
     src = os.fspath(src)
     if not os.path.exists(src):
-        raise FileNotFoundError(f"Inception weights not found: {src}; {IMPORT_HINT}")
+        raise MissingFile(f"Inception weights not found: {src}; {IMPORT_HINT}")
     digest = sha256_of(src)
     state = load_state_dict(src)
     kind = _identify(src, digest, state, check_hash)
@@ -372,7 +373,7 @@ def resolve_inception_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if path:
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"converted Inception weights not found: {path} (config.eval.inception_path); "
                 f"{IMPORT_HINT}"
             )
@@ -382,7 +383,7 @@ def resolve_inception_path(path: str | os.PathLike) -> str:
         return default
     source = packaged_torchscript()
     if source is None:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"FID needs the Inception weights and config.eval.inception_path is empty; "
             f"{IMPORT_HINT}"
         )
@@ -427,11 +428,11 @@ def load_inception(
     """
     path = os.fspath(path)
     if not path:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"FID needs converted Inception weights (eval.inception_path); {IMPORT_HINT}"
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"converted Inception weights not found: {path}; {IMPORT_HINT}")
+        raise MissingFile(f"converted Inception weights not found: {path}; {IMPORT_HINT}")
     stored = {k: v for k, v in _read_npz(path).items() if k != _META}
     num_classes = NUM_CLASSES if "fc/kernel" in stored else None
     graphdef, state = nnx.split(abstract_inception(precision, num_classes))

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from uvit_jax.errors import UserError
+from uvit_jax.errors import MissingFile, UserError
 
 StateDict = dict[str, np.ndarray]
 
@@ -26,7 +26,7 @@ class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model it is converted into."""
 
 
-class MissingCheckpointFile(UserError, FileNotFoundError):
+class MissingCheckpointFile(MissingFile):
     """The checkpoint file to convert is not there."""
 
 

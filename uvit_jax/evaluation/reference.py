@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from uvit_jax.errors import UserError
+from uvit_jax.errors import MissingFile, UserError
 from uvit_jax.models.inception import FEATURE_DIM, SPATIAL_DIM
 
 
@@ -39,12 +39,12 @@ class ReferenceKeyError(UserError, KeyError):
 def _open(path: str | os.PathLike):
     path = os.fspath(path)
     if not path:
-        raise FileNotFoundError(
+        raise MissingFile(
             "no FID reference statistics given (eval.ref_stats): point it at a pytorch-fid/U-ViT "
             "or ADM .npz with `mu` and `sigma`, or compute one with --mode fid_stats"
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"FID reference statistics not found: {path}")
+        raise MissingFile(f"FID reference statistics not found: {path}")
     try:
         f = np.load(path, allow_pickle=False)
     except Exception as e:  # OSError, ValueError (pickles refused), zipfile.BadZipFile, ...

@@ -21,9 +21,10 @@ import jax
 from uvit_jax.config_checks import check_config
 from uvit_jax.diffusion.objective import LOSS_WEIGHTINGS
 from uvit_jax.diffusion.schedules import FORMULATIONS
-from uvit_jax.errors import ConfigError
+from uvit_jax.errors import EXPECTED, ConfigError, StoppedBeforeTraining
 from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
+from uvit_jax.parallel.peers import watch_peers
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES
 from uvit_jax.sampling.guidance import CFG_SCHEDULES
 from uvit_jax.sampling.samplers import SAMPLERS
@@ -89,4 +90,13 @@ def run(mode: str, config, workdir: str) -> None:
     )
     logging.info("%s %s, workdir %s", mode, where, os.path.abspath(workdir))
     module, function = MODES[mode].split(":")
-    getattr(importlib.import_module(module), function)(config, workdir)
+    watch = watch_peers()  # multi-process: one process's death stops the others, named
+    try:
+        getattr(importlib.import_module(module), function)(config, workdir)
+    except BaseException as e:
+        if watch is not None:
+            expected = isinstance(e, (*EXPECTED, StoppedBeforeTraining))
+            watch.failed(str(e) if expected else f"{type(e).__name__}: {e}", 2 if expected else 1)
+        raise
+    if watch is not None:
+        watch.finished()

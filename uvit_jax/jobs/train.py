@@ -31,7 +31,7 @@ from uvit_jax import checkpoints, jobs, workdir_lock
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
 from uvit_jax.diffusion.objective import noise_level_names
-from uvit_jax.errors import ConfigError, UserError
+from uvit_jax.errors import ConfigError, StoppedBeforeTraining, UserError
 from uvit_jax.evals import Scheduled, TrainContext, make_evals
 from uvit_jax.jobs.extract import extract_job
 from uvit_jax.models.uvit import build_uvit
@@ -88,19 +88,18 @@ def check_same_model(saved: Mapping, config, workdir: str) -> None:
         )
 
 
-def check_labels(batch: Mapping[str, np.ndarray], config, data_dir: str) -> None:
-    """Refuses a class-conditional run whose dataset has labels outside the model's classes
-    (the embedding lookup would read past its table and train into NaN) or equal to the null
-    class (those examples would train as unconditional). Checks the label range the extraction
-    recorded in the dataset's metadata, and the first batch (datasets written before the range
-    was recorded have only that)."""
+def check_labels(config, data_dir: str) -> None:
+    """Refuses, before compiling, a class-conditional run whose dataset has labels outside the
+    model's classes (the embedding lookup would read past its table and train into NaN) or
+    equal to the null class (those examples would train as unconditional), from the label
+    range the extraction recorded in the dataset's metadata. The input pipeline checks every
+    batch as well (`label_limit`): datasets written before the range was recorded have only
+    that."""
     cond = Conditioning.from_config(config)
     if cond.kind != "class":
         return
-    labels = np.asarray(batch["label"])
     recorded = _recorded_labels(data_dir, config.data.split)
     bad = [v for v in recorded if not 0 <= v < cond.num_classes]
-    bad += [int(v) for v in labels[(labels < 0) | (labels >= cond.num_classes)][:1]]
     if not bad:
         return
     label = bad[0]
@@ -166,20 +165,37 @@ def check_finite(state: TrainState, on_nonfinite: str, last_good: int | None) ->
 class PreemptionFlag:
     """Set by SIGTERM; the loop saves a checkpoint and exits at the next step.
 
+    Installed for the whole job: a SIGTERM during set-up, restore or compile, when there is
+    nothing new to save, raises `StoppedBeforeTraining` as soon as Python runs again (a compile
+    in progress finishes first); from `start_stepping` on it sets the flag.
     Multi-process, JAX's preemption sync manager (started by `jax.distributed.initialize`)
     receives the SIGTERM of any process and picks a step every process reaches; asking it is a
     host-side lookup, not a collective, so the loop keeps dispatching steps asynchronously.
     """
 
-    def __init__(self):
+    def __init__(self, workdir: str):
+        self._workdir = workdir
         self._event = threading.Event()
+        self._stepping = False
         self._previous = None
         self._checked: tuple[int, bool] = (-1, False)
 
     def install(self) -> None:
         # Multi-process, JAX's notifier owns SIGTERM: a Python handler would replace it.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_) -> None:
+        self._event.set()
+        if not self._stepping:
+            raise StoppedBeforeTraining(
+                f"SIGTERM before the first step (set-up, restore or compile): stopped with "
+                f"nothing new to save; rerun to resume {self._workdir}"
+            )
+
+    def start_stepping(self) -> None:
+        """From here a SIGTERM stops the loop after a save (a SIGTERM already received too)."""
+        self._stepping = True
 
     def uninstall(self) -> None:
         if self._previous is not None:
@@ -241,15 +257,21 @@ def train_job(config, workdir: str) -> TrainState:
     state. Holds the workdir's lock throughout: a second trainer there stops at once."""
     workdir = os.fspath(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    with workdir_lock.hold(workdir):
-        run = set_up(config, workdir)
-        try:
-            state = restore_or_init(run)
-            step_fn, first_batch = compile_step(run, int(state.step))
-            return train_loop(run, state, step_fn, first_batch)
-        finally:
-            run.manager.wait_until_finished()
-            run.writer.close()
+    preempt = PreemptionFlag(workdir)
+    preempt.install()
+    try:
+        with workdir_lock.hold(workdir):
+            run = set_up(config, workdir)
+            try:
+                state = restore_or_init(run)
+                step_fn, first_batch = compile_step(run, int(state.step))
+                preempt.start_stepping()
+                return train_loop(run, state, step_fn, first_batch, preempt)
+            finally:
+                run.manager.wait_until_finished()
+                run.writer.close()
+    finally:
+        preempt.uninstall()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,8 +325,13 @@ def set_up(config, workdir: str) -> TrainRun:
         manager, latest
     )
     start_step = latest if latest is not None and not restore_iter else 0
+    cond = Conditioning.from_config(config)
     data_iter = make_train_iterator(
-        config, seed=config.seed, data_dir=data_dir, start_step=start_step
+        config,
+        seed=config.seed,
+        data_dir=data_dir,
+        start_step=start_step,
+        label_limit=cond.num_classes if cond.kind == "class" else None,
     )
     return TrainRun(
         config=config,
@@ -350,8 +377,8 @@ def compile_step(run: TrainRun, start: int) -> tuple[Callable, dict[str, np.ndar
     """(the compiled step, the first batch): compiled for the first batch's global shapes once
     its labels are checked; the dashboards get the flat hparams and the compile time."""
     config = run.config
+    check_labels(config, run.data_dir)  # the recorded range; the pipeline checks each batch
     first = _model_inputs(next(run.data_iter))
-    check_labels(first, config, run.data_dir)
     batch_spec = abstract_batch(config, first)
     if run.empty_context is not None:
         context = run.empty_context
@@ -427,7 +454,11 @@ def run_eval(run: TrainRun, scheduled: Scheduled, state: TrainState, step: int) 
 
 
 def train_loop(
-    run: TrainRun, state: TrainState, step_fn: Callable, batch: dict[str, np.ndarray]
+    run: TrainRun,
+    state: TrainState,
+    step_fn: Callable,
+    batch: dict[str, np.ndarray],
+    preempt: PreemptionFlag,
 ) -> TrainState:
     """Steps from `state.step` to `config.train.num_steps`; after each step, in this order:
     log, finiteness check, checkpoint, evaluators, preemption exit."""
@@ -436,36 +467,31 @@ def train_loop(
     key = jax.random.key_data(jax.random.key(config.seed))
     totals = run.program.zero_totals()
     log = ProgressLog(config, int(state.step))
-    preempt = PreemptionFlag()
-    preempt.install()
-    try:
-        for step in range(int(state.step), num_steps):
-            device_batch = global_batch(batch, run.mesh)
-            if run.empty_context is not None:
-                device_batch["empty_context"] = run.empty_context
-            state, metrics, totals = step_fn(state, device_batch, key, totals)
-            done, last = step + 1, step + 1 == num_steps
-            # Asked once per step: a SIGTERM arriving later in the step must not stop the run
-            # without the save that its stop promises.
-            stop = preempt.is_set(done)
-            log_now = every(config.train.log_every, done) or last
-            save_now = every(config.train.ckpt_every, done) or last or stop
-            if log_now:
-                sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
-                totals = run.program.zero_totals()
-                log.write(done, sums, lr, bad, run.writer)
-            if log_now or save_now:  # after the log line, before the save: once per step
-                check_finite(state, config.train.on_nonfinite, run.manager.latest_step())
-            if save_now:
-                save(run, state, done)
-            for scheduled in run.evals:
-                if scheduled.due(done):
-                    run_eval(run, scheduled, state, done)
-            if stop:
-                logging.warning("SIGTERM: saved step %d, exiting", done)
-                break
-            if not last:
-                batch = _model_inputs(next(run.data_iter))
-    finally:
-        preempt.uninstall()
+    for step in range(int(state.step), num_steps):
+        device_batch = global_batch(batch, run.mesh)
+        if run.empty_context is not None:
+            device_batch["empty_context"] = run.empty_context
+        state, metrics, totals = step_fn(state, device_batch, key, totals)
+        done, last = step + 1, step + 1 == num_steps
+        # Asked once per step: a SIGTERM arriving later in the step must not stop the run
+        # without the save that its stop promises.
+        stop = preempt.is_set(done)
+        log_now = every(config.train.log_every, done) or last
+        save_now = every(config.train.ckpt_every, done) or last or stop
+        if log_now:
+            sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
+            totals = run.program.zero_totals()
+            log.write(done, sums, lr, bad, run.writer)
+        if log_now or save_now:  # after the log line, before the save: once per step
+            check_finite(state, config.train.on_nonfinite, run.manager.latest_step())
+        if save_now:
+            save(run, state, done)
+        for scheduled in run.evals:
+            if scheduled.due(done):
+                run_eval(run, scheduled, state, done)
+        if stop:
+            logging.warning("SIGTERM: saved step %d, exiting", done)
+            break
+        if not last:
+            batch = _model_inputs(next(run.data_iter))
     return state
