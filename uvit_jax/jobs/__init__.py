@@ -96,7 +96,8 @@ def run(mode: str, config, workdir: str) -> None:
     except BaseException as e:
         if watch is not None:
             expected = isinstance(e, (*EXPECTED, StoppedBeforeTraining))
-            watch.failed(str(e) if expected else f"{type(e).__name__}: {e}", 2 if expected else 1)
+            why = str(e) if expected else f"{type(e).__name__}: {e}"
+            watch.failed(why, 2 if expected else 1, wait=not isinstance(e, KeyboardInterrupt))
         raise
     if watch is not None:
         watch.finished()

@@ -94,22 +94,24 @@ class PeerWatch:
         watching the others until it exits: JAX's exit barrier waits for them)."""
         self._set(f"{_PREFIX}/done/{self.index}", "1")
 
-    def failed(self, why: str, status: int) -> None:
+    def failed(self, why: str, status: int, wait: bool = True) -> None:
         """This process's job failed with `why`; returns only to let the error be printed.
 
         A collective's error is most often another process's death, which its watcher names
         within the timeout: this waits that long for a report and, if one comes, leaves with
         it. Otherwise it reports `why`, so that every other process stops, and makes this
         process's exit skip JAX's exit barrier (which would wait for those processes) with
-        `status`, a moment after the others could read the report.
+        `status`, a moment after the others could read the report. `wait=False` (Ctrl-C: the
+        cause is known) reports at once.
         """
         self._failing.set()
         first_line = (why.strip().splitlines() or ["(no message)"])[0]
-        logging.warning(
-            "process %d failed (%s); waiting up to %g s to learn whether another died first",
-            self.index, first_line, self.timeout_s,
-        )  # fmt: skip
-        deadline = time.monotonic() + self.timeout_s + 3 * self.interval_s
+        if wait:
+            logging.warning(
+                "process %d failed (%s); waiting up to %g s to learn whether another died first",
+                self.index, first_line, self.timeout_s,
+            )  # fmt: skip
+        deadline = time.monotonic() + (self.timeout_s + 3 * self.interval_s if wait else 0)
         while time.monotonic() < deadline:
             try:
                 stopped = self._get(_STOPPED)
