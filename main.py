@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax import jobs  # noqa: E402
-from uvit_jax.errors import EXPECTED, ConfigError, StoppedBeforeTraining  # noqa: E402
+from uvit_jax.errors import EXPECTED, ConfigError  # noqa: E402
 from uvit_jax.library_logs import QuietLibraries  # noqa: E402
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv):
         config = _config()
         _check_workdir(FLAGS.workdir)
         jobs.run(FLAGS.mode, config, FLAGS.workdir)
-    except (*EXPECTED, StoppedBeforeTraining) as e:
+    except EXPECTED as e:
         if FLAGS.verbose or os.environ.get("UVIT_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)

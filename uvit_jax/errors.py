@@ -25,8 +25,8 @@ class StoppedBeforeTraining(BaseException):
 
     A BaseException, like KeyboardInterrupt: raised from the signal handler wherever the set-up
     happens to be, it must pass every `except Exception` there (a checkpoint being verified
-    would otherwise be called damaged). `main.py` prints it as one line and exits 2."""
+    would otherwise be called damaged). In `EXPECTED`: one line and exit status 2."""
 
 
-# What main.py reports without a traceback: uvit_jax's base and the data layer's.
-EXPECTED: tuple[type[Exception], ...] = (UserError, DataError)
+# What main.py reports without a traceback: uvit_jax's base, the data layer's, and a stop.
+EXPECTED: tuple[type[BaseException], ...] = (UserError, DataError, StoppedBeforeTraining)

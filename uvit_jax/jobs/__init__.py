@@ -21,7 +21,7 @@ import jax
 from uvit_jax.config_checks import check_config
 from uvit_jax.diffusion.objective import LOSS_WEIGHTINGS
 from uvit_jax.diffusion.schedules import FORMULATIONS
-from uvit_jax.errors import EXPECTED, ConfigError, StoppedBeforeTraining
+from uvit_jax.errors import EXPECTED, ConfigError
 from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
 from uvit_jax.parallel.peers import watch_peers
@@ -95,7 +95,7 @@ def run(mode: str, config, workdir: str) -> None:
         getattr(importlib.import_module(module), function)(config, workdir)
     except BaseException as e:
         if watch is not None:
-            expected = isinstance(e, (*EXPECTED, StoppedBeforeTraining))
+            expected = isinstance(e, EXPECTED)
             why = str(e) if expected else f"{type(e).__name__}: {e}"
             watch.failed(why, 2 if expected else 1, wait=not isinstance(e, KeyboardInterrupt))
         raise

@@ -302,8 +302,8 @@ class TrainRun:
 
 def set_up(config, workdir: str) -> TrainRun:
     """Checks the config, builds the evaluators (their files must be there before anything
-    compiles), picks the checkpoint to resume from, extracts the dataset if needed and opens
-    its stream at the resumed step."""
+    compiles), picks the checkpoint to resume from, extracts the dataset if needed, checks its
+    labels and opens its stream at the resumed step."""
     from input_pipeline.train_input import make_train_iterator
 
     mesh = make_mesh(config.mesh)
@@ -325,7 +325,8 @@ def set_up(config, workdir: str) -> TrainRun:
         manager, latest
     )
     start_step = latest if latest is not None and not restore_iter else 0
-    cond = Conditioning.from_config(config)
+    check_labels(config, data_dir)  # the recorded range, before compiling; the pipeline
+    cond = Conditioning.from_config(config)  # checks each batch against the same classes
     data_iter = make_train_iterator(
         config,
         seed=config.seed,
@@ -374,10 +375,9 @@ def restore_or_init(run: TrainRun) -> TrainState:
 
 
 def compile_step(run: TrainRun, start: int) -> tuple[Callable, dict[str, np.ndarray]]:
-    """(the compiled step, the first batch): compiled for the first batch's global shapes once
-    its labels are checked; the dashboards get the flat hparams and the compile time."""
+    """(the compiled step, the first batch): compiled for the first batch's global shapes; the
+    dashboards get the flat hparams and the compile time."""
     config = run.config
-    check_labels(config, run.data_dir)  # the recorded range; the pipeline checks each batch
     first = _model_inputs(next(run.data_iter))
     batch_spec = abstract_batch(config, first)
     if run.empty_context is not None:
