@@ -169,8 +169,10 @@ class PeerWatch:
         return None
 
     def _leave(self, why: str) -> None:
-        message = f"error: {why}; stopping process {self.index} too"
-        print(message, file=sys.stderr, flush=True)
+        # One write of the whole line: print's separate newline can interleave with another
+        # thread's line (several watches share a process in tests).
+        sys.stderr.write(f"error: {why}; stopping process {self.index} too\n")
+        sys.stderr.flush()
         self._exit(2)
 
     # ---- the store -------------------------------------------------------------------------
