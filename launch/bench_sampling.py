@@ -38,7 +38,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from uvit_jax.diffusion.schedules import schedule_for  # noqa: E402
 from uvit_jax.sampling import dpm_solver, euler_maruyama  # noqa: E402
 from uvit_jax.sampling.generate import SamplerSpec, configured_sampler  # noqa: E402
 from uvit_jax.sampling.guidance import guided_noise_fn  # noqa: E402
@@ -86,14 +85,16 @@ def build(config: Any, batch_size: int) -> Bench:
     n_params = count_params(model)
     graphdef, params = nnx.split(model)
     apply = apply_fn(graphdef)
-    ns = schedule_for(spec.formulation)
+    ns = spec.formulation.schedule
     null = spec.conditioning.null_class
     sampler = configured_sampler(spec)
     if isinstance(sampler, dpm_solver.TableSampler):  # DPM-Solver, UniPC, Heun
         times_eval = sampler.program(spec.formulation, spec.steps).t
     else:
         pf = spec.sampler == "probability_flow"
-        times_eval = euler_maruyama.coefficients(ns, steps=spec.steps, probability_flow=pf)[0]
+        times_eval = euler_maruyama.coefficients(
+            ns, steps=spec.steps, probability_flow=pf, t_max=ns.T
+        )[0]
 
     def guided(model_fn):
         def noise_fn_for(prm, labels):
@@ -168,7 +169,7 @@ def build(config: Any, batch_size: int) -> Bench:
     what = (
         f"U-ViT D={m.embed_dim} depth={m.depth} {m.img_size}x{m.img_size}x{m.in_chans} "
         f"patch {m.patch_size} ({n_params:,} params), sampler {spec.sampler} "
-        f"({spec.formulation}{', ' + spec.grid + ' grid' if spec.grid else ''}), "
+        f"({spec.formulation.path}{', ' + spec.grid + ' grid' if spec.grid else ''}), "
         f"NFE {len(times_eval)}, batch {batch_size}, CFG s={spec.cfg_scale:g} "
         f"({spec.cfg_schedule})"
     )

@@ -237,11 +237,13 @@ def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str)
     import torch
     from official_uvit import build_official_uvit
 
-    from uvit_jax.diffusion.schedules import schedule_for
+    from uvit_jax.diffusion.formulation import Formulation
 
-    m, d = config.model, config.diffusion
+    m, formulation = config.model, Formulation.from_config(config)
     if m.num_classes <= 0 or config.autoencoder.kind != "identity":
         raise SystemExit("--vs_official: class-conditional pixel-space U-ViT configs only")
+    if formulation.target != "eps" or formulation.path not in ("vp_continuous", "sd_discrete"):
+        raise SystemExit("--vs_official: the paper's formulations only (noise target)")
     nnet, source = build_official_uvit(m, official_dir)
     ema, _ = build_official_uvit(m, official_dir)
     ema.load_state_dict(nnet.state_dict())
@@ -253,8 +255,8 @@ def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str)
     x0 = torch.from_numpy(np.ascontiguousarray(batch["x"].transpose(0, 3, 1, 2)))
     y = torch.from_numpy(batch["label"].astype(np.int64))
     b = x0.shape[0]
-    schedule = schedule_for(d.formulation)
-    if d.formulation == "sd_discrete":
+    schedule = formulation.schedule
+    if formulation.discrete:
         abar = torch.from_numpy(np.asarray(schedule.alphas_cumprod, np.float32))
 
         def noise_level():
@@ -276,7 +278,7 @@ def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str)
         alpha, std, t_net = noise_level()
         eps = torch.randn_like(x0)
         x_t = alpha.view(-1, 1, 1, 1) * x0 + std.view(-1, 1, 1, 1) * eps
-        drop = torch.rand(b) < d.p_uncond
+        drop = torch.rand(b) < config.diffusion.p_uncond
         labels = torch.where(drop, m.num_classes - 1, y)
         loss = (nnet(x_t, t_net, labels) - eps).square().mean(dim=(1, 2, 3)).mean()
         opt.zero_grad(set_to_none=True)
@@ -301,7 +303,7 @@ def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str)
 
 def bench_sample_forward(config, mesh, batch_size: int) -> Timing:
     """One guided network evaluation (2 x batch_size through the network) as the samplers run it."""
-    from uvit_jax.diffusion.schedules import schedule_for
+    from uvit_jax.diffusion.formulation import Formulation
     from uvit_jax.models.uvit import apply_fn
     from uvit_jax.sampling.guidance import guided_noise_fn
 
@@ -322,7 +324,7 @@ def bench_sample_forward(config, mesh, batch_size: int) -> Timing:
         inputs["context"], null = data["context"], data["empty_context"]
     elif guided:
         inputs["y"] = np.asarray(data["label"] % (m.num_classes - 1), np.int32)  # real classes
-    schedule = schedule_for(config.diffusion.formulation)
+    schedule = Formulation.from_config(config).schedule
     apply = apply_fn(graphdef)
 
     cond_name = "context" if text else ("y" if guided else None)

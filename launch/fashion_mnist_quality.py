@@ -191,13 +191,20 @@ class FidScorer:
         return frechet_distance(*self.moments(images), *self.ref)
 
 
+def mean_pixel(images: np.ndarray) -> float:
+    """The mean brightness of uint8 images, in [0, 1] (a model whose noise path leaks the data
+    mean into x_T draws brighter images than the data's)."""
+    return float(np.mean(images, dtype=np.float64) / 255.0)
+
+
 def table(rows: list[dict]) -> str:
     short = [c.split("/")[0].split(" ")[0][:7] for c in CLASS_NAMES]
-    head = ["recipe", "sampling", "wall s", "steps", "steps/s", "FID", "acc"] + short
+    head = ["recipe", "sampling", "wall s", "steps", "steps/s", "FID", "acc", "mean px"] + short
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [r["recipe"], r["sampling"], f"{r['wall_s']:.0f}", str(r["steps"])]
         cells += [f"{r['steps_per_s']:.2f}", f"{r['fid']:.1f}", f"{100 * r['mean_acc']:.1f}"]
+        cells.append(f"{r['mean_pixel']:.4f}")
         cells += [f"{100 * a:.0f}" for a in r["per_class"]]
         lines.append(" | ".join(cells))
     return "\n".join("| " + line + " |" for line in lines)
@@ -256,7 +263,7 @@ def main() -> None:
             rows.append(
                 dict(recipe=name, sampling=sampling or "config", **{**record, "steps": step},
                      fid=fid, sample_s=sample_s, per_class=per_class.tolist(),
-                     mean_acc=float(np.mean(per_class)))
+                     mean_acc=float(np.mean(per_class)), mean_pixel=mean_pixel(samples))
             )  # fmt: skip
             print(table(rows[-1:]).splitlines()[-1], flush=True)
 
@@ -265,11 +272,13 @@ def main() -> None:
         recipe="real train images", sampling="-", spec="", wall_s=0.0, steps=0, steps_per_s=0.0,
         fid=float("nan") if scorer is None else scorer.fid(real), sample_s=0.0,
         per_class=judge.test_per_class.tolist(), mean_acc=float(np.mean(judge.test_per_class)),
+        mean_pixel=mean_pixel(real),
     )  # fmt: skip
     rows.append(floor)
     del train_y
     print(f"\n{n} samples per row; FID vs {n} real test images ({jax.devices()[0].device_kind})")
     print(f"judge: test accuracy {100 * judge.test_accuracy:.1f}% (last row: its per-class test")
+    print("mean px: mean brightness in [0, 1]; last row: the real train images'")
     print("accuracy; the recipes' rows: how often a sample of class c is judged class c)\n")
     print(table(rows))
     with open(os.path.join(out, "quality.json"), "w") as f:

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 
 from configs.fashion_mnist_uvit import get_config
-from uvit_jax.diffusion.objective import noise_level_bucket, noise_level_names
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.train import dashboard
 
 
 def test_noise_levels_are_quarters_of_the_schedule():
     n = jnp.asarray([1, 250, 251, 500, 501, 750, 751, 1000], jnp.float32)
-    np.testing.assert_array_equal(noise_level_bucket(n, "sd_discrete", 4), [0, 0, 1, 1, 2, 2, 3, 3])
-    assert noise_level_names("sd_discrete", 4) == ("n1-250", "n251-500", "n501-750", "n751-1000")
+    sd, vp = Formulation("sd_discrete"), Formulation("vp_continuous")
+    np.testing.assert_array_equal(sd.bucket(n, 4), [0, 0, 1, 1, 2, 2, 3, 3])
+    assert sd.bucket_names(4) == ("n1-250", "n251-500", "n501-750", "n751-1000")
     t = jnp.asarray([0.0, 0.249, 0.251, 0.5, 0.74, 0.76, 1 - 1e-7], jnp.float32)
-    np.testing.assert_array_equal(noise_level_bucket(999 * t, "vp_continuous", 4),
-                                  [0, 0, 1, 2, 2, 3, 3])  # fmt: skip
-    assert noise_level_names("vp_continuous", 4)[0] == "t0.00-0.25"
+    np.testing.assert_array_equal(vp.bucket(999 * t, 4), [0, 0, 1, 2, 2, 3, 3])
+    assert vp.bucket_names(4)[0] == "t0.00-0.25"
 
 
 def step_metrics(loss, grad_norm, sums, counts):

@@ -74,7 +74,13 @@ NAN, INF = float("nan"), float("inf")
         ("sample", "sample.cfg_schedule", "cosine", r"config.sample.cfg_schedule='cosine': "
                                                     r"expected one of 'constant', 'linear'$"),
         ("train", "diffusion.formulation", "vp", r"config.diffusion.formulation='vp': expected "
-                                                 r"one of 'vp_continuous', 'sd_discrete'$"),
+                                                 r"one of 'vp_continuous', 'sd_discrete', "
+                                                 r"'sd_zero_snr', 'flow'$"),
+        ("train", "diffusion.target", "noise", r"config.diffusion.target='noise': expected one "
+                                               r"of 'eps', 'x0', 'v', 'velocity'$"),
+        ("train", "diffusion.time_sampling", "lognormal", r"config.diffusion.time_sampling="
+                                                          r"'lognormal': expected one of "
+                                                          r"'uniform', 'logit_normal'$"),
         ("train", "diffusion.loss_weighting", "snr", r"config.diffusion.loss_weighting='snr': "
                                                      r"expected one of 'none', 'min_snr', "),
         ("train", "train.evals.fid.type", "fdi", r"config.train.evals.fid.type='fdi': expected "

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_ode import MU, SD, exact_ode, gaussian_eps, observed_order
 from numerics import relative_error
 
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule
 from uvit_jax.sampling import dpm_solver, heun, unipc
+from uvit_jax.sampling.gaussian_reference import MU, SD, exact_ode, gaussian_eps, observed_order
 from uvit_jax.sampling.samplers import SAMPLERS
 
 X_T = np.random.RandomState(3).randn(16, 4)
@@ -154,7 +155,7 @@ def test_heun_matches_a_numpy_edm_sampler(nfe):
     sampler = SAMPLERS["heun"]
     sigmas = karras_sigmas(sd_sigma(ns, 1000), sd_sigma(ns, 1), (nfe + 1) // 2)
     ref = edm_heun_reference(X_T, sigmas, final_euler=nfe % 2 == 1)
-    program = sampler.program("sd_discrete", nfe)
+    program = sampler.program(Formulation("sd_discrete"), nfe)
     assert program.nfe == nfe
     err = relative_error(run_f64(program, ns), ref)
     assert err < 1e-10, err
@@ -195,7 +196,7 @@ GRID_BOUNDS = {
 def test_new_samplers_solve_the_gaussian_ode_on_every_grid(sampler):
     for grid, bound in GRID_BOUNDS[sampler].items():
         variant = dataclasses.replace(SAMPLERS[sampler], skip_type=grid)
-        error = ode_error(variant.program("sd_discrete", 50), DiscreteSchedule())
+        error = ode_error(variant.program(Formulation("sd_discrete"), 50), DiscreteSchedule())
         assert error < bound, (grid, error)
 
 
@@ -261,7 +262,8 @@ def test_unipc_argument_errors_and_compiles_once():
         traces.append(1)
         return gaussian_eps(ns)(x, t)
 
-    fn = jax.jit(lambda x: SAMPLERS["unipc_bh1"](noise_fn, x, "sd_discrete", steps=7, key=None))
+    sd = Formulation("sd_discrete")
+    fn = jax.jit(lambda x: SAMPLERS["unipc_bh1"](noise_fn, x, sd, steps=7, key=None))
     for seed in range(2):
         fn(jax.random.normal(jax.random.key(seed), (3, 4)))
     assert len(traces) == 1, "one traced network call inside lax.scan"

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gaussian_ode import MU, SD, exact_ode, gaussian_eps, observed_order
 from numerics import relative_error
 from reference_dpm_solver import RefDiscrete, RefDPMSolver, RefVP
 
-from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule
 from uvit_jax.errors import ConfigError
 from uvit_jax.sampling import dpm_solver, euler_maruyama
+from uvit_jax.sampling.gaussian_reference import MU, SD, exact_ode, gaussian_eps, observed_order
 from uvit_jax.sampling.generate import SamplerSpec, generate, make_generate_fn, sample_images
 from uvit_jax.sampling.guidance import guided_noise_fn
 from uvit_jax.sampling.samplers import SAMPLERS
@@ -201,8 +202,8 @@ def assert_gaussian_moments(x, ns, t_end, extra_tol=0.0):
 @pytest.mark.parametrize("formulation", ["vp_continuous", "sd_discrete"])
 def test_dpm_solvers_sample_gaussian_data(sampler, formulation):
     """The samplers as `generate` configures them, 50 steps, float32."""
-    kwargs = SAMPLERS[sampler].kwargs(formulation)
-    ns = schedule_for(formulation)
+    kwargs = SAMPLERS[sampler].kwargs(Formulation(formulation))
+    ns = Formulation(formulation).schedule
     x_T = gaussian_noise(ns)
     fn = jax.jit(lambda x: dpm_solver.sample(gaussian_eps(ns), x, ns, steps=50, **kwargs))
     x = fn(x_T)
@@ -330,7 +331,7 @@ class RecordingModel:
 
 @pytest.mark.parametrize("formulation,scale", [("vp_continuous", 999.0), ("sd_discrete", 1000.0)])
 def test_cfg_is_one_batched_forward_with_uvit_convention(formulation, scale):
-    ns = schedule_for(formulation)
+    ns = Formulation(formulation).schedule
     model = RecordingModel()
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
     t = jnp.asarray([0.1, 0.5, 0.9])
@@ -448,7 +449,7 @@ def test_generate_text_to_image_guides_with_the_empty_context():
     noise_fn = guided_noise_fn(
         functools.partial(t2i_model, PARAMS), ns, context=ctx, cfg_scale=2.0, null_context=null
     )
-    kwargs = SAMPLERS["dpm_solver++_2m"].kwargs("sd_discrete")
+    kwargs = SAMPLERS["dpm_solver++_2m"].kwargs(Formulation("sd_discrete"))
     want = jax.jit(lambda x: dpm_solver.sample(noise_fn, x, ns, steps=6, **kwargs))(x_T)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs null_context"):
@@ -654,7 +655,7 @@ def test_constant_cfg_schedule_is_the_unscheduled_program():
 @pytest.mark.parametrize("formulation,scale", [("vp_continuous", 999.0), ("sd_discrete", 1000.0)])
 def test_linear_cfg_schedule_is_eps_c_plus_s_t_times_the_difference(formulation, scale):
     """ "linear": eps_c + s(t) (eps_c - eps_u) with s(t) = 0.7 (1 - t), in one pass of 2B."""
-    ns = schedule_for(formulation)
+    ns = Formulation(formulation).schedule
     model = RecordingModel()
     x = jax.random.normal(jax.random.key(0), (4, 4, 4, 2))
     t = jnp.asarray([1.0, 0.75, 0.5, 1e-3])

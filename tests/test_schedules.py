@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule
 
 SCHEDULES = [LinearVPSchedule(), DiscreteSchedule()]
 
@@ -83,15 +84,16 @@ def test_alpha_sigma_consistency_and_beta(ns):
     np.testing.assert_allclose(s32, ns.marginal_std(np.array([1e-4])), rtol=1e-5)
 
 
-def test_network_time_and_factory():
+def test_network_time_and_the_paths():
     t = np.array([1e-3, 0.5, 1.0])
-    np.testing.assert_allclose(schedule_for("vp_continuous").network_time(t), 999 * t)
-    np.testing.assert_allclose(schedule_for("sd_discrete").network_time(t), 1000 * t)
-    assert isinstance(schedule_for("vp_continuous"), LinearVPSchedule)
-    assert isinstance(schedule_for("sd_discrete"), DiscreteSchedule)
-    assert schedule_for("sd_discrete").t_end == 1e-3 and schedule_for("vp_continuous").t_end == 1e-4
-    with pytest.raises(ValueError, match=r"config.diffusion.formulation.*'vp_discrete'"):
-        schedule_for("vp_discrete")
+    vp, sd = Formulation("vp_continuous"), Formulation("sd_discrete")
+    np.testing.assert_allclose(vp.network_time(t), 999 * t)
+    np.testing.assert_allclose(sd.network_time(t), 1000 * t)
+    assert isinstance(vp.schedule, LinearVPSchedule)
+    assert isinstance(sd.schedule, DiscreteSchedule)
+    assert sd.schedule.t_end == 1e-3 and vp.schedule.t_end == 1e-4
+    with pytest.raises(ValueError, match=r"config.diffusion.formulation='vp_discrete'"):
+        Formulation("vp_discrete")
 
 
 def test_schedules_are_hashable_static_jit_arguments():

@@ -351,7 +351,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
     new_state, metrics = jax.jit(step)(state, batch, key)
 
     # By hand: micro-batch i holds rows i, i+2, ...; its key is fold_in(fold_in(key, step), i).
-    from uvit_jax.diffusion.objective import noise_level_bucket
+    from uvit_jax.diffusion.formulation import Formulation
     from uvit_jax.train.step import make_example_loss_fn, make_loss_fn
 
     loss_fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config)))
@@ -374,7 +374,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
         losses, t_net = example_fn(
             state.params, {n: v[i::2] for n, v in batch.items()}, jax.random.fold_in(k, i)
         )
-        level = noise_level_bucket(t_net, config.diffusion.formulation, 4)
+        level = Formulation.from_config(config).bucket(t_net, 4)
         sums += np.bincount(level, weights=losses, minlength=4)
         counts += np.bincount(level, minlength=4)
     np.testing.assert_allclose(metrics["loss_by_t_sum"], sums, rtol=1e-5)

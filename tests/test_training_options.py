@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_uvit, paper
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.diffusion.objective import example_losses, loss_weights, noised_input
 from uvit_jax.diffusion.schedules import DiscreteSchedule, LinearVPSchedule
 from uvit_jax.train.optimizer import ema_decay
@@ -15,7 +16,8 @@ from uvit_jax.train.optimizer import ema_decay
 @pytest.mark.parametrize("formulation", ["sd_discrete", "vp_continuous"])
 def test_noised_input_reports_the_snr_of_each_example(formulation):
     x0 = jax.random.normal(jax.random.key(0), (64, 4, 4, 1))
-    x_t, t_net, eps, snr = noised_input(jax.random.key(1), x0, formulation)
+    x_t, eps, level = noised_input(jax.random.key(1), x0, Formulation(formulation))
+    t_net, snr = level.t_net, (level.alpha / level.sigma) ** 2
     if formulation == "sd_discrete":
         abar = DiscreteSchedule().alphas_cumprod[np.asarray(t_net).astype(int) - 1]
         expected = abar / (1 - abar)
@@ -44,10 +46,12 @@ def test_weighted_loss_is_the_mean_of_weighted_errors():
     x0 = jax.random.normal(jax.random.key(2), (32, 4, 4, 1))
     key = jax.random.key(3)
     zero = lambda x_t, t: jnp.zeros_like(x_t)  # error = eps^2
-    _, _, eps, snr = noised_input(key, x0, "sd_discrete")
+    sd = Formulation("sd_discrete")
+    _, eps, level = noised_input(key, x0, sd)
+    snr = (level.alpha / level.sigma) ** 2
     per_example = np.mean(np.asarray(eps) ** 2, axis=(1, 2, 3))
-    plain, _ = example_losses(zero, key, x0, "sd_discrete")
-    weighted, _ = example_losses(zero, key, x0, "sd_discrete", weighting="min_snr", gamma=2.0)
+    plain, _ = example_losses(zero, key, x0, sd)
+    weighted, _ = example_losses(zero, key, x0, sd, weighting="min_snr", gamma=2.0)
     assert float(jnp.mean(plain)) == pytest.approx(per_example.mean(), rel=1e-6)
     w = np.minimum(np.asarray(snr), 2.0) / np.asarray(snr)
     assert float(jnp.mean(weighted)) == pytest.approx((w * per_example).mean(), rel=1e-6)

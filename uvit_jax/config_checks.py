@@ -137,6 +137,11 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "model.num_clip_token": COUNT,
     # ---- diffusion ----
     "diffusion.formulation": OneOf(registry=True),
+    "diffusion.target": OneOf(registry=True),
+    "diffusion.time_sampling": OneOf(registry=True),
+    "diffusion.time_mean": Real(),
+    "diffusion.time_std": Real(0, lo_open=True),
+    "diffusion.time_shift": Real(0, lo_open=True),
     "diffusion.p_uncond": PROBABILITY,
     "diffusion.loss_weighting": OneOf(registry=True),
     "diffusion.min_snr_gamma": Real(0, lo_open=True),

@@ -163,13 +163,23 @@ def default_config() -> ml_collections.ConfigDict:
     # (dtype, attention, remat) ----
     c.model = ml_collections.ConfigDict(UViTConfig.defaults())
 
-    # ---- diffusion: training objective (noise prediction, MSE) ----
+    # ---- diffusion: training objective (diffusion/formulation.py; the paper: noise
+    # prediction, uniform times, MSE) ----
     c.diffusion = ml_collections.ConfigDict(
         dict(
-            formulation="vp_continuous",  # or "sd_discrete"
+            # The noise path: "vp_continuous", "sd_discrete", "sd_zero_snr" or "flow".
+            formulation="vp_continuous",
+            target="eps",  # the network predicts "eps", "x0", "v" or "velocity"
+            # Training times: "uniform" or "logit_normal" (sigmoid(time_mean + time_std z)),
+            # then shifted toward noise by time_shift (1: none).
+            time_sampling="uniform",
+            time_mean=0.0,
+            time_std=1.0,
+            time_shift=1.0,
             p_uncond=0.0,  # CFG label/context drop probability during training
-            # Per-example weight of the noise error by noise level (diffusion/objective.py):
-            # "none" (paper), "min_snr" (min(SNR, gamma) / SNR), "snr_plus_one" (1 + 1 / SNR).
+            # Per-example weight by noise level (diffusion/objective.py), as the weight on the
+            # implied x0's error: "none" (the target's plain error; the paper),
+            # "min_snr" (min(SNR, gamma)), "snr_plus_one" (SNR + 1).
             loss_weighting="none",
             min_snr_gamma=5.0,
         )

@@ -27,7 +27,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.diffusion.schedules import schedule_for
 from uvit_jax.models.uvit import apply_fn
 from uvit_jax.parallel.frozen import _apply as frozen_apply
 from uvit_jax.parallel.mesh import batch_shard_count, batch_sharding, replicated
@@ -120,7 +119,7 @@ def _sample_network(config, mesh: Mesh, train: TrainProgram) -> Program:
     def network(params, x, t, conditions):
         noise_fn = guided_noise_fn(
             lambda *a: apply_fn(graphdef)(params, *a),
-            schedule_for(spec.formulation),
+            spec.formulation.schedule,
             y=conditions.get("labels"),
             context=conditions.get("contexts"),
             cfg_scale=spec.cfg_scale,

@@ -1,13 +1,18 @@
-"""Noise schedules of U-ViT's two diffusion formulations, with DPM-Solver's interface.
+"""Gaussian noise paths with DPM-Solver's schedule interface.
 
-q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) over continuous time t in (0, 1], and the half log-SNR
+q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) over continuous time t in (0, T], and the half log-SNR
 lambda_t = log alpha_t - log sigma_t (the noise schedule of DPM-Solver's `NoiseScheduleVP`):
 
-- `LinearVPSchedule` ("vp_continuous"): log alpha_t = -0.25 t^2 (beta_1 - beta_0) - 0.5 t beta_0
-  with beta 0.1..20; the network sees 999 t.
-- `DiscreteSchedule` ("sd_discrete"): Stable Diffusion's betas; log alpha_t is the piecewise-linear
-  interpolation of 0.5 log abar_n placed at t_n = n / N (n = 1..N), extrapolated linearly outside
-  [1/N, 1] like DPM-Solver's `interpolate_fn`; the network sees N t.
+- `LinearVPSchedule` (U-ViT's continuous models): log alpha_t = -0.25 t^2 (beta_1 - beta_0)
+  - 0.5 t beta_0 with beta 0.1..20, sigma_t = sqrt(1 - alpha_t^2); the network sees 999 t.
+- `DiscreteSchedule` (U-ViT's latent models): Stable Diffusion's betas; log alpha_t is the
+  piecewise-linear interpolation of 0.5 log abar_n placed at t_n = n / N (n = 1..N), extrapolated
+  linearly outside [1/N, 1] like DPM-Solver's `interpolate_fn`; the network sees N t. Optionally
+  rescaled to zero terminal SNR (Lin et al. 2024).
+- `LinearFlowSchedule` (flow matching, rectified flow, SiT): alpha_t = 1 - t, sigma_t = t, so
+  x_t = (1 - t) x_0 + t eps and the path's velocity is eps - x_0; the network sees 999 t.
+
+Which formulation uses which schedule, target and time sampling: `diffusion.formulation`.
 
 Every method accepts numpy input (computed in float64: the samplers build their coefficients
 this way, outside jit) or jax input (traceable, in the input's dtype). Schedules are frozen,
@@ -24,9 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvit_jax.errors import ConfigError
-
 ArrayLike = np.ndarray | jax.Array | float
+
+# The network's time input of continuous-time models is 999 t (U-ViT's `ScoreModel.predict`), so
+# t in [0, 1) spans the same range as the discrete models' steps.
+CONTINUOUS_NETWORK_TIME_SCALE = 999.0
+
+# Where a schedule that reaches alpha = 0 stops instead: alpha_T^2 = 2^-24 (diffusers' choice for
+# zero-terminal-SNR sampling, the smallest positive float16 subnormal), so lambda stays finite
+# (-8.3) for the log-SNR solvers while x_T keeps a 2^-12 = 0.00024 share of the image.
+TERMINAL_ALPHA_SQUARED = 2.0**-24
 
 
 def _xp(t: Any):
@@ -67,7 +79,8 @@ def _interp(xp, x, knots, values):
 
 
 class _ScheduleMixin:
-    """Quantities derived from `marginal_log_mean_coeff`, shared by both schedules."""
+    """Quantities of a variance-preserving path (sigma_t^2 = 1 - alpha_t^2) derived from
+    `marginal_log_mean_coeff` and `beta`."""
 
     def marginal_alpha(self, t: ArrayLike):
         """alpha_t (signal coefficient), same shape as t."""
@@ -83,6 +96,12 @@ class _ScheduleMixin:
         """lambda_t = log alpha_t - log sigma_t (half log-SNR), same shape as t."""
         t = _asarray(t)
         return _lambda_from_log_alpha(_xp(t), self.marginal_log_mean_coeff(t))
+
+    def marginal_derivatives(self, t: ArrayLike):
+        """(d alpha_t / dt, d sigma_t / dt): -beta alpha / 2 and beta alpha^2 / (2 sigma)."""
+        t = _asarray(t)
+        alpha, sigma, beta = self.marginal_alpha(t), self.marginal_std(t), self.beta(t)
+        return -0.5 * beta * alpha, 0.5 * beta * alpha**2 / sigma
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +141,13 @@ class LinearVPSchedule(_ScheduleMixin):
         t = _asarray(t)
         return self.beta_0 + t * (self.beta_1 - self.beta_0)
 
+    @property
+    def network_time_scale(self) -> float:
+        return CONTINUOUS_NETWORK_TIME_SCALE
+
     def network_time(self, t: ArrayLike):
         """U-ViT's time input for continuous models: 999 t (`ScoreModel.predict`)."""
-        return 999.0 * t
+        return CONTINUOUS_NETWORK_TIME_SCALE * t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +158,23 @@ class DiscreteSchedule(_ScheduleMixin):
     beta_i), n = 1..N. Continuous time: log alpha(t_n) = 0.5 log abar_n at t_n = n / N,
     piecewise linear in between (DPM-Solver's `NoiseScheduleVP('discrete')`).
 
+    With `zero_terminal_snr`, sqrt(abar_n) is shifted and scaled so that it keeps its first value
+    and reaches 0 at n = N (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Algorithm 1); abar_N is then set to `TERMINAL_ALPHA_SQUARED` to keep lambda
+    finite. Stable Diffusion's own schedule ends at abar_N = 0.0047: x_T keeps 6.8% of the image,
+    whose mean then leaks into samples started from pure noise.
+
     Attributes:
       beta_start, beta_end: first and last beta.
       num_timesteps: N.
+      zero_terminal_snr: rescale to (nearly) zero SNR at n = N.
     """
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_timesteps: int = 1000
     T: float = 1.0
+    zero_terminal_snr: bool = False
 
     @property
     def total_N(self) -> int:
@@ -167,7 +198,15 @@ class DiscreteSchedule(_ScheduleMixin):
     @functools.cached_property
     def alphas_cumprod(self) -> np.ndarray:
         """[N] float64 abar_n = prod_{i<=n} (1 - beta_i), index n-1 for step n (training)."""
-        return np.cumprod(1.0 - self.betas)
+        abar = np.cumprod(1.0 - self.betas)
+        if not self.zero_terminal_snr:
+            return abar
+        root = np.sqrt(abar)
+        first, last = root[0], root[-1]
+        root = (root - last) * first / (first - last)
+        abar = root**2
+        abar[-1] = TERMINAL_ALPHA_SQUARED
+        return abar
 
     @functools.cached_property
     def t_array(self) -> np.ndarray:
@@ -207,23 +246,68 @@ class DiscreteSchedule(_ScheduleMixin):
         i = xp.clip(xp.searchsorted(ts, t, side="left"), 1, ts.shape[0] - 1)
         return -2.0 * (log_alphas[i] - log_alphas[i - 1]) / (ts[i] - ts[i - 1])
 
+    @property
+    def network_time_scale(self) -> float:
+        return float(self.num_timesteps)
+
     def network_time(self, t: ArrayLike):
         """U-ViT's time input for discrete models: N t (the discrete step n at t = n / N)."""
         return float(self.num_timesteps) * t
 
 
-Schedule = LinearVPSchedule | DiscreteSchedule
+@dataclasses.dataclass(frozen=True)
+class LinearFlowSchedule:
+    """The linear interpolant x_t = (1 - t) x_0 + t eps of flow matching (Lipman et al. 2023,
+    Liu et al. 2023's rectified flow, SiT): alpha_t = 1 - t, sigma_t = t, not variance-preserving.
 
-FORMULATIONS = ("vp_continuous", "sd_discrete")
+    Attributes:
+      T: the start time of sampling, 1 - 2^-12: alpha_T^2 = `TERMINAL_ALPHA_SQUARED`, so lambda_T
+          is finite for the log-SNR solvers; training draws t in [0, T] too.
+      t_end: where the samplers stop (sigma = 0.001).
+      total_N: the discretisation DPM-Solver associates with the schedule.
+    """
+
+    T: float = 1.0 - TERMINAL_ALPHA_SQUARED**0.5
+    t_end: float = 1e-3
+    total_N: int = 1000
+
+    def marginal_log_mean_coeff(self, t: ArrayLike):
+        """log alpha_t = log(1 - t)."""
+        t = _asarray(t)
+        return _xp(t).log1p(-t)
+
+    def marginal_alpha(self, t: ArrayLike):
+        """alpha_t = 1 - t."""
+        return 1.0 - _asarray(t)
+
+    def marginal_std(self, t: ArrayLike):
+        """sigma_t = t."""
+        return _asarray(t)
+
+    def marginal_lambda(self, t: ArrayLike):
+        """lambda_t = log(1 - t) - log t."""
+        t = _asarray(t)
+        xp = _xp(t)
+        return xp.log1p(-t) - xp.log(t)
+
+    def inverse_lambda(self, lamb: ArrayLike):
+        """t = 1 / (1 + exp(lambda)), the t with marginal_lambda(t) = lamb."""
+        lamb = _asarray(lamb)
+        return 0.5 * (1.0 - _xp(lamb).tanh(0.5 * lamb))
+
+    def marginal_derivatives(self, t: ArrayLike):
+        """(d alpha_t / dt, d sigma_t / dt) = (-1, 1)."""
+        t = _asarray(t)
+        one = _xp(t).ones_like(t)
+        return -one, one
+
+    @property
+    def network_time_scale(self) -> float:
+        return CONTINUOUS_NETWORK_TIME_SCALE
+
+    def network_time(self, t: ArrayLike):
+        """999 t, as for the VP schedule."""
+        return CONTINUOUS_NETWORK_TIME_SCALE * t
 
 
-def schedule_for(formulation: str) -> Schedule:
-    """The schedule of a `config.diffusion.formulation` ("vp_continuous" or "sd_discrete")."""
-    if formulation == "vp_continuous":
-        return LinearVPSchedule()
-    if formulation == "sd_discrete":
-        return DiscreteSchedule()
-    raise ConfigError(
-        f"config.diffusion.formulation: unknown formulation {formulation!r}; "
-        f"expected one of {FORMULATIONS}"
-    )
+Schedule = LinearVPSchedule | DiscreteSchedule | LinearFlowSchedule

@@ -19,8 +19,9 @@ import os
 import jax
 
 from uvit_jax.config_checks import check_config
+from uvit_jax.diffusion.formulation import PATHS, TIME_SAMPLINGS, Formulation
 from uvit_jax.diffusion.objective import LOSS_WEIGHTINGS
-from uvit_jax.diffusion.schedules import FORMULATIONS
+from uvit_jax.diffusion.targets import TARGETS
 from uvit_jax.errors import EXPECTED, ConfigError
 from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
@@ -56,7 +57,9 @@ TRAINING_MODES = ("train", "ablate")
 def registry_choices() -> dict[str, tuple[str, ...]]:
     """The names each registry-backed field of `config_checks.FIELD_CHECKS` may take."""
     return {
-        "diffusion.formulation": tuple(FORMULATIONS),
+        "diffusion.formulation": tuple(PATHS),
+        "diffusion.target": tuple(TARGETS),
+        "diffusion.time_sampling": tuple(TIME_SAMPLINGS),
         "diffusion.loss_weighting": tuple(LOSS_WEIGHTINGS),
         "sample.sampler": tuple(SAMPLERS),
         "sample.grid": ("", *SKIP_TYPES),  # "": the sampler's own
@@ -68,6 +71,7 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
 def check(mode: str, config) -> None:
     """Every field's range and names (`config_checks`), the evaluators of training modes."""
     check_config(config, registry_choices())
+    Formulation.from_config(config)  # the combinations a field alone cannot refuse
     if mode in TRAINING_MODES:
         from uvit_jax.evals import check_sections  # loads TensorFlow (clu): training modes only
 

@@ -27,6 +27,7 @@ from input_pipeline.preprocess import make_preprocessor
 from input_pipeline.sources import load_image, make_source
 from uvit_jax.api import load
 from uvit_jax.convert.inception import sha256_of
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.evaluation.evaluator import (
     Evaluator,
     caption_sampler,
@@ -94,6 +95,9 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         ),
         input_protocol=evaluator.features["input_protocol"],
         quantisation=QUANTISATION,
+        # What the model was trained to predict, on which path: a reference made for another
+        # objective still compares (FID compares images), and this shows the difference.
+        objective=Formulation.from_config(run_config).describe(),
         sampler=run_config.sample.sampler,
         steps=int(run_config.sample.steps),
         cfg_scale=float(run_config.sample.cfg_scale),

@@ -33,6 +33,7 @@ import jax
 from etils import epath
 
 from uvit_jax.api import load
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import check_sample_count, make_evaluator
 from uvit_jax.jobs.evaluate import evaluate_loaded
@@ -176,6 +177,7 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     stem = out / f"step_{loaded.step}"
     weights = "EMA" if loaded.ema else "raw"
     title = (
+        f"{Formulation.from_config(loaded.config).label}: "
         f"step {loaded.step} ({weights}), {int(config.eval.num_samples)} samples vs "
         f"{evaluator.reference.num_images} reference images"
     )

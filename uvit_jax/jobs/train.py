@@ -30,7 +30,7 @@ from input_pipeline import extract, latent_dataset
 from uvit_jax import checkpoints, jobs, workdir_lock
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
-from uvit_jax.diffusion.objective import noise_level_names
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError, StoppedBeforeTraining, UserError
 from uvit_jax.evals import Scheduled, TrainContext, make_evals
 from uvit_jax.jobs.extract import extract_job
@@ -409,7 +409,7 @@ class ProgressLog:
         self._peak = config.train.get("peak_tflops", 0.0) or flops.peak_tflops(
             jax.devices()[0].device_kind
         )
-        self._levels = noise_level_names(config.diffusion.formulation, NOISE_LEVEL_BUCKETS)
+        self._levels = Formulation.from_config(config).bucket_names(NOISE_LEVEL_BUCKETS)
         self._since = (time.perf_counter(), start)
 
     def write(self, step: int, sums, lr, nonfinite_steps, writer) -> None:

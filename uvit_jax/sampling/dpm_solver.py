@@ -32,10 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvit_jax.diffusion.schedules import Schedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import Schedule
+from uvit_jax.diffusion.targets import prediction_coefficients
 
 NoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
-"""noise_fn(x [B, ...], t_continuous [B]) -> predicted noise, same shape as x."""
+"""noise_fn(x [B, ...], t_continuous [B]) -> the network's prediction of its target (the noise
+for the paper's models; `diffusion.targets`), same shape as x."""
 
 METHODS = ("singlestep_fast", "singlestep", "singlestep_fixed", "multistep")
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
@@ -48,7 +51,9 @@ class Program:
 
     Attributes:
       t: [n] continuous time of each network evaluation.
-      p, q: [n] model output m = p x + q eps (p = 0, q = 1 for noise prediction).
+      p, q: [n] model output m = p x + q out from the network's output `out`
+          (`targets.prediction_coefficients`; p = 0, q = 1 for noise prediction by a noise
+          network).
       a: [n] coefficient of the step's starting point.
       c: [n, K] coefficients of the last K model outputs, lag 0 first.
       end: [n] bool, whether the NFE's result starts the next step.
@@ -71,10 +76,16 @@ class Program:
 
 
 class ProgramBuilder:
-    """Accumulates Program rows; coefficients are float64 and follow the official formulas."""
+    """Accumulates Program rows; coefficients are float64 and follow the official formulas.
 
-    def __init__(self, ns: Schedule, predict_x0: bool, depth: int):
-        self.ns, self.predict_x0, self.depth = ns, predict_x0, depth
+    prediction: what the rows' model output m is: "x0" (data, DPM-Solver++), "eps" (noise,
+    DPM-Solver) or "velocity" (dx_t / dt); target: what the network predicts
+    (`targets.TARGETS`), converted to `prediction` in each row's p and q.
+    """
+
+    def __init__(self, ns: Schedule, prediction: str, depth: int, target: str = "eps"):
+        self.ns, self.prediction, self.depth, self.target = ns, prediction, depth, target
+        self.predict_x0 = prediction == "x0"
         self.rows: list[tuple[float, float, float, float, np.ndarray, bool, float, np.ndarray]] = []
 
     # -- schedule helpers (float64 scalars) --
@@ -102,15 +113,15 @@ class ProgramBuilder:
         c: np.ndarray,
         end: bool,
         corrector: tuple[float, np.ndarray] | None = None,
+        prediction: str | None = None,
     ) -> None:
         """One NFE at t_eval, then base <- ca base + cc . buf (corrector=(ca, cc), if given)
-        and x <- a * base + c . buf."""
-        if self.predict_x0:
-            # Data prediction x0 = (x - sigma eps) / alpha (DPM-Solver++'s `data_prediction_fn`).
-            alpha = float(np.exp(self.log_alpha(t_eval)))
-            p, q = 1.0 / alpha, -self.sigma(t_eval) / alpha
-        else:
-            p, q = 0.0, 1.0
+        and x <- a * base + c . buf. prediction: this row's model output, if not the builder's.
+
+        For a noise network, data prediction is x0 = (x - sigma eps) / alpha (DPM-Solver++'s
+        `data_prediction_fn`).
+        """
+        p, q = prediction_coefficients(self.target, prediction or self.prediction, self.ns, t_eval)
         ca, cc = (1.0, self.lag()) if corrector is None else corrector
         self.rows.append((t_eval, p, q, a, c, end, ca, cc))
 
@@ -201,8 +212,8 @@ class ProgramBuilder:
 
     def denoise_to_zero(self, t0: float):
         """A last NFE giving x0 = (x - sigma eps) / alpha at t0 (official `denoise_to_zero_fn`)."""
-        if self.predict_x0:
-            self.add(t0, 0.0, self.lag(1.0), True)
+        if self.prediction != "eps":
+            self.add(t0, 0.0, self.lag(1.0), True, prediction="x0")
         else:
             alpha = float(np.exp(self.log_alpha(t0)))
             self.add(t0, 1.0 / alpha, self.lag(-self.sigma(t0) / alpha), True)
@@ -268,6 +279,7 @@ def build_program(
     t_end: float | None = None,
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
+    target: str = "eps",
 ) -> Program:
     """The per-NFE coefficient table of a DPM-Solver run.
 
@@ -289,6 +301,7 @@ def build_program(
           schedule, 1/N for the discrete one).
       lower_order_final: multistep only: lower orders for the final steps when steps < 10.
       denoise_to_zero: one more NFE returning the data prediction at t_end.
+      target: what the network predicts (`diffusion.targets`).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
@@ -302,7 +315,7 @@ def build_program(
         raise ValueError(f"need 0 < t_end < t_start, got t_end={t_0}, t_start={t_T}")
 
     if method in ("singlestep_fast", "singlestep", "singlestep_fixed"):
-        b = ProgramBuilder(ns, predict_x0, depth=order)
+        b = ProgramBuilder(ns, "x0" if predict_x0 else "eps", depth=order, target=target)
         if method == "singlestep_fixed":
             orders = [order] * (steps // order)
             if not orders:
@@ -340,6 +353,7 @@ def build_program(
             predict_x0=predict_x0,
             lower_order_final=lower_order_final,
             denoise_to_zero=denoise_to_zero,
+            target=target,
         )
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -352,6 +366,7 @@ def multistep_program(
     predict_x0: bool,
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
+    target: str = "eps",
 ) -> Program:
     """The table of multistep DPM-Solver(++) (2M / 3M) on an explicit time grid.
 
@@ -360,11 +375,11 @@ def multistep_program(
       times: [steps + 1] float64 times, decreasing (`time_steps`, or another sampler's grid such
           as diffusers' integer timesteps in the parity tests); one NFE per interval.
       order: 1-3; the first steps warm up with orders 1, 2.
-      predict_x0, denoise_to_zero: as for `build_program`.
+      predict_x0, denoise_to_zero, target: as for `build_program`.
       lower_order_final: the official rule: lower orders for the final steps when steps < 10.
     """
     steps = len(times) - 1
-    b = ProgramBuilder(ns, predict_x0, depth=order)
+    b = ProgramBuilder(ns, "x0" if predict_x0 else "eps", depth=order, target=target)
     ts = [float(v) for v in times]
     for j in range(1, steps + 1):
         if j < order:  # warm-up with lower orders
@@ -460,7 +475,7 @@ def sample(
       schedule: a `uvit_jax.diffusion.schedules` schedule.
       thresholding: dynamic thresholding of the data prediction (needs predict_x0).
       **program: the solver, as `build_program` takes it: steps, predict_x0, order, method,
-          skip_type, t_start, t_end, lower_order_final, denoise_to_zero.
+          skip_type, t_start, t_end, lower_order_final, denoise_to_zero, target.
     Returns:
       x at t_end, shape and dtype of x_T.
     """
@@ -468,12 +483,6 @@ def sample(
         raise ValueError("thresholding needs predict_x0=True (DPM-Solver++)")
     table = build_program(schedule, **program)
     return run_program(noise_fn, x_T, table, thresholding=thresholding)
-
-
-# The time grid of the DPM-Solver++ samplers by formulation: U-ViT's time-uniform grid for
-# discrete models, but logSNR for VP models, where a time-uniform grid down to t = 1e-4 leaves
-# one huge logSNR step at the end (visible bias at 50 steps).
-FORMULATION_GRIDS = {"vp_continuous": "logSNR", "sd_discrete": "time_uniform"}
 
 
 class TableSampler:
@@ -486,12 +495,18 @@ class TableSampler:
 
     thresholding: bool = False
 
-    def program(self, formulation: str, steps: int) -> Program:
-        """The float64 table for `config.diffusion.formulation` and `steps` NFE."""
+    def program(self, formulation: Formulation, steps: int) -> Program:
+        """The float64 table for the run's formulation and `steps` NFE."""
         raise NotImplementedError
 
     def __call__(
-        self, noise_fn: NoiseFn, x_T: jax.Array, formulation: str, *, steps: int, key: jax.Array
+        self,
+        noise_fn: NoiseFn,
+        x_T: jax.Array,
+        formulation: Formulation,
+        *,
+        steps: int,
+        key: jax.Array,
     ) -> jax.Array:
         del key  # deterministic
         if self.thresholding and not self.predict_x0:
@@ -505,7 +520,7 @@ class Variant(TableSampler):
     """A DPM-Solver configuration as a named sampler (`uvit_jax.sampling.samplers`).
 
     method, order, predict_x0, thresholding, denoise_to_zero: as for `sample`. skip_type: the
-    time grid; None: the formulation's (`FORMULATION_GRIDS`). Every variant ends at
+    time grid; None: the formulation's (`Formulation.grid`). Every variant ends at
     `schedule.t_end`, without a final denoising step unless `denoise_to_zero` (U-ViT samples
     without it).
     """
@@ -517,19 +532,21 @@ class Variant(TableSampler):
     thresholding: bool = False
     denoise_to_zero: bool = False
 
-    def kwargs(self, formulation: str) -> dict[str, Any]:
-        """`sample`'s method, order, predict_x0 and skip_type for `config.diffusion.formulation`."""
+    def kwargs(self, formulation: Formulation) -> dict[str, Any]:
+        """`sample`'s method, order, predict_x0, skip_type and target for the formulation."""
         return dict(
             method=self.method,
             order=self.order,
             predict_x0=self.predict_x0,
-            skip_type=self.skip_type or FORMULATION_GRIDS[formulation],
+            skip_type=self.skip_type or formulation.grid,
+            target=formulation.target,
         )
 
-    def program(self, formulation: str, steps: int) -> Program:
+    def program(self, formulation: Formulation, steps: int) -> Program:
         return build_program(
-            schedule_for(formulation),
+            formulation.schedule,
             steps=steps,
+            t_start=formulation.schedule.T,
             denoise_to_zero=self.denoise_to_zero,
             **self.kwargs(formulation),
         )

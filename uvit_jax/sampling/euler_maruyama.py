@@ -4,7 +4,12 @@ Forward SDE dx = f dt + g dw with f = -0.5 beta(t) x, g = sqrt(beta(t)); score =
 Reverse SDE drift f - g^2 score; probability-flow ODE drift f - 0.5 g^2 score. The grid is
 [0] + linspace(t_min, t_max, steps), walked downward: from t to s < t,
 x <- x + drift(x, t) (s - t) + g(t) sqrt(t - s) z, with no noise on the last step (s = 0).
-Each step is x <- A x + B eps + C z with A, B, C precomputed in float64; one `lax.scan`.
+Each step is x <- A x + B eps + C z with A, B, C precomputed in float64; one `lax.scan`. A network
+of another target (`diffusion.targets`) is converted to eps in the same coefficients:
+eps = p x + q out gives x <- (A + B p) x + (B q) out + C z.
+
+The SDE is written for variance-preserving paths (those with a `beta`): the linear flow path has
+none, and its reverse SDE's diffusion g^2 = 2 t / (1 - t) is unbounded at the start of sampling.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uvit_jax.diffusion.schedules import Schedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import Schedule
+from uvit_jax.diffusion.targets import prediction_coefficients
 from uvit_jax.sampling.dpm_solver import NoiseFn
 
 
@@ -26,8 +33,10 @@ def coefficients(
     probability_flow: bool,
     t_min: float = 1e-3,
     t_max: float = 1.0,
+    target: str = "eps",
 ) -> tuple[np.ndarray, ...]:
-    """Per-step float64 (t, A, B, C), each [steps], in sampling order (t decreasing)."""
+    """Per-step float64 (t, A, B, C), each [steps], in sampling order (t decreasing), for a
+    network predicting `target`."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     grid = np.append(0.0, np.linspace(t_min, t_max, steps, dtype=np.float64))
@@ -39,6 +48,9 @@ def coefficients(
     # -g^2 score = beta eps / sigma (reverse SDE); half of it for the probability-flow ODE.
     b = (0.5 if probability_flow else 1.0) * beta / sigma * dt
     c = np.zeros_like(t) if probability_flow else np.sqrt(beta * -dt) * (s != 0.0)
+    if target != "eps":
+        pq = np.array([prediction_coefficients(target, "eps", schedule, v) for v in t])
+        a, b = a + b * pq[:, 0], b * pq[:, 1]
     return t, a, b, c
 
 
@@ -52,17 +64,19 @@ def sample(
     probability_flow: bool = False,
     t_min: float = 1e-3,
     t_max: float = 1.0,
+    target: str = "eps",
 ) -> jax.Array:
     """Integrates the reverse SDE (or the probability-flow ODE) from t_max to 0. Jittable.
 
     Args:
-      noise_fn: noise_fn(x [B, ...], t_continuous [B]) -> eps [B, ...].
+      noise_fn: noise_fn(x [B, ...], t_continuous [B]) -> the network's `target` [B, ...].
       x_T: [B, ...] noise at t_max; its dtype is the state dtype.
       schedule: a `uvit_jax.diffusion.schedules` schedule (needs `beta` and `marginal_std`).
       steps: network evaluations (U-ViT: 1000 for the SDE, 50 for ODE previews).
       key: PRNG key for the SDE noise (step i uses fold_in(key, i)); unused for the ODE.
       probability_flow: integrate the probability-flow ODE instead of the SDE.
       t_min, t_max: the grid is [0] + linspace(t_min, t_max, steps).
+      target: what the network predicts (`diffusion.targets`).
     Returns:
       x at t = 0, shape and dtype of x_T.
     """
@@ -70,7 +84,12 @@ def sample(
         raise ValueError("the reverse SDE needs a PRNG key (key=...)")
     dtype = x_T.dtype
     t, a, b, c = coefficients(
-        schedule, steps=steps, probability_flow=probability_flow, t_min=t_min, t_max=t_max
+        schedule,
+        steps=steps,
+        probability_flow=probability_flow,
+        t_min=t_min,
+        t_max=t_max,
+        target=target,
     )
     xs = tuple(jnp.asarray(v, dtype) for v in (t, a, b, c)) + (jnp.arange(steps),)
     batch = x_T.shape[0]
@@ -95,10 +114,27 @@ class Variant:
     probability_flow: bool
     predict_x0 = False  # noise prediction: there is no x0 to threshold
 
+    @staticmethod
+    def supports(formulation: Formulation) -> bool:
+        """Whether the SDE is written for the formulation's path (module docstring)."""
+        return hasattr(formulation.schedule, "beta")
+
     def __call__(
-        self, noise_fn: NoiseFn, x_T: jax.Array, formulation: str, *, steps: int, key: jax.Array
+        self,
+        noise_fn: NoiseFn,
+        x_T: jax.Array,
+        formulation: Formulation,
+        *,
+        steps: int,
+        key: jax.Array,
     ) -> jax.Array:
-        schedule = schedule_for(formulation)
         return sample(
-            noise_fn, x_T, schedule, steps=steps, key=key, probability_flow=self.probability_flow
+            noise_fn,
+            x_T,
+            formulation.schedule,
+            steps=steps,
+            key=key,
+            probability_flow=self.probability_flow,
+            t_max=formulation.schedule.T,
+            target=formulation.target,
         )

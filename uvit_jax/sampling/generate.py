@@ -2,8 +2,8 @@
 
     samples = generate(model_fn, config, key, labels=...)   # [B, H, W, C] float32
 
-reads `config.diffusion.formulation`, `config.sample.{sampler, steps, cfg_scale, cfg_interval,
-cfg_schedule, grid, thresholding, denoise_to_zero}`,
+reads `config.diffusion` (`Formulation.from_config`), `config.sample.{sampler, steps, cfg_scale,
+cfg_interval, cfg_schedule, grid, thresholding, denoise_to_zero}`,
 `config.model.{img_size, in_chans}` and what conditions the model (`Conditioning`), draws
 x_T (and random labels) for the whole global batch from `key` inside one jitted program, so a
 seed gives the same samples on any number of devices. Outputs are in the model's space (latents
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.diffusion.schedules import schedule_for
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
 from uvit_jax.sampling.guidance import CFG_SCHEDULES, guided_noise_fn
@@ -34,7 +34,7 @@ from uvit_jax.sampling.samplers import SAMPLERS
 class SamplerSpec:
     """The hashable part of a config that fixes the sampling program."""
 
-    formulation: str
+    formulation: Formulation
     sampler: str
     steps: int
     cfg_scale: float
@@ -48,12 +48,19 @@ class SamplerSpec:
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
-        schedule_for(config.diffusion.formulation)  # validates the formulation
+        formulation = Formulation.from_config(config)
         sampler = config.sample.sampler
         if sampler not in SAMPLERS:
             raise ConfigError(
                 f"config.sample.sampler: unknown sampler {sampler!r}; expected one of "
                 f"{tuple(SAMPLERS)}"
+            )
+        supports = getattr(SAMPLERS[sampler], "supports", None)
+        if supports is not None and not supports(formulation):
+            raise ConfigError(
+                f"config.sample.sampler={sampler!r} is not defined on formulation "
+                f"{formulation.path!r}; expected one of "
+                f"{tuple(n for n, s in SAMPLERS.items() if _supports(s, formulation))}"
             )
         steps = int(config.sample.steps)
         if steps < 1:
@@ -95,7 +102,7 @@ class SamplerSpec:
                 f"({_samplers_with('skip_type')}), not {sampler!r}"
             )
         return cls(
-            config.diffusion.formulation,
+            formulation,
             sampler,
             steps,
             cfg_scale,
@@ -107,6 +114,11 @@ class SamplerSpec:
             grid,
             cfg_schedule_from_config(config),
         )
+
+
+def _supports(sampler: Any, formulation: Formulation) -> bool:
+    """Whether a registered sampler runs on the formulation's path."""
+    return getattr(sampler, "supports", lambda f: True)(formulation)
 
 
 def _samplers_with(option: str) -> str:
@@ -179,7 +191,7 @@ def make_generate_fn(
     passing the weights as `params` keeps them out of the compiled program's constants.
     `sharding` (e.g. NamedSharding(mesh, P(("data", "fsdp")))) shards every batch-leading array.
     """
-    schedule = schedule_for(spec.formulation)
+    schedule = spec.formulation.schedule
     cond = spec.conditioning
 
     def constrain(v):

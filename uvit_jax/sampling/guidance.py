@@ -3,12 +3,15 @@
 The model apply signature assumed throughout:
 
     model_fn(x [B, H, W, C] float32, t_net [B] float32, y [B] int32 | None,
-             context [B, L, D] | None) -> eps [B, H, W, C]
+             context [B, L, D] | None) -> out [B, H, W, C]
 
-`t_net` is the network's time input (999 t for VP-continuous models, 1000 t for discrete ones,
-via `schedule.network_time`). Classifier-free guidance uses U-ViT's convention
-eps = eps_c + s (eps_c - eps_u) (so s = 0 is unguided, and U-ViT's s is the usual scale minus 1),
-with the conditional and unconditional halves computed in one batched forward pass.
+where `out` is the network's target (`diffusion.targets`: the noise for the paper's models) and
+`t_net` its time input (999 t for continuous paths, 1000 t for discrete ones, via
+`schedule.network_time`). Classifier-free guidance uses U-ViT's convention
+out = out_c + s (out_c - out_u) (so s = 0 is unguided, and U-ViT's s is the usual scale minus 1)
+on the network's own target, with the conditional and unconditional halves computed in one
+batched forward pass. Every target is x_t-affine in the others with coefficients that depend on
+t only, so guiding v or the velocity is the same as guiding the noise they imply.
 
 Guidance can be limited to an interval of noise levels (Kynkaenniemi et al. 2024, "Applying
 guidance in a limited interval improves sample and distribution quality in diffusion models"),
@@ -50,7 +53,7 @@ def _is_zero(scale) -> bool:
 
 def linear_scale(cfg_scale: float | jax.Array, t: jax.Array, ndim: int) -> jax.Array:
     """The "linear" schedule's scale cfg_scale * (1 - t) for times t [B], as [B, 1, ...]
-    (`ndim` dimensions in all) to broadcast over eps; dtype of t."""
+    (`ndim` dimensions in all) to broadcast over the output; dtype of t."""
     return (cfg_scale * (1.0 - t)).reshape(t.shape + (1,) * (ndim - 1))
 
 
@@ -80,7 +83,7 @@ def guided_noise_fn(
       cfg_schedule: "constant" (scale cfg_scale) or "linear" (cfg_scale * (1 - t), module
           docstring); either way a guided step is one forward pass of 2B images.
     Returns:
-      noise_fn(x [B, H, W, C], t_continuous [B]) -> eps [B, H, W, C].
+      noise_fn(x [B, H, W, C], t_continuous [B]) -> the guided target [B, H, W, C].
     """
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
@@ -107,8 +110,8 @@ def guided_noise_fn(
             null = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
             ctx2 = jnp.concatenate([context, null])
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_net, t_net]), y2, ctx2)
-        eps_c, eps_u = out[:b], out[b:]
-        return eps_c + scale * (eps_c - eps_u)
+        out_c, out_u = out[:b], out[b:]
+        return out_c + scale * (out_c - out_u)
 
     def noise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         t_net = schedule.network_time(t).astype(jnp.float32)

@@ -20,12 +20,18 @@ import dataclasses
 
 import numpy as np
 
-from uvit_jax.diffusion.schedules import Schedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import Schedule
 from uvit_jax.sampling.dpm_solver import Program, ProgramBuilder, TableSampler, time_steps
 
 
 def build_program(
-    ns: Schedule, times: np.ndarray, *, final_euler: bool = False, denoise_to_zero: bool = False
+    ns: Schedule,
+    times: np.ndarray,
+    *,
+    final_euler: bool = False,
+    denoise_to_zero: bool = False,
+    target: str = "eps",
 ) -> Program:
     """The per-NFE table of Heun's method on an explicit time grid.
 
@@ -34,10 +40,11 @@ def build_program(
       times: [K + 1] float64 times, decreasing; K steps, 2 NFE each.
       final_euler: the last step as a single Euler step (1 NFE).
       denoise_to_zero: one more NFE returning the data prediction at the last time.
+      target: what the network predicts (`diffusion.targets`).
     """
     if len(times) < 2:
         raise ValueError(f"need at least 2 times, got {len(times)}")
-    b = ProgramBuilder(ns, predict_x0=False, depth=2)
+    b = ProgramBuilder(ns, "eps", depth=2, target=target)
     ts = [float(v) for v in times]
     last = len(ts) - 2
     for i, (s, t) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
@@ -56,7 +63,8 @@ def build_program(
 
 @dataclasses.dataclass(frozen=True)
 class Variant(TableSampler):
-    """Heun as a named sampler (`uvit_jax.sampling.samplers`), from t = 1 to `schedule.t_end`.
+    """Heun as a named sampler (`uvit_jax.sampling.samplers`), from `schedule.T` to
+    `schedule.t_end`.
 
     `steps` NFE make (steps + 1) // 2 steps, the last an Euler step when steps is odd.
     skip_type: the time grid (`dpm_solver.time_steps`), EDM's "karras" by default.
@@ -67,12 +75,13 @@ class Variant(TableSampler):
     denoise_to_zero: bool = False
     predict_x0 = False  # noise prediction: no thresholding
 
-    def program(self, formulation: str, steps: int) -> Program:
-        ns = schedule_for(formulation)
+    def program(self, formulation: Formulation, steps: int) -> Program:
+        ns = formulation.schedule
         num_steps = (steps + 1) // 2
         return build_program(
             ns,
-            time_steps(ns, self.skip_type, 1.0, ns.t_end, num_steps),
+            time_steps(ns, self.skip_type, ns.T, ns.t_end, num_steps),
             final_euler=steps % 2 == 1,
             denoise_to_zero=self.denoise_to_zero,
+            target=formulation.target,
         )

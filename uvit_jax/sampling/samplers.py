@@ -4,13 +4,15 @@ A sampler is a frozen dataclass instance, callable as
 
     sampler(noise_fn, x_T, formulation, *, steps, key) -> x_0
 
-that runs from noise x_T [B, H, W, C] at t = 1 to the sample in the model's space, jittable,
-with `noise_fn(x, t_continuous) -> eps` (guidance already applied) and the schedule of
-`config.diffusion.formulation`; `key` feeds stochastic samplers only. Its `predict_x0` says
+that runs from noise x_T [B, H, W, C] at t = T (1 for the paper's paths) to the sample in the
+model's space, jittable, with `noise_fn(x, t_continuous) -> the network's target` (guidance
+already applied; noise for the paper's models) and the run's `diffusion.formulation.Formulation`,
+whose target every sampler converts to what it needs; `key` feeds stochastic samplers only. A
+sampler written for some paths only has a `supports(formulation)` method. Its `predict_x0` says
 whether it predicts data, the only kind that can threshold it: such a sampler has a
 `thresholding` field, and `config.sample.thresholding` runs a copy with it set.
 
-The DPM-Solver variants end at `schedule.t_end` (1e-4 for VP models, 1/1000 for discrete ones)
+The DPM-Solver variants end at `schedule.t_end` (1e-4 VP, 1/1000 discrete, 1e-3 flow)
 without a final denoising step, as U-ViT samples; `config.sample.denoise_to_zero` runs a copy
 whose `denoise_to_zero` field adds one (a sampler without that field cannot).
 
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import jax
 
-from uvit_jax.sampling import dpm_solver, euler_maruyama, heun, unipc
+from uvit_jax.sampling import dpm_solver, euler_maruyama, heun, unipc, velocity_ode
 
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     # DPM-Solver, noise prediction, the order-3 fast schedule on the logSNR grid (VP models).
@@ -40,7 +42,10 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "unipc_bh1": unipc.Variant("bh1", order=3),
     # EDM's deterministic Heun on the Karras sigma grid.
     "heun": heun.Variant(),
-    # U-ViT's `sde.py`: the reverse SDE and the probability-flow ODE.
+    # Euler and Heun on the velocity ODE in t: how flow-matching models sample (SiT).
+    "velocity_euler": velocity_ode.Variant(order=1),
+    "velocity_heun": velocity_ode.Variant(order=2),
+    # U-ViT's `sde.py`: the reverse SDE and the probability-flow ODE (variance-preserving paths).
     "euler_maruyama": euler_maruyama.Variant(probability_flow=False),
     "probability_flow": euler_maruyama.Variant(probability_flow=True),
 }

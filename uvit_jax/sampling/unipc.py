@@ -31,9 +31,9 @@ import math
 
 import numpy as np
 
-from uvit_jax.diffusion.schedules import Schedule, schedule_for
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.schedules import Schedule
 from uvit_jax.sampling.dpm_solver import (
-    FORMULATION_GRIDS,
     Program,
     ProgramBuilder,
     TableSampler,
@@ -116,6 +116,7 @@ def build_program(
     predict_x0: bool,
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
+    target: str = "eps",
 ) -> Program:
     """The per-NFE table of UniPC on an explicit time grid.
 
@@ -128,6 +129,7 @@ def build_program(
       predict_x0: True: data prediction (UniPC's default); False: noise prediction.
       lower_order_final: lower predictor orders for the last steps (`step_orders`).
       denoise_to_zero: one more NFE returning the data prediction at the last time.
+      target: what the network predicts (`diffusion.targets`).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
@@ -139,7 +141,7 @@ def build_program(
     ts = [float(v) for v in times]
     orders = step_orders(steps, order, lower_order_final)
     # Lags 0..order: the corrector of an order-p step uses the outputs at t_i .. t_{i-p}.
-    b = ProgramBuilder(ns, predict_x0, depth=order + 1)
+    b = ProgramBuilder(ns, "x0" if predict_x0 else "eps", depth=order + 1, target=target)
     for i in range(steps):
         corrector = None
         if i > 0:
@@ -157,11 +159,12 @@ def build_program(
 
 @dataclasses.dataclass(frozen=True)
 class Variant(TableSampler):
-    """UniPC as a named sampler (`uvit_jax.sampling.samplers`), from t = 1 to `schedule.t_end`.
+    """UniPC as a named sampler (`uvit_jax.sampling.samplers`), from `schedule.T` to
+    `schedule.t_end`.
 
     variant, order, predict_x0, lower_order_final, denoise_to_zero: as for `build_program`.
     skip_type: the time grid (`dpm_solver.time_steps`); None: the formulation's
-    (`dpm_solver.FORMULATION_GRIDS`). thresholding: of the data prediction.
+    (`Formulation.grid`). thresholding: of the data prediction.
     """
 
     variant: str
@@ -172,15 +175,16 @@ class Variant(TableSampler):
     thresholding: bool = False
     denoise_to_zero: bool = False
 
-    def program(self, formulation: str, steps: int) -> Program:
-        ns = schedule_for(formulation)
-        grid = self.skip_type or FORMULATION_GRIDS[formulation]
+    def program(self, formulation: Formulation, steps: int) -> Program:
+        ns = formulation.schedule
+        grid = self.skip_type or formulation.grid
         return build_program(
             ns,
-            time_steps(ns, grid, 1.0, ns.t_end, steps),
+            time_steps(ns, grid, ns.T, ns.t_end, steps),
             order=self.order,
             variant=self.variant,
             predict_x0=self.predict_x0,
             lower_order_final=self.lower_order_final,
             denoise_to_zero=self.denoise_to_zero,
+            target=formulation.target,
         )

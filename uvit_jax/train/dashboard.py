@@ -74,7 +74,7 @@ def interval_scalars(totals: Mapping[str, np.ndarray], level_names: Sequence[str
 
     loss and grad_norm: means over steps (absent if every step was non-finite);
     loss_by_t/<name>: the mean loss of the interval's examples at that noise level (absent if
-    none was drawn there), `level_names` as `noise_level_names` gives them.
+    none was drawn there), `level_names` as `Formulation.bucket_names` gives them.
     """
     out = {}
     steps = float(totals["steps"])

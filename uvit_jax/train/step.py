@@ -20,12 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from uvit_jax.conditioning import Conditioning
-from uvit_jax.diffusion.objective import (
-    drop_contexts,
-    drop_labels,
-    example_losses,
-    noise_level_bucket,
-)
+from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.diffusion.objective import drop_contexts, drop_labels, example_losses
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
@@ -55,7 +51,7 @@ def make_example_loss_fn(
     models; batch["label"]: [B] int32 (class models); batch["context"]: [B, L, D] (text models)
     and batch["empty_context"]: [L, D] (CLIP of "").
     """
-    formulation = config.diffusion.formulation
+    formulation = Formulation.from_config(config)
     p_uncond = float(config.diffusion.p_uncond)
     conditioning = Conditioning.from_config(config)
     latent = config.autoencoder.kind != "identity"
@@ -96,16 +92,16 @@ def make_loss_by_noise_level_fn(
     graphdef: nnx.GraphDef, config
 ) -> Callable[[nnx.State, Batch, Array], tuple[Array, tuple[Array, Array]]]:
     """loss(params, batch, key) -> (scalar float32 batch mean, (loss sums, example counts)),
-    the sums and counts [NOISE_LEVEL_BUCKETS] float32 per `noise_level_bucket` of the batch.
+    the sums and counts [NOISE_LEVEL_BUCKETS] float32 per `Formulation.bucket` of the batch.
 
     Sums and counts rather than means: they add up over micro-batches and logged intervals.
     """
     losses_fn = make_example_loss_fn(graphdef, config)
-    formulation = config.diffusion.formulation
+    formulation = Formulation.from_config(config)
 
     def loss_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, tuple[Array, Array]]:
         losses, t_net = losses_fn(params, batch, key)
-        bucket = noise_level_bucket(t_net, formulation, NOISE_LEVEL_BUCKETS)
+        bucket = formulation.bucket(t_net, NOISE_LEVEL_BUCKETS)
         member = jax.nn.one_hot(bucket, NOISE_LEVEL_BUCKETS, dtype=jnp.float32)  # [B, buckets]
         # Elementwise, not a matmul: matmuls may run at reduced precision on accelerators.
         sums = jnp.sum(losses[:, None] * member, axis=0)
