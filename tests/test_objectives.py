@@ -103,7 +103,7 @@ def test_losses_match_a_float64_reference(case, weighting):
     np.testing.assert_allclose(np.asarray(t_net), scale * t, rtol=1e-6)
     a, s, da, ds = path_f64(path, t)
     x0_, eps_ = np.asarray(x0, np.float64), np.asarray(eps, np.float64)
-    b = lambda v: v[:, None, None, None]  # noqa: E731
+    b = lambda v: v[:, None, None, None]
     x_t = b(a) * x0_ + b(s) * eps_
     da4, ds4 = (None, None) if da is None else (b(da), b(ds))
     goal = target_f64(target, x0_, eps_, b(a), b(s), da4, ds4)
@@ -145,7 +145,7 @@ def test_every_target_converts_to_data_noise_and_velocity(path, target):
         h = 1e-6
         x_at = lambda u: (
             ns.marginal_alpha(np.float64(u)) * x0 + ns.marginal_std(np.float64(u)) * eps
-        )  # noqa: E731
+        )
         if not f.discrete:  # the discrete paths' alpha is piecewise: compare with their own slope
             np.testing.assert_allclose(
                 da * x0 + ds * eps, (x_at(t + h) - x_at(t - h)) / (2 * h), rtol=1e-6, atol=1e-7
@@ -231,7 +231,7 @@ def sampler_errors(name: str, f: Formulation, nfes) -> np.ndarray:
     errors = []
     with jax.enable_x64(True):
         for n in nfes:
-            run = lambda x, n=n: SAMPLERS[name](gaussian_prediction(f), x, f, steps=n, key=None)  # noqa: E731
+            run = lambda x, n=n: SAMPLERS[name](gaussian_prediction(f), x, f, steps=n, key=None)
             x = np.asarray(jax.jit(run)(jnp.asarray(x_T, jnp.float64)))
             errors.append(np.abs(x - want).max())
     return np.array(errors)
