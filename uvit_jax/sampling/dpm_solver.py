@@ -125,6 +125,16 @@ class ProgramBuilder:
         ca, cc = (1.0, self.lag()) if corrector is None else corrector
         self.rows.append((t_eval, p, q, a, c, end, ca, cc))
 
+    def heun_step(self, s: float, t: float, linear: float, step: float, euler: bool) -> None:
+        """A step of Heun's method from s to t, x_t = linear x_s + step (m_s + m_E) / 2, with m_E
+        the model output at the Euler point linear x_s + step m_s (2 NFE); euler: that Euler
+        step alone (1 NFE)."""
+        if euler:
+            self.add(s, linear, self.lag(step), True)
+        else:
+            self.add(s, linear, self.lag(step), False)
+            self.add(t, linear, self.lag(0.5 * step, 0.5 * step), True)
+
     def linear_part(self, s: float, u: float) -> float:
         """Coefficient of x_s in the exact linear part from s to u."""
         if self.predict_x0:

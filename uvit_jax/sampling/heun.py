@@ -50,12 +50,7 @@ def build_program(
     for i, (s, t) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
         # alpha_t (sigma_t/alpha_t - sigma_s/alpha_s), with sigma/alpha = exp(-lambda).
         step = float(np.exp(b.log_alpha(t)) * (np.exp(-b.lam(t)) - np.exp(-b.lam(s))))
-        linear = b.linear_part(s, t)
-        if final_euler and i == last:
-            b.add(s, linear, b.lag(step), True)
-        else:
-            b.add(s, linear, b.lag(step), False)
-            b.add(t, linear, b.lag(0.5 * step, 0.5 * step), True)
+        b.heun_step(s, t, b.linear_part(s, t), step, euler=final_euler and i == last)
     if denoise_to_zero:
         b.denoise_to_zero(ts[-1])
     return b.program()

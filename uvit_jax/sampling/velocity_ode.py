@@ -53,12 +53,7 @@ def build_program(
     ts = [float(v) for v in times]
     last = len(ts) - 2
     for i, (s, t) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
-        dt = t - s
-        if order == 1 or (final_euler and i == last):
-            b.add(s, 1.0, b.lag(dt), True)
-        else:
-            b.add(s, 1.0, b.lag(dt), False)
-            b.add(t, 1.0, b.lag(0.5 * dt, 0.5 * dt), True)
+        b.heun_step(s, t, 1.0, t - s, euler=order == 1 or (final_euler and i == last))
     if denoise_to_zero:
         b.denoise_to_zero(ts[-1])
     return b.program()
