@@ -280,3 +280,18 @@ def test_the_loss_is_least_for_the_network_the_samplers_assume(f, weighting):
     assert best < loss(network(f.target, 1.05)), best
     for other in others:
         assert best < loss(network(other)), (other, best)
+
+
+def test_a_sampler_written_for_other_paths_is_refused_in_one_line():
+    from configs.fashion_mnist_uvit import get_config
+    from uvit_jax.sampling.generate import SamplerSpec
+
+    c = get_config("runlocal")
+    c.diffusion.update(formulation="flow", target="velocity")
+    c.sample.update(sampler="euler_maruyama", denoise_to_zero=False)
+    want = (
+        r"^config.sample.sampler='euler_maruyama' is not defined on formulation 'flow'; "
+        r"expected one of \(.*'velocity_heun'[^\n]*\)$"
+    )
+    with pytest.raises(ConfigError, match=want):
+        SamplerSpec.from_config(c)
