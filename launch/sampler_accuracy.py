@@ -23,19 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_platforms", "cpu")
 
-import jax.numpy as jnp  # noqa: E402
-
 from uvit_jax.diffusion.formulation import Formulation  # noqa: E402
-from uvit_jax.sampling import euler_maruyama  # noqa: E402
-from uvit_jax.sampling.gaussian_reference import (  # noqa: E402
-    exact_ode,
-    gaussian_prediction,
-    observed_order,
-)
-from uvit_jax.sampling.samplers import SAMPLERS  # noqa: E402
+from uvit_jax.sampling.gaussian_reference import observed_order, sampler_error  # noqa: E402
+from uvit_jax.sampling.samplers import SAMPLERS, runs_on  # noqa: E402
 
 FORMULATIONS = (
     Formulation("vp_continuous", "eps"),
@@ -44,22 +36,6 @@ FORMULATIONS = (
     Formulation("flow", "velocity"),
 )
 X_T = np.random.RandomState(3).randn(16, 4)
-
-
-def end_time(sampler, formulation: Formulation) -> float:
-    """Where the sampler stops: U-ViT's SDE/ODE Euler at 0, the others at `schedule.t_end`."""
-    return 0.0 if isinstance(sampler, euler_maruyama.Variant) else formulation.schedule.t_end
-
-
-def max_error(name: str, formulation: Formulation, nfe: int) -> float:
-    """The largest |x - exact| over X_T after `nfe` network evaluations, float64."""
-    sampler = SAMPLERS[name]
-    ns = formulation.schedule
-    predict = gaussian_prediction(formulation)
-    fn = jax.jit(lambda x: sampler(predict, x, formulation, steps=nfe, key=jax.random.key(0)))
-    x = np.asarray(fn(jnp.asarray(X_T, jnp.float64)))
-    exact = exact_ode(ns, X_T, end_time(sampler, formulation), t_start=ns.T)
-    return float(np.abs(x - exact).max())
 
 
 def main() -> None:
@@ -73,10 +49,9 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for name in names:
         for formulation in FORMULATIONS:
-            supports = getattr(SAMPLERS[name], "supports", lambda f: True)
-            if not supports(formulation):
+            if not runs_on(SAMPLERS[name], formulation):
                 continue
-            errors = np.array([max_error(name, formulation, int(n)) for n in nfes])
+            errors = np.array([sampler_error(name, formulation, int(n), X_T) for n in nfes])
             cells = [name, f"{formulation.path}, {formulation.target}"]
             cells += [f"{e:.1e}" for e in errors]
             cells.append(f"{observed_order(errors, nfes):.2f}")

@@ -170,9 +170,8 @@ class Formulation:
             abar = jnp.asarray(ns.alphas_cumprod, jnp.float32)[n - 1]
             t_net = n.astype(jnp.float32)
             return NoiseLevel(t_net / ns.total_N, t_net, jnp.sqrt(abar), jnp.sqrt(1.0 - abar))
-        t = self._draw_unit_time(key, b)
-        if ns.T < 1.0:  # a path that reaches alpha = 0 at t = 1 stops at T
-            t = jnp.minimum(t, ns.T)
+        # A path that reaches alpha = 0 at t = 1 stops at T (T = 1 for the others: t < 1 kept).
+        t = jnp.minimum(self._draw_unit_time(key, b), ns.T)
         return NoiseLevel(t, ns.network_time(t), ns.marginal_alpha(t), ns.marginal_std(t))
 
     # -- the dashboards' loss by noise level --

@@ -48,10 +48,8 @@ def coefficients(
     # -g^2 score = beta eps / sigma (reverse SDE); half of it for the probability-flow ODE.
     b = (0.5 if probability_flow else 1.0) * beta / sigma * dt
     c = np.zeros_like(t) if probability_flow else np.sqrt(beta * -dt) * (s != 0.0)
-    if target != "eps":
-        pq = np.array([prediction_coefficients(target, "eps", schedule, v) for v in t])
-        a, b = a + b * pq[:, 0], b * pq[:, 1]
-    return t, a, b, c
+    pq = np.array([prediction_coefficients(target, "eps", schedule, v) for v in t])
+    return t, a + b * pq[:, 0], b * pq[:, 1], c
 
 
 def sample(

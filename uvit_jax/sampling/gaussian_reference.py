@@ -73,3 +73,19 @@ def exact_ode(ns: Schedule, x_T: np.ndarray, t_end: float, t_start: float = 1.0)
 def observed_order(errors: np.ndarray, sizes: np.ndarray) -> float:
     """The order p of errors ~ size^-p from the last two (error, size) pairs."""
     return float(np.log(errors[-2] / errors[-1]) / np.log(sizes[-1] / sizes[-2]))
+
+
+def sampler_error(name: str, formulation: Formulation, nfe: int, x_T: np.ndarray) -> float:
+    """The largest |x - exact| of registered sampler `name` after `nfe` network evaluations
+    from x_T [B, 4] at t = T, run in float64 on the exact network of the formulation's target,
+    where the sampler stops (t_end; t = 0 for U-ViT's SDE/ODE Euler)."""
+    from uvit_jax.sampling import euler_maruyama
+    from uvit_jax.sampling.samplers import SAMPLERS
+
+    sampler, ns = SAMPLERS[name], formulation.schedule
+    end = 0.0 if isinstance(sampler, euler_maruyama.Variant) else ns.t_end
+    predict = gaussian_prediction(formulation)
+    with jax.enable_x64(True):
+        run = jax.jit(lambda x: sampler(predict, x, formulation, steps=nfe, key=jax.random.key(0)))
+        x = np.asarray(run(jnp.asarray(x_T, jnp.float64)))
+    return float(np.abs(x - exact_ode(ns, x_T, end, t_start=ns.T)).max())

@@ -27,7 +27,7 @@ from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
 from uvit_jax.sampling.guidance import CFG_SCHEDULES, guided_noise_fn
-from uvit_jax.sampling.samplers import SAMPLERS
+from uvit_jax.sampling.samplers import SAMPLERS, runs_on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +55,11 @@ class SamplerSpec:
                 f"config.sample.sampler: unknown sampler {sampler!r}; expected one of "
                 f"{tuple(SAMPLERS)}"
             )
-        supports = getattr(SAMPLERS[sampler], "supports", None)
-        if supports is not None and not supports(formulation):
+        if not runs_on(SAMPLERS[sampler], formulation):
             raise ConfigError(
                 f"config.sample.sampler={sampler!r} is not defined on formulation "
                 f"{formulation.path!r}; expected one of "
-                f"{tuple(n for n, s in SAMPLERS.items() if _supports(s, formulation))}"
+                f"{tuple(n for n, s in SAMPLERS.items() if runs_on(s, formulation))}"
             )
         steps = int(config.sample.steps)
         if steps < 1:
@@ -114,11 +113,6 @@ class SamplerSpec:
             grid,
             cfg_schedule_from_config(config),
         )
-
-
-def _supports(sampler: Any, formulation: Formulation) -> bool:
-    """Whether a registered sampler runs on the formulation's path."""
-    return getattr(sampler, "supports", lambda f: True)(formulation)
 
 
 def _samplers_with(option: str) -> str:

@@ -22,6 +22,7 @@ A new sampler is one file in this folder with such a callable, and one line belo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -49,3 +50,9 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "euler_maruyama": euler_maruyama.Variant(probability_flow=False),
     "probability_flow": euler_maruyama.Variant(probability_flow=True),
 }
+
+
+def runs_on(sampler: Any, formulation: Any) -> bool:
+    """Whether a sampler runs on the formulation's path (all do but those with a `supports`
+    method that says otherwise)."""
+    return getattr(sampler, "supports", lambda f: True)(formulation)
