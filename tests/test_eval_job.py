@@ -57,7 +57,7 @@ def test_fid_stats_then_eval(eval_setup, monkeypatch):
     assert fp["inception"]["feature_sha256"] == ref.protocol["inception_feature_sha256"]
     # The objective the model was trained with (the runlocal default's), shown, not checked.
     assert fp["objective"] == dict(
-        path="sd_discrete", target="eps", time_sampling="uniform", time_mean=0.0, time_std=1.0,
+        path="flow", target="velocity", time_sampling="logit_normal", time_mean=0.0, time_std=1.0,
         time_shift=1.0,
     )  # fmt: skip
     assert (fp["sampler"], fp["steps"], fp["weights"], fp["labels"]) == (

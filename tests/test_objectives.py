@@ -193,7 +193,7 @@ def test_zero_snr_with_the_noise_target_is_refused():
     from uvit_jax import jobs
 
     c = get_config("runlocal")
-    c.diffusion.formulation = "sd_zero_snr"
+    c.diffusion.update(formulation="sd_zero_snr", target="eps")
     with pytest.raises(ConfigError, match="target='eps' with formulation 'sd_zero_snr'"):
         jobs.check("train", c)  # before any job starts
 

@@ -380,8 +380,10 @@ def small_config(**sample):
     from configs.fashion_mnist_uvit import get_config
 
     c = get_config("runlocal")
-    c.diffusion.formulation = "vp_continuous"  # the comparisons below use LinearVPSchedule
-    c.sample.update(steps=6, denoise_to_zero=False)  # the default's final step: DPM-Solver only
+    # The comparisons below run LinearVPSchedule with a noise-predicting model.
+    c.diffusion.update(formulation="vp_continuous", target="eps")
+    # The default's final step (DPM-Solver only) and guidance schedule, off.
+    c.sample.update(steps=6, denoise_to_zero=False, cfg_schedule="constant")
     c.sample.update(**sample)
     return c
 

@@ -258,13 +258,13 @@ def test_dashboards_show_interval_means(fmnist_dir, tmp_path, one_device, caplog
             assert two[step] == pytest.approx((one[step - 1] + one[step]) / 2, rel=1e-6)
     tags = event_file(pairs).Tags()["tensors"]
     levels = [t for t in tags if t.startswith("loss_by_t/")]
-    assert levels == ["loss_by_t/n1-250", "loss_by_t/n251-500", "loss_by_t/n501-750",
-                      "loss_by_t/n751-1000"]  # fmt: skip
+    assert levels == ["loss_by_t/t0.00-0.25", "loss_by_t/t0.25-0.50", "loss_by_t/t0.50-0.75",
+                      "loss_by_t/t0.75-1.00"]  # fmt: skip
     assert "steps_per_s" in tags and "steps_per_sec" not in tags
     (content,) = event_file(pairs).PluginTagToContent("hparams").values()
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["model.embed_dim"].number_value == 32
-    assert hparams["diffusion.formulation"].string_value == "sd_discrete"
+    assert hparams["diffusion.formulation"].string_value == "flow"
     assert re.search(r"step 4/4  loss [0-9.]+  [0-9.]+ steps/s  ETA 0:00:00", caplog.text)
 
 

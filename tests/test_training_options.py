@@ -74,8 +74,15 @@ def test_paper_configs_keep_the_paper_objective():
 
 def test_default_variants():
     new, old = fashion_mnist_uvit.get_config(), fashion_mnist_uvit.get_config("paper_recipe")
-    assert (new.model.img_size, new.diffusion.loss_weighting) == (28, "min_snr")
-    # The previous default, to rerun the comparison: padded 32 x 32, the paper's loss.
+    assert (new.model.img_size, new.diffusion.formulation, new.diffusion.target) == (
+        28, "flow", "velocity"
+    )  # fmt: skip
+    # The previous default, the yardstick of the objectives: noise target, min-SNR 5.
+    noise = fashion_mnist_uvit.get_config("sd_noise")
+    assert (noise.diffusion.formulation, noise.diffusion.target) == ("sd_discrete", "eps")
+    assert (noise.diffusion.loss_weighting, noise.model.pos_embed) == ("min_snr", "learned_1d")
+    assert noise.train.num_steps == new.train.num_steps
+    # The default before it, to rerun the comparison: padded 32 x 32, the paper's loss.
     assert (old.model.img_size, old.data.resolution, old.diffusion.loss_weighting) == (
         32,
         32,
