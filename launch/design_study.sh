@@ -21,7 +21,7 @@ OUT=${1:-workdirs/design_study}
 STEPS=${2:-3000}
 SEEDS=${3:-"(0,)"}
 shift $(($# < 3 ? $# : 3))
-C=configs/fashion_mnist_uvit.py
+C=configs/fashion_mnist_uvit.py:sd_noise  # the default when the study ran: noise target, learned positions
 mkdir -p "$OUT"
 REF=$OUT/test2048.npz
 N=${N:-2048}  # samples per FID (N and B: smaller for a smoke run)

@@ -1,7 +1,7 @@
 """Sample quality of Fashion-MNIST recipes on the real data, as one table.
 
     python launch/fashion_mnist_quality.py --out workdirs/quality \
-        --recipe paper_recipe=configs/fashion_mnist_uvit.py:paper_recipe \
+        --recipe previous=configs/fashion_mnist_uvit.py:sd_noise \
         --recipe default=configs/fashion_mnist_uvit.py
 
 Every recipe is a config (plus `--config.*` overrides after the `=`, separated by spaces). For
