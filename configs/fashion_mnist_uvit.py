@@ -93,8 +93,10 @@ def get_config(arg: str = ""):
     c.eval.update(num_samples=10_000, batch_size=500, train_num_samples=2500)
     if flags & {"sd_noise", "paper_recipe"}:
         c.model.pos_embed = "learned_1d"
-        c.diffusion.update(formulation="sd_discrete", target="eps", time_sampling="uniform")
-        c.diffusion.update(loss_weighting="min_snr", min_snr_gamma=5.0)
+        c.diffusion.update(
+            formulation="sd_discrete", target="eps", time_sampling="uniform",
+            loss_weighting="min_snr", min_snr_gamma=5.0,
+        )  # fmt: skip
         c.sample.update(cfg_scale=1.5, cfg_schedule="constant")
     if "paper_recipe" in flags:
         c.model.img_size = 32

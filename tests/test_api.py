@@ -132,11 +132,13 @@ def test_step_folder_overrides_and_model(saved8):
     eps = m.model(x, t, y=y)
     assert eps.shape == (2, 28, 28, 1) and bool(jnp.all(jnp.isfinite(eps)))
 
+    # cfg_scale=0 is unguided although the saved config guides on the "linear" schedule.
+    assert m.config.sample.cfg_schedule == "linear"
     unguided = uvit_jax.sample(m, labels=LABELS[:4], seed=SEED, cfg_scale=0, steps=3)
     want = sample_images(
         m.graphdef,
         m.params,
-        _with(m.config, cfg_scale=0.0, steps=3),
+        _with(m.config, cfg_scale=0.0, steps=3, cfg_schedule="constant"),
         jax.random.fold_in(jax.random.key(SEED), 0),
         labels=jnp.asarray(LABELS[:4]),
     )

@@ -236,6 +236,14 @@ def test_sweep_cells_cover_the_guidance_schedules():
     assert len(cells) == 8 and cells[3].apply(c).sample.cfg_schedule == "linear"
     assert cells[3].line == "dpm_solver++_3s, cfg 2 in (0.3, 6], linear schedule"
     assert cells[0].line == "dpm_solver++_3s, cfg 2"  # constant: the line's name as before
+    # Scale 0 beside them: one unguided cell per step count, which the config check accepts.
+    c.sweep.cfg_scales = (0.0, 2.0)
+    cells = sweep_cells(c)
+    unguided = [x for x in cells if x.cfg_scale == 0]
+    assert [(x.steps, x.cfg_interval, x.cfg_schedule) for x in unguided] == [
+        (5, (), "constant"), (10, (), "constant")
+    ]  # fmt: skip
+    assert len(cells) == 2 + 8
 
 
 @pytest.mark.integration

@@ -260,7 +260,8 @@ def sample(
       num: batch size B when neither labels nor contexts give it (default
           config.sample.num_samples).
       steps, cfg_scale, sampler: override config.sample.{steps, cfg_scale, sampler} for this
-          call (cfg_scale=0 samples without guidance); `loaded.config` is left unchanged.
+          call; `loaded.config` is left unchanged. cfg_scale=0 samples without guidance: the
+          config's guidance interval and schedule are then dropped unless given here too.
       cfg_interval: overrides config.sample.cfg_interval: (lo, hi) guides only at noise levels
           lo < sigma_t / alpha_t <= hi; () guides at every step.
       cfg_schedule: overrides config.sample.cfg_schedule: "constant" or "linear" (the scale
@@ -279,6 +280,10 @@ def sample(
     for (field, value), cast in zip(overrides.items(), (int, float, str), strict=True):
         if value is not None:
             config.sample[field] = cast(value)
+    if cfg_scale is not None and float(cfg_scale) == 0:
+        # Unguided: the saved interval and schedule (e.g. the default's "linear") have no
+        # scale to act on; naming them with scale 0 in a config stays an error.
+        config.sample.update(cfg_interval=(), cfg_schedule="constant")
     if cfg_interval is not None:
         config.sample.cfg_interval = tuple(float(v) for v in cfg_interval)
     if cfg_schedule is not None:

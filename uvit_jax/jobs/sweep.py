@@ -55,7 +55,8 @@ class Cell:
     grid: str
 
     def apply(self, config) -> Any:
-        """A copy of `config` whose `sample` section holds this cell's settings."""
+        """A copy of `config` whose `sample` section holds this cell's settings (a cell of scale
+        0 is unguided: no interval, the constant schedule)."""
         config = config.copy_and_resolve_references()
         config.sample.update(
             sampler=self.sampler,
@@ -83,19 +84,21 @@ class Cell:
 
 
 def sweep_cells(config) -> list[Cell]:
-    """The product of `config.sweep`'s lists; an empty list is `config.sample`'s own value."""
+    """The product of `config.sweep`'s lists; an empty list is `config.sample`'s own value. A
+    scale of 0 is one unguided cell per (sampler, steps, grid), whatever the intervals and
+    schedules (they have no scale to act on)."""
     s, own = config.sweep, config.sample
 
     def values(field: str, default: Any) -> tuple:
         return tuple(s.get(field, ()) or ()) or (default,)
 
-    return [
+    cells = [
         Cell(
             sampler,
             int(steps),
             float(scale),
-            tuple(float(v) for v in interval),
-            str(schedule),
+            tuple(float(v) for v in interval) if scale else (),
+            str(schedule) if scale else "constant",
             str(grid),
         )
         for sampler, steps, scale, interval, schedule, grid in itertools.product(
@@ -107,6 +110,7 @@ def sweep_cells(config) -> list[Cell]:
             values("grids", own.get("grid", "")),
         )
     ]
+    return list(dict.fromkeys(cells))  # in order, without the repeated unguided cells
 
 
 def _row(cell: Cell, config, result: dict[str, Any]) -> dict[str, Any]:
