@@ -178,7 +178,7 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
     c = config.copy_and_resolve_references()
     c.eval.ref_stats = str(tmp_path / "ref.npz")  # its own: another test writes the module's
     jobs.run("fid_stats", c, str(workdir))
-    c.sample.update(sampler="dpm_solver++_3s", steps=2, cfg_scale=1.0)
+    c.sample.update(sampler="dpm_solver++_3s", steps=2, cfg_scale=1.0, cfg_schedule="constant")
     jobs.run("eval", c, str(workdir))
     plain = json.loads((workdir / "eval" / "result_step_2.json").read_text())
 
@@ -252,10 +252,14 @@ def test_sweep_checks_every_cell_before_sampling(eval_setup, monkeypatch):
 
     config, root = eval_setup
     c = config.copy_and_resolve_references()
-    c.sample.denoise_to_zero = False  # Euler-Maruyama has none
-    c.sweep.update(samplers=("dpm_solver++_3s", "euler_maruyama"), grids=("karras",))
+    # The run's model is flow matching, where Euler-Maruyama is not defined: its cell, after
+    # a good one, is refused before anything is sampled.
+    c.sweep.update(samplers=("dpm_solver++_3s", "euler_maruyama"))
     monkeypatch.setattr(evaluate_job, "make_sample_batches", lambda *a, **k: pytest.fail("sampled"))
-    message = r"config.sweep: the cell \(euler_maruyama, .*\): config.sample.grid needs a sampler"
+    message = (
+        r"config.sweep: the cell \(euler_maruyama, .*\): config.sample.sampler='euler_maruyama' "
+        r"is not defined on formulation 'flow'"
+    )
     with pytest.raises(ValueError, match=message):
         jobs.run("sweep", c, str(root / "w"))
 
