@@ -1,4 +1,4 @@
-"""The embedded default: class-conditional U-ViT on Fashion-MNIST, pixel space, CFG.
+"""The embedded default: class-conditional U-ViT on Fashion-MNIST, pixel space, flow matching, CFG.
 
 70k real 28x28 images, 10 classes (+ the null class 10 for guidance), at their native size:
 7 x 7 patches of 4 x 4 pixels. Sized to draw every class recognisably in under 12 minutes on a
