@@ -129,10 +129,8 @@ class ProgramBuilder:
         """A step of Heun's method from s to t, x_t = linear x_s + step (m_s + m_E) / 2, with m_E
         the model output at the Euler point linear x_s + step m_s (2 NFE); euler: that Euler
         step alone (1 NFE)."""
-        if euler:
-            self.add(s, linear, self.lag(step), True)
-        else:
-            self.add(s, linear, self.lag(step), False)
+        self.add(s, linear, self.lag(step), euler)
+        if not euler:
             self.add(t, linear, self.lag(0.5 * step, 0.5 * step), True)
 
     def linear_part(self, s: float, u: float) -> float:

@@ -22,6 +22,8 @@ import numpy as np
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.diffusion.schedules import Schedule
 from uvit_jax.diffusion.targets import target_coefficients
+from uvit_jax.sampling import euler_maruyama
+from uvit_jax.sampling.samplers import SAMPLERS
 
 MU = np.array([0.5, -0.3, 0.0, 1.0])
 SD = np.array([0.5, 0.8, 0.6, 1.0])  # unit-ish scale, like scaled latents
@@ -79,9 +81,6 @@ def sampler_error(name: str, formulation: Formulation, nfe: int, x_T: np.ndarray
     """The largest |x - exact| of registered sampler `name` after `nfe` network evaluations
     from x_T [B, 4] at t = T, run in float64 on the exact network of the formulation's target,
     where the sampler stops (t_end; t = 0 for U-ViT's SDE/ODE Euler)."""
-    from uvit_jax.sampling import euler_maruyama
-    from uvit_jax.sampling.samplers import SAMPLERS
-
     sampler, ns = SAMPLERS[name], formulation.schedule
     end = 0.0 if isinstance(sampler, euler_maruyama.Variant) else ns.t_end
     predict = gaussian_prediction(formulation)

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 
+from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.sampling import dpm_solver, euler_maruyama, heun, unipc, velocity_ode
 
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
@@ -52,7 +53,7 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def runs_on(sampler: Any, formulation: Any) -> bool:
+def runs_on(sampler: Any, formulation: Formulation) -> bool:
     """Whether a sampler runs on the formulation's path (all do but those with a `supports`
     method that says otherwise)."""
     return getattr(sampler, "supports", lambda f: True)(formulation)
