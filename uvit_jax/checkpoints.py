@@ -95,6 +95,10 @@ class _SealingManager(ocp.CheckpointManager):
             post_finalization_callback=self._seal, create_directories_asynchronously=False
         )
         super().__init__(directory, options=options, item_names=ITEMS)
+        # orbax removes the temporary folders of killed saves in a background thread that it
+        # awaits only at the first save: a job that stops before it (a bad config found at
+        # once) exited under that thread, which then printed a traceback after the error line.
+        self._maybe_await_cleanup_tmp_directory()
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # the previous step is sealed before `_sealing` moves on
