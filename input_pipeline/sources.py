@@ -16,6 +16,8 @@ Sources (`make_source(config.data)`):
   * `"fashion_mnist_files"`: the gzipped idx files of Debian's `dataset-fashion-mnist`.
   * `"coco_files"`: MS-COCO as distributed: an image folder (`train2014/`) and its captions
     file (`annotations/captions_train2014.json`).
+Any labelled source may be cut to some of its classes, renumbered (`config.data.classes`,
+`ClassSubset`): fine-tuning on part of a dataset.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 import pathlib
 import struct
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -343,6 +346,57 @@ class Subset:
         return array_batch(self._source, indices)
 
 
+class ClassSubset:
+    """The examples of some classes of a labelled source, in source order, each relabelled by
+    its class's position in `classes`: classes (3, 5, 7) keep labels 3, 5, 7 as 0, 1, 2
+    (`config.data.classes`, e.g. to fine-tune on part of a dataset).
+
+    The labels are read once: from the source's `labels` array where it has one
+    (Fashion-MNIST), else example by example (a TFDS source reads every record once).
+    """
+
+    def __init__(self, source: ImageSource, classes: Sequence[int]):
+        classes = tuple(int(c) for c in classes)
+        k = source.num_classes
+        if k == 0 or len(set(classes)) != len(classes) or not all(0 <= c < k for c in classes):
+            raise DataConfigError(
+                f"config.data.classes={classes}: expected distinct labels in [0, {k}) of "
+                f"{source.description} ({k} classes)"
+            )
+        self._source = source
+        labels = getattr(source, "labels", None)
+        if labels is None:
+            labels = [source[i].label for i in range(len(source))]
+        self._relabel = np.full(k, -1, np.int64)
+        self._relabel[list(classes)] = np.arange(len(classes))
+        self._kept = np.flatnonzero(self._relabel[np.asarray(labels, np.int64)] >= 0)
+        if not len(self._kept):
+            raise DataConfigError(
+                f"config.data.classes={classes}: {source.description} has no example of them"
+            )
+        self.num_classes = len(classes)
+        self.description = f"{source.description}[classes={','.join(map(str, classes))}]"
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, index: int) -> RawExample:
+        example = self._source[int(self._kept[index])]
+        return dataclasses.replace(example, label=int(self._relabel[example.label]))
+
+    def arrays(self, indices: range) -> tuple[np.ndarray, np.ndarray] | None:
+        """The source's `arrays` of the kept examples `indices` (None when it has none): one
+        read of the source range that spans them, then the kept rows."""
+        ids = self._kept[indices.start : indices.stop]
+        if not len(ids):
+            raise IndexError(indices)
+        raw = array_batch(self._source, range(int(ids[0]), int(ids[-1]) + 1))
+        if raw is None:
+            return None
+        rows = ids - ids[0]
+        return raw[0][rows], self._relabel[np.asarray(raw[1], np.int64)[rows]].astype(np.int32)
+
+
 def array_batch(source: ImageSource, indices: range) -> tuple[np.ndarray, np.ndarray] | None:
     """(uint8 images [n, H, W] or [n, H, W, C], labels [n]) of `indices` (a step-1 range) when
     `source` holds raw arrays and has an `arrays` method (Fashion-MNIST), else None: such a
@@ -353,7 +407,13 @@ def array_batch(source: ImageSource, indices: range) -> tuple[np.ndarray, np.nda
 
 def make_source(data_config: Any) -> ImageSource:
     """The source named by `config.data` (`source`, `name`, `source_dir`, `captions_file`,
-    `split`)."""
+    `split`), cut to `classes` when that lists some (`ClassSubset`)."""
+    source = _named_source(data_config)
+    classes = tuple(data_config.get("classes", ()))
+    return ClassSubset(source, classes) if classes else source
+
+
+def _named_source(data_config: Any) -> ImageSource:
     kind = data_config.source
     if kind == "fashion_mnist_files":
         return FashionMnistFilesSource(data_config.source_dir, data_config.split)

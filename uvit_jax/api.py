@@ -142,6 +142,17 @@ def load(
     )
 
 
+def saved_config(
+    workdir_or_checkpoint: str | os.PathLike, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, int]:
+    """(the saved config, the step) of the checkpoint whose EMA weights `load` would read with
+    these arguments, without reading the weights (their files' checksums are checked). Raises
+    CheckpointError as `load` does."""
+    with _reader(workdir_or_checkpoint) as (manager, folder_step):
+        step = _pick(manager, step, folder_step, "ema")
+        return config_from_dict(checkpoints.read_config(manager, step)), step
+
+
 # How many times `load` without a step picks again when the step it chose is deleted under it.
 _VANISHED_RETRIES = 3
 

@@ -157,6 +157,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "data.max_examples": NONNEG,
     "data.extract_shard_size": COUNT,
     "data.extract_batch_size": COUNT,
+    "data.classes": Each(NONNEG),
     # ---- text encoder ----
     "text_encoder.batch_size": COUNT,
     # ---- optim ----

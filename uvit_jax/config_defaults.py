@@ -215,6 +215,9 @@ def default_config() -> ml_collections.ConfigDict:
             prefetch=2,  # batches each worker keeps ready
             read_threads=2,  # array_record read threads per process
             max_examples=0,  # extraction: use only the first N source images (0: all)
+            # Keep only these classes of a labelled source, relabelled 0, 1, ... in this order
+            # ((3, 5, 7): 3 -> 0, 5 -> 1, 7 -> 2); (): all. Fine-tuning on part of a dataset.
+            classes=(),
             extract_shard_size=4096,  # source images per extracted shard (fixed for a resume)
             extract_batch_size=64,  # images per autoencoder call during extraction
             tfds_data_dir="",  # TFDS data_dir for source="tfds" ("" = TFDS default)
@@ -263,6 +266,11 @@ def default_config() -> ml_collections.ConfigDict:
                 fid=dict(type="fid", every=0),  # on config.eval.train_num_samples samples
             ),
             on_nonfinite="stop",  # "stop" or "skip"
+            # Fine-tuning: a new run starts from these weights (the EMA weights of a workdir's
+            # latest checkpoint, of "workdir:step", or of a `--mode convert` workdir) with a
+            # fresh optimizer at step 0; a workdir that has checkpoints resumes instead.
+            # "": a fresh initialisation. (uvit_jax/train/init_from.py: what may differ.)
+            init_from="",
         )
     )
 

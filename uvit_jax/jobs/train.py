@@ -1,14 +1,16 @@
 """The training job: `python main.py --mode train --config ... --workdir W`.
 
 Read top to bottom: `train_job` holds the workdir and runs four sections, each one function:
-set-up (checks, evaluators, checkpoints, data), restore or init (the state), compile (the step,
-for the first batch's shapes), the loop (steps; at their intervals: log, checkpoint,
-evaluators of `config.train.evals`; saves on SIGTERM and at the end).
+set-up (checks, evaluators, checkpoints, fine-tuning's source, data), restore or init (the
+state: resumed, fresh, or from `config.train.init_from`'s weights), compile (the step, for the
+first batch's shapes), the loop (steps; at their intervals: log, checkpoint, evaluators of
+`config.train.evals`; saves on SIGTERM and at the end).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -28,15 +30,16 @@ from jax.sharding import Mesh
 
 from input_pipeline import extract, latent_dataset
 from uvit_jax import checkpoints, jobs, workdir_lock
+from uvit_jax.api import load, saved_config
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError, StoppedBeforeTraining, UserError
 from uvit_jax.evals import Scheduled, TrainContext, make_evals
 from uvit_jax.jobs.extract import extract_job
-from uvit_jax.models.uvit import build_uvit
+from uvit_jax.models.uvit import abstract_uvit, build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
-from uvit_jax.train import dashboard, flops
+from uvit_jax.train import dashboard, flops, init_from
 from uvit_jax.train.state import TrainState, create_train_state
 from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, make_train_program
 
@@ -278,8 +281,10 @@ def train_job(config, workdir: str) -> TrainState:
 class TrainRun:
     """What the sections of one run share; built by `set_up`.
 
-    latest: the checkpoint step resumed from (None: a new run). restore_iter: whether that step
-    holds this topology's data iterator position (else the stream was rebuilt at `latest`).
+    latest: the checkpoint step resumed from (None: a new run). init: a new run's starting
+    weights (`config.train.init_from`; None: a fresh initialisation, or a resumed run).
+    restore_iter: whether `latest` holds this topology's data iterator position (else the
+    stream was rebuilt at `latest`).
     empty_context: text-to-image models' replicated CLIP of "" (None otherwise).
     """
 
@@ -288,6 +293,7 @@ class TrainRun:
     mesh: Mesh
     manager: ocp.CheckpointManager
     latest: int | None
+    init: InitFrom | None
     restore_iter: bool
     data_dir: str
     data_iter: Any
@@ -317,6 +323,7 @@ def set_up(config, workdir: str) -> TrainRun:
     if latest is not None:
         check_same_model(checkpoints.read_config(manager, latest), config, workdir)
     checkpoints.set_aside_newer(manager, latest)
+    init = plan_init_from(config, workdir, latest)
 
     data_dir = ensure_dataset(config, workdir)
     # A saved iterator position is restored with the state; one written by another number of
@@ -340,6 +347,7 @@ def set_up(config, workdir: str) -> TrainRun:
         mesh=mesh,
         manager=manager,
         latest=latest,
+        init=init,
         restore_iter=restore_iter,
         data_dir=data_dir,
         data_iter=data_iter,
@@ -350,12 +358,84 @@ def set_up(config, workdir: str) -> TrainRun:
     )
 
 
+# ---- fine-tuning: the weights a new run starts from ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """The checkpoint a new run starts from (`config.train.init_from`): its workdir (or step
+    folder), its step, and what each parameter of this config's model takes from it."""
+
+    path: str
+    step: int
+    plan: init_from.TransferPlan
+
+
+def parse_init_from(value: str) -> tuple[str, int | None]:
+    """`workdir` or `workdir:step` -> (path, step or None); a URL keeps its scheme's colon."""
+    path, colon, step = value.rpartition(":")
+    return (path, int(step)) if colon and path and step.isdigit() else (value, None)
+
+
+def plan_init_from(config, workdir: str, latest: int | None) -> InitFrom | None:
+    """Checks `config.train.init_from` before anything is extracted or compiled: the checkpoint
+    is there (its EMA files sound) and its model can become this config's
+    (`init_from.plan_transfer`). None without one, or when the workdir resumes: a run that has
+    checkpoints never starts over from the init weights (logged)."""
+    value = config.train.init_from
+    if not value:
+        return None
+    if latest is not None:
+        logging.info(
+            "config.train.init_from=%r ignored: %s resumes from its checkpoint step %d",
+            value, workdir, latest,
+        )  # fmt: skip
+        return None
+    where = f"config.train.init_from={value!r}"
+    path, step = parse_init_from(value)
+    try:
+        saved, step = saved_config(path, step)
+    except checkpoints.CheckpointError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    plan = init_from.plan_transfer(
+        nnx.state(abstract_uvit(saved.model)),
+        nnx.state(abstract_uvit(config.model)),
+        source_model=saved.model,
+        target_model=config.model,
+        where=f"{where} (step {step})",
+    )
+    return InitFrom(path=path, step=step, plan=plan)
+
+
+def init_from_checkpoint(run: TrainRun) -> TrainState:
+    """A new state at step 0 whose parameters are `run.init`'s checkpoint's EMA weights,
+    reshaped by its plan; the EMA starts from the same weights, the optimizer state is fresh.
+    Logs one line: what was loaded, re-initialised and interpolated."""
+    init, config = run.init, run.config
+    source = load(init.path, init.step, mesh=run.mesh).params
+    state = create_train_state(
+        config.model,
+        run.program.tx,
+        run.mesh,
+        config.seed,
+        adapt=functools.partial(init_from.transfer, init.plan),
+        source=source,
+    )
+    logging.info(
+        "init_from %s step %d (EMA weights): %s; the EMA starts from these weights, the "
+        "optimizer fresh, at step 0", init.path, init.step, init.plan.summary(),
+    )  # fmt: skip
+    return state
+
+
 # ---- restore or init ---------------------------------------------------------------------
 
 
 def restore_or_init(run: TrainRun) -> TrainState:
-    """The state of the resumed step (and the data iterator's position, in place), or a new
-    state from `config.seed`."""
+    """The state of the resumed step (and the data iterator's position, in place), a new state
+    from `config.train.init_from`'s weights, or a new state from `config.seed`."""
+    if run.latest is None and run.init is not None:
+        return init_from_checkpoint(run)
     if run.latest is None:
         return create_train_state(run.config.model, run.program.tx, run.mesh, run.config.seed)
     item, ema_target = run.program.abstract_state.checkpoint_items()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -56,9 +56,25 @@ def model_graphdef(model_config) -> nnx.GraphDef:
     return graphdef
 
 
-def init_train_state(model_config, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state (call under `jax.jit` with `out_shardings` to create it sharded)."""
+# (the checkpoint's parameters, the new model's own) -> the parameters to start from.
+Adapt = Callable[[Any, nnx.State], nnx.State]
+
+
+def init_train_state(
+    model_config,
+    tx: optax.GradientTransformation,
+    seed: int,
+    adapt: Adapt | None = None,
+    source: Any = None,
+) -> TrainState:
+    """A fresh state at step 0 (call under `jax.jit` with `out_shardings` to create it sharded).
+
+    adapt, source: fine-tuning: the parameters are `adapt(source, the fresh ones)`
+    (`init_from.transfer`); the EMA starts from them too, the optimizer state fresh.
+    """
     _, params = nnx.split(build_uvit(model_config, seed=seed))
+    if adapt is not None:
+        params = adapt(source, params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -87,8 +103,21 @@ def abstract_train_state(
 
 
 def create_train_state(
-    model_config, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+    model_config,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    adapt: Adapt | None = None,
+    source: Any = None,
 ) -> TrainState:
-    """A fresh state, each array created directly in its shards (never whole on one device)."""
+    """A fresh state, each array created directly in its shards (never whole on one device).
+
+    adapt, source: as for `init_train_state`; `source` (a checkpoint's parameters) enters the
+    compiled function as an argument, not as constants baked into it.
+    """
     _, shardings = abstract_train_state(model_config, tx, mesh)
-    return jax.jit(lambda: init_train_state(model_config, tx, seed), out_shardings=shardings)()
+    if adapt is None:
+        return jax.jit(lambda: init_train_state(model_config, tx, seed), out_shardings=shardings)()
+    return jax.jit(
+        lambda src: init_train_state(model_config, tx, seed, adapt, src), out_shardings=shardings
+    )(source)
