@@ -44,6 +44,7 @@ from absl import logging
 
 from input_pipeline import latent_dataset, preprocess, sources
 from input_pipeline.errors import DataConfigError, DataError
+from input_pipeline.latent_stats import declared_scale
 
 EncodeFn = Callable[[np.ndarray], Any]
 # Captions -> contexts float32 [n, L, D] (any n, including 0).
@@ -80,7 +81,7 @@ def make_spec(
         shape=latent_dataset.expected_shape(config),
         dtype="uint8" if identity else config.data.latent_dtype,
         autoencoder=config.autoencoder.kind,
-        scale_factor=float(config.autoencoder.scale_factor),
+        scale_factor=declared_scale(config.autoencoder.scale_factor),
         source=source.description,
         split=config.data.split,
         num_source_examples=len(source),

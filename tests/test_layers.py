@@ -28,7 +28,7 @@ LAYERS = [
     ],
     ["uvit_jax.models", "uvit_jax.diffusion"],
     ["uvit_jax.convert"],
-    ["uvit_jax.latent_codec", "uvit_jax.text_encoder"],
+    ["uvit_jax.latent_codec", "uvit_jax.latent_scale", "uvit_jax.text_encoder"],
     ["uvit_jax.sampling", "uvit_jax.train"],
     ["uvit_jax.evaluation"],
     ["uvit_jax.evals"],  # evaluators during training, chosen by config

@@ -20,6 +20,7 @@ import numbers
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from input_pipeline.latent_stats import AUTO_SCALE
 from uvit_jax.config_defaults import UViTConfig
 from uvit_jax.errors import ConfigError
 
@@ -59,14 +60,24 @@ class Int:
 
 @dataclasses.dataclass(frozen=True)
 class Real:
-    """A finite number in the interval; `lo_open` / `hi_open` leave out the ends."""
+    """A finite number in the interval; `lo_open` / `hi_open` leave out the ends; `also` lists
+    names allowed besides (e.g. "auto")."""
 
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    also: tuple[str, ...] = ()
 
     def __call__(self, value: Any) -> str | None:
+        if isinstance(value, str) and value in self.also:
+            return None
+        what = self._range(value)
+        if what is None:
+            return None
+        return what + "".join(f" or {v!r}" for v in self.also)
+
+    def _range(self, value: Any) -> str | None:
         ok = _is_real(value) and math.isfinite(value)
         if ok and self.lo is not None:
             ok = value > self.lo if self.lo_open else value >= self.lo
@@ -147,7 +158,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "diffusion.min_snr_gamma": Real(0, lo_open=True),
     # ---- autoencoder ----
     "autoencoder.kind": OneOf(("identity", "kl_f8")),
-    "autoencoder.scale_factor": Real(0, lo_open=True),
+    "autoencoder.scale_factor": Real(0, lo_open=True, also=(AUTO_SCALE,)),
     "autoencoder.embed_dim": NONNEG,
     # ---- data ----
     "data.resolution": COUNT,

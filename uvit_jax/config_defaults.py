@@ -190,7 +190,10 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             kind="identity",  # "identity" (pixel space) or "kl_f8"
             pretrained_path="",  # LDM/diffusers file or converted orbax checkpoint
-            scale_factor=1.0,  # 0.18215 ImageNet, 0.23010 MS-COCO
+            # Latents are multiplied by it: 0.18215 ImageNet, 0.23010 MS-COCO, or "auto": 1 /
+            # the latents' std measured on the extracted dataset (uvit_jax/latent_scale.py).
+            # A number or a name: a field of any type, so that --config...=auto parses.
+            scale_factor=ml_collections.FieldReference(1.0, field_type=object),
             dtype="float32",
             # LDM ddconfig (ch, ch_mult, num_res_blocks, ...) and embed_dim; empty / 0: SD KL-f8.
             ddconfig=ml_collections.ConfigDict(),

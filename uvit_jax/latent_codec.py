@@ -26,6 +26,7 @@ from flax import nnx
 
 from uvit_jax.convert.autoencoder import load_autoencoder
 from uvit_jax.errors import ConfigError, MissingFile
+from uvit_jax.latent_scale import number
 from uvit_jax.models.autoencoder import (
     SD_EMBED_DIM,
     SD_KL_F8,
@@ -59,7 +60,8 @@ def make_autoencoder(
 
     Args:
       ae_config: `config.autoencoder` with `kind` ("identity" | "kl_f8"), `pretrained_path`,
-        `scale_factor`, `dtype`; optional `ddconfig` / `embed_dim` override the SD KL-f8 ones.
+        `scale_factor` (a number: the train job resolves "auto"), `dtype`; optional
+        `ddconfig` / `embed_dim` override the SD KL-f8 ones.
       image_channels: channels of pixel-space images (identity autoencoder only).
       ddconfig, embed_dim: architecture of a "kl_f8" model; default: `config` values, else
         Stable Diffusion's (ch 128, ch_mult (1, 2, 4, 4), 2 res-blocks, z 4, embed_dim 4).
@@ -71,7 +73,7 @@ def make_autoencoder(
     `uvit_jax.convert.autoencoder.save_converted`.
     """
     kind = ae_config.get("kind", "identity")
-    scale = float(ae_config.get("scale_factor", 1.0))
+    scale = number(ae_config.get("scale_factor", 1.0))
     path = ae_config.get("pretrained_path", "") or ""
     if kind == "identity":
         if path:

@@ -22,12 +22,14 @@ from input_pipeline.latent_dataset.reader import (
     check_compatible,
     open_dataset,
     read_empty_context,
+    read_latent_stats,
 )
 from input_pipeline.latent_dataset.writer import (
     completed_shards,
     finalize,
     prepare_directory,
     write_empty_context,
+    write_latent_stats,
     write_shard,
 )
 
@@ -49,7 +51,9 @@ __all__ = [
     "open_dataset",
     "prepare_directory",
     "read_empty_context",
+    "read_latent_stats",
     "shard_path",
     "write_empty_context",
+    "write_latent_stats",
     "write_shard",
 ]

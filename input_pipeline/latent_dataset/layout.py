@@ -12,6 +12,10 @@ Layout of a dataset directory (`config.data.latent_dir`):
                                                      one shard per image shard, and
   contexts/empty_context.npy                         the encoding of "" (the unconditional
                                                      context of classifier-free guidance)
+  latent_stats.json                                  latent datasets: the standard deviation of
+                                                     the latents training draws from the
+                                                     moments (`--mode extract` measures it once
+                                                     the dataset is complete; written atomically)
 
 Records (TFDS features): `x` the posterior moments [h, w, 2 * embed_dim] (latent configs, float32
 or float16) or the preprocessed pixels [res, res, C] (pixel configs, uint8 0..255), stored as raw
@@ -56,6 +60,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 
 from input_pipeline.errors import DataError
+from input_pipeline.latent_stats import AUTO_SCALE
 
 DATASET_NAME = "uvit_latents"
 CONTEXTS_NAME = "uvit_contexts"
@@ -132,7 +137,8 @@ class DatasetSpec:
     dtype: "float32" or "float16" (moments), "uint8" (pixels 0..255, read back as
       `x / 127.5 - 1`: lossless and 4x smaller than float32); always read back as float32.
     autoencoder: "identity" (pixels) or the autoencoder kind, e.g. "kl_f8".
-    scale_factor: the latent scale factor the training applies (1.0 for pixels).
+    scale_factor: the latent scale factor the training applies (1.0 for pixels), or "auto"
+      (`AUTO_SCALE`): 1 / the latents' std measured on this dataset (`latent_stats.json`).
     source: description of the image source (`ImageSource.description`).
     split: the TFDS split name of the dataset written.
     num_source_examples: length of the source; shard s holds examples
@@ -148,7 +154,7 @@ class DatasetSpec:
     shape: tuple[int, int, int]
     dtype: str
     autoencoder: str
-    scale_factor: float
+    scale_factor: float | str
     source: str
     split: str
     num_source_examples: int
@@ -163,6 +169,10 @@ class DatasetSpec:
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "uint8"):
             raise ValueError(f"record dtype must be float32, float16 or uint8, got {self.dtype!r}")
+        if isinstance(self.scale_factor, str) and self.scale_factor != AUTO_SCALE:
+            raise ValueError(
+                f"scale factor must be a number or {AUTO_SCALE!r}, got {self.scale_factor!r}"
+            )
         if self.context_dtype not in ("float32", "float16"):
             raise ValueError(
                 f"context dtype must be float32 or float16, got {self.context_dtype!r}"

@@ -23,6 +23,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline.errors import MissingDataFile
 from input_pipeline.latent_dataset import layout
+from input_pipeline.latent_stats import AUTO_SCALE, latent_stats_path
 from input_pipeline.preprocess import to_model_range
 
 
@@ -182,17 +183,58 @@ def check_compatible(dataset: DatasetOnDisk, config: Any) -> None:
             f"autoencoder {dataset.spec.autoencoder!r} on disk, config.autoencoder.kind="
             f"{config.autoencoder.kind!r}"
         )
-    if not math.isclose(
-        dataset.spec.scale_factor, float(config.autoencoder.scale_factor), rel_tol=1e-6
-    ):
-        problems.append(
-            f"scale factor {dataset.spec.scale_factor} on disk, config.autoencoder.scale_factor="
-            f"{config.autoencoder.scale_factor}"
-        )
+    scale_problem = _scale_problem(dataset, config.autoencoder.scale_factor)
+    if scale_problem:
+        problems.append(scale_problem)
     if problems:
         raise layout.DatasetMismatchError(
             f"dataset {dataset.directory} does not match the config: " + "; ".join(problems)
         )
+
+
+def _scale_problem(dataset: DatasetOnDisk, want: float | str) -> str | None:
+    """Why `config.autoencoder.scale_factor` (`want`) does not fit the dataset, or None.
+
+    Numbers must agree with the number the dataset was extracted for. A dataset extracted with
+    "auto" fits "auto", and the number a run resolved from it: 1 / its measured latent std
+    (what a checkpoint's saved config holds).
+    """
+    have = dataset.spec.scale_factor
+    field = f"config.autoencoder.scale_factor={want!r}"
+    if have == want:  # "auto" on both sides, or the same number
+        return None
+    on_disk = f"scale factor {have!r} on disk"
+    if want == AUTO_SCALE:
+        return f"{on_disk}, {field}"
+    if have == AUTO_SCALE:
+        stats = read_latent_stats(dataset.directory)
+        if stats is None:
+            path = latent_stats_path(dataset.directory)
+            return f"{on_disk} without its measured std ({path}), {field}"
+        have = 1.0 / stats["std"]
+        on_disk = f"scale factor 'auto' on disk (1/std = {have!r})"
+    if math.isclose(have, float(want), rel_tol=1e-6):
+        return None
+    return f"{on_disk}, {field}"
+
+
+def read_latent_stats(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The latents' statistics `--mode extract` measured (`latent_stats.json`: "std" and how it
+    was measured), or None when the dataset has none (pixels, or written before the
+    measurement existed); `CorruptMetadataError` naming the file when it is unreadable."""
+    path = latent_stats_path(directory)
+    if not path.exists():
+        return None
+    try:
+        stats = json.loads(path.read_bytes())
+        std = float(stats["std"])
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise layout.CorruptMetadataError(
+            f"{path}: not the latent statistics of a uvit_jax dataset ({_one_line(e)})"
+        ) from e
+    if not (math.isfinite(std) and std > 0):
+        raise layout.CorruptMetadataError(f"{path}: std={std!r}, expected a finite number > 0")
+    return dict(stats, std=std)
 
 
 def decode_x(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import utils as tfds_utils
 
 from input_pipeline.latent_dataset import layout, records
+from input_pipeline.latent_stats import latent_stats_path
 
 
 def _marker_path(directory: pathlib.Path, shard: int) -> pathlib.Path:
@@ -39,6 +40,12 @@ def write_empty_context(directory: str | os.PathLike, context: np.ndarray) -> No
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
     np.save(tmp, np.asarray(context, np.float32))
     os.replace(tmp, path)
+
+
+def write_latent_stats(directory: str | os.PathLike, stats: Mapping[str, Any]) -> None:
+    """Stores the latents' measured statistics (`stats`, with "std") of a complete dataset, as
+    `latent_stats.json` (atomically: a reader finds the whole file or none)."""
+    _write_json_atomic(latent_stats_path(directory), dict(stats))
 
 
 def prepare_directory(directory: str | os.PathLike, spec: layout.DatasetSpec) -> None:

@@ -18,6 +18,7 @@ import os
 
 import jax
 
+from uvit_jax import latent_scale
 from uvit_jax.config_checks import check_config
 from uvit_jax.diffusion.formulation import PATHS, TIME_SAMPLINGS, Formulation
 from uvit_jax.diffusion.objective import LOSS_WEIGHTINGS
@@ -72,6 +73,7 @@ def check(mode: str, config) -> None:
     """Every field's range and names (`config_checks`), the evaluators of training modes."""
     check_config(config, registry_choices())
     Formulation.from_config(config)  # the combinations a field alone cannot refuse
+    latent_scale.check(config)
     if mode in TRAINING_MODES:
         from uvit_jax.evals import check_sections  # loads TensorFlow (clu): training modes only
 

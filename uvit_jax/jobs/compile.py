@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from uvit_jax import latent_scale
 from uvit_jax.aot.fit import fit_search
 from uvit_jax.aot.programs import PROGRAMS, make_programs
 from uvit_jax.aot.report import format_table, program_report
@@ -62,6 +63,10 @@ def output_name(topology: str, slices: int) -> str:
 def compile_job(config, workdir: str) -> dict[str, Any]:
     """Compiles and reports (see the module docstring); returns what it writes."""
     _check(config)
+    if latent_scale.is_auto(config):
+        # One multiply in the step and the decoder: its value changes no memory, FLOP or
+        # collective, so "auto" compiles with a stand-in and needs no dataset.
+        config = latent_scale.with_scale(config, 1.0)
     topology = parse_topology(config.compile.topology)
     slices = int(config.compile.num_slices)
     devices = topology_devices(config.compile.topology, slices)

@@ -14,7 +14,7 @@ import os
 
 from flax import nnx
 
-from uvit_jax import checkpoints
+from uvit_jax import checkpoints, latent_scale
 from uvit_jax.convert import autoencoder as autoencoder_weights
 from uvit_jax.convert import inception as inception_weights
 from uvit_jax.convert.state_dict import load_state_dict
@@ -32,6 +32,11 @@ def convert_job(config, workdir: str) -> None:
     source = config.convert.source
     if not source:
         raise ConfigError("--mode convert needs --config.convert.source=<official .pth file>")
+    if latent_scale.is_auto(config):
+        raise ConfigError(
+            "--mode convert: config.autoencoder.scale_factor='auto', but an official model was "
+            "trained with a fixed number: give it (0.18215 ImageNet, 0.2301 MS-COCO)"
+        )
     model = uvit_from_official(load_state_dict(source), config.model)
     manager = checkpoints.open_manager(workdir, keep=None)
     if manager.latest_step() is not None:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from input_pipeline import extract, latent_dataset
-from uvit_jax import checkpoints, jobs, workdir_lock
+from uvit_jax import checkpoints, jobs, latent_scale, workdir_lock
 from uvit_jax.api import load, saved_config
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.config_defaults import ARCHITECTURE_FIELDS, UViTConfig
@@ -309,13 +309,19 @@ class TrainRun:
 def set_up(config, workdir: str) -> TrainRun:
     """Checks the config, builds the evaluators (their files must be there before anything
     compiles), picks the checkpoint to resume from, extracts the dataset if needed, checks its
-    labels and opens its stream at the resumed step."""
+    labels and opens its stream at the resumed step. A latent scale of "auto" is resolved to
+    its number first (extracting the dataset first): the run's config holds the number."""
     from input_pipeline.train_input import make_train_iterator
 
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
-    writer = dashboard.metric_writer(config, workdir)
     data_dir = extract.resolve_latent_dir(config, workdir)
+    if latent_scale.is_auto(config):
+        # 1 / the latents' std measured on the dataset: extracted first, as the evaluators
+        # sample with the number, and saved with every checkpoint in the config.
+        data_dir = ensure_dataset(config, workdir)
+        config = latent_scale.resolve(config, data_dir)
+    writer = dashboard.metric_writer(config, workdir)
     evals = make_evals(TrainContext(config, mesh, workdir, data_dir, writer))
 
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)

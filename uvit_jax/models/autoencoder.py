@@ -324,6 +324,10 @@ class Decoder(nnx.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
+# The range LDM's DiagonalGaussianDistribution clamps the posterior's log-variance to.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
 def sample_latent(moments: Array, key: Array, scale_factor: float) -> Array:
     """Draws z = scale * (mean + std * noise) from KL moments, as LDM/U-ViT do at train time.
 
@@ -336,7 +340,7 @@ def sample_latent(moments: Array, key: Array, scale_factor: float) -> Array:
     """
     moments = moments.astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
-    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+    std = jnp.exp(0.5 * jnp.clip(logvar, *LOGVAR_RANGE))
     return scale_factor * (mean + std * jax.random.normal(key, mean.shape, jnp.float32))
 
 

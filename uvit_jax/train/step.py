@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.diffusion.objective import drop_contexts, drop_labels, example_losses
+from uvit_jax.latent_scale import number
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
@@ -55,7 +56,7 @@ def make_example_loss_fn(
     p_uncond = float(config.diffusion.p_uncond)
     conditioning = Conditioning.from_config(config)
     latent = config.autoencoder.kind != "identity"
-    scale = float(config.autoencoder.scale_factor)
+    scale = number(config.autoencoder.scale_factor)
     weighting = dict(
         weighting=config.diffusion.get("loss_weighting", "none"),
         gamma=float(config.diffusion.get("min_snr_gamma", 5.0)),
