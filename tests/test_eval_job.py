@@ -67,6 +67,7 @@ def test_fid_stats_then_eval(eval_setup, monkeypatch):
         "balanced",
     )
     assert fp["num_samples"] == 16 and fp["quantisation"].startswith("floor(clip(")
+    assert (fp["guidance"], fp["guide"]) == ("cfg", None)  # autoguidance: test_autoguidance.py
 
     # Running again resumes from the kept batches: nothing is sampled, the result is the same.
     from uvit_jax.jobs import evaluate as evaluate_job
@@ -198,7 +199,9 @@ def test_sweep_is_an_eval_per_cell_and_resumes_cell_by_cell(eval_setup, tmp_path
         assert r["cfg_interval"] == "all" and np.isfinite(r["fid"]) and r["seconds"] >= 0
         assert r["cfg_schedule"] == r["protocol"]["cfg_schedule"] == "constant"
     csv_lines = (workdir / "sweep" / "step_2.csv").read_text().splitlines()
-    header = "sampler,steps,nfe,cfg_scale,cfg_interval,cfg_schedule,grid,num_samples,fid"
+    header = (
+        "sampler,steps,nfe,cfg_scale,cfg_interval,cfg_schedule,grid,guidance,guide,num_samples,fid"
+    )
     assert csv_lines[0].startswith(header)
     assert len(csv_lines) == 5
     with Image.open(workdir / "sweep" / "step_2.png") as png:

@@ -8,7 +8,7 @@ stays cheap:
     plt.imshow(uvit_jax.grid(x))                      # uint8 [H', W', 3]
 """
 
-_API = ("CheckpointError", "Loaded", "decode", "grid", "load", "sample")
+_API = ("CheckpointError", "Loaded", "decode", "grid", "load", "load_guide", "sample")
 __all__ = list(_API)
 
 

@@ -32,13 +32,19 @@ from uvit_jax import checkpoints
 from uvit_jax import images as image_utils
 from uvit_jax.checkpoints import CheckpointError
 from uvit_jax.config_defaults import default_config
+from uvit_jax.errors import ConfigError
 from uvit_jax.latent_codec import autoencoder_from_config
 from uvit_jax.models.uvit import abstract_uvit
 from uvit_jax.parallel.mesh import batch_sharding, state_shardings
-from uvit_jax.sampling.generate import sample_images
+from uvit_jax.sampling.generate import (
+    check_guide,
+    guidance_from_config,
+    guide_checkpoint_of,
+    sample_images,
+)
 from uvit_jax.sampling.prompts import prompt_conditions
 
-__all__ = ["CheckpointError", "Loaded", "decode", "grid", "load", "sample"]
+__all__ = ["CheckpointError", "Loaded", "decode", "grid", "load", "load_guide", "sample"]
 
 
 @dataclasses.dataclass(repr=False)
@@ -238,6 +244,44 @@ def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
     )
 
 
+def load_guide(loaded: Loaded, config: ml_collections.ConfigDict | None = None) -> Loaded | None:
+    """Autoguidance's guide for sampling `loaded` with `config.sample` (default: the config
+    saved with `loaded`); None unless `guidance` is "autoguidance" with a nonzero `cfg_scale`.
+
+    `config.sample.guide_checkpoint` says where: "N" is step N of `loaded`'s own run (its
+    checkpoints folder); "W" the newest good step of workdir W (or of its checkpoints folder,
+    or the step of a step folder), as `load` reads it; "W:N" step N of W. The guide is
+    restored like `loaded`: onto the same mesh, EMA or raw weights alike.
+
+    Raises:
+      ConfigError, one line naming the field and its value: no such checkpoint (the reason
+          `load` gives), or a guide whose config differs from the main model's where
+          autoguidance needs them equal (`sampling.generate.check_guide`: both values named).
+    """
+    config = loaded.config if config is None else config
+    if guidance_from_config(config) != "autoguidance" or float(config.sample.cfg_scale) == 0:
+        return None
+    value = guide_checkpoint_of(config)
+    path, step = _guide_location(loaded, value)
+    try:
+        guide = load(path, step, ema=loaded.ema, mesh=loaded.mesh)
+    except CheckpointError as e:
+        raise ConfigError(f"config.sample.guide_checkpoint={value!r}: {e}") from e
+    check_guide(config, guide.config)
+    return guide
+
+
+def _guide_location(loaded: Loaded, value: str) -> tuple[str, int | None]:
+    """(path, step or None) of a `guide_checkpoint` value ("N", "W" or "W:N"; a URL's own
+    colon is not a step separator)."""
+    if value.isdigit():
+        return os.path.dirname(loaded.path), int(value)
+    path, colon, step = value.rpartition(":")
+    if colon and step.isdigit():
+        return path, int(step)
+    return value, None
+
+
 # ---- sampling ------------------------------------------------------------------------------
 
 
@@ -254,6 +298,9 @@ def sample(
     sampler: str | None = None,
     cfg_interval: tuple[float, float] | tuple[()] | None = None,
     cfg_schedule: str | None = None,
+    guidance: str | None = None,
+    guide_checkpoint: int | str | None = None,
+    guide: Loaded | None = None,
     seed: int = 0,
     batch: int = 0,
     decode: bool = True,
@@ -277,6 +324,14 @@ def sample(
           lo < sigma_t / alpha_t <= hi; () guides at every step.
       cfg_schedule: overrides config.sample.cfg_schedule: "constant" or "linear" (the scale
           grows as cfg_scale * (1 - t) from pure noise, t = 1, to the end).
+      guidance: overrides config.sample.guidance: "cfg" (the unconditional branch; the
+          config's guide_checkpoint is then dropped unless given here too) or "autoguidance"
+          (a weaker model: out_main + cfg_scale (out_main - out_guide)).
+      guide_checkpoint: overrides config.sample.guide_checkpoint (`load_guide`): a step of
+          this run (2000), a workdir ("W") or "W:2000"; loaded at each call.
+      guide: an already loaded guide (`load` or `load_guide`), reused across calls instead of
+          guide_checkpoint; it implies guidance="autoguidance". Its config is checked like a
+          guide_checkpoint's. Neither is read or called when cfg_scale is 0.
       seed, batch: x_T, random labels and SDE noise come from
           `fold_in(jax.random.key(seed), batch)`, so a seed gives the same samples on any number
           of devices, and batch i equals batch i of `main.py --mode sample` with that seed.
@@ -299,6 +354,21 @@ def sample(
         config.sample.cfg_interval = tuple(float(v) for v in cfg_interval)
     if cfg_schedule is not None:
         config.sample.cfg_schedule = str(cfg_schedule)
+    if guidance is not None:
+        config.sample.guidance = str(guidance)
+        if guidance == "cfg" and guide_checkpoint is None:
+            config.sample.guide_checkpoint = ""  # the saved guide is autoguidance's alone
+    if guide_checkpoint is not None:
+        config.sample.guide_checkpoint = str(guide_checkpoint)
+    if guide is not None:
+        if guidance not in (None, "autoguidance"):
+            raise ValueError(f"a guide model is autoguidance's, but guidance={guidance!r}")
+        config.sample.guidance = "autoguidance"
+        if guide_checkpoint is None:
+            config.sample.guide_checkpoint = guide.path  # its step folder
+        check_guide(config, guide.config)
+    else:
+        guide = load_guide(loaded, config)
     if labels is not None:
         labels = jnp.asarray(np.asarray(labels, np.int32).reshape(-1))
     if prompts is not None:
@@ -318,6 +388,7 @@ def sample(
         num=num,
         sharding=sharding,
         decode=_decoder_of(loaded) if decode else _identity,
+        guide=None if guide is None else (guide.graphdef, guide.params),
     )
     return jnp.clip(x, -1.0, 1.0) if decode else x
 

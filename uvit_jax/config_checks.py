@@ -200,6 +200,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "sample.cfg_scale": Real(0),
     "sample.cfg_interval": Each(Real(0)),
     "sample.cfg_schedule": OneOf(registry=True),
+    "sample.guidance": OneOf(registry=True),
     "sample.num_samples": COUNT,
     "sample.batch_size": COUNT,
     # ---- eval ----
@@ -218,6 +219,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "sweep.cfg_scales": Each(Real(0)),
     "sweep.cfg_schedules": Each(OneOf(registry=True)),
     "sweep.grids": Each(OneOf(registry=True)),
+    "sweep.guidances": Each(OneOf(registry=True)),
     # ---- ablate, compile, logging ----
     "ablate.seeds": Each(Int()),
     "ablate.eval_every": NONNEG,
@@ -231,6 +233,7 @@ _REGISTRY_OF = {
     "sweep.samplers": "sample.sampler",
     "sweep.cfg_schedules": "sample.cfg_schedule",
     "sweep.grids": "sample.grid",
+    "sweep.guidances": "sample.guidance",
 }
 
 _MISSING = object()

@@ -299,6 +299,14 @@ def default_config() -> ml_collections.ConfigDict:
             # cfg_scale * (1 - t), from 0 at pure noise up to cfg_scale at the end (Wang et al.
             # 2024; uvit_jax/sampling/guidance.py).
             cfg_schedule="constant",
+            # What cfg_scale guides away from (uvit_jax/sampling/guidance.py): "cfg", the
+            # unconditional branch, or "autoguidance" (Karras et al. 2024), a weaker model of the
+            # same task: out_main + s (out_main - out_guide), both given the same condition.
+            guidance="cfg",
+            # Autoguidance's guide: "2000" (a step of this run), "W" (the newest step of workdir
+            # W) or "W:2000"; same img_size, in_chans, condition, formulation and target as the
+            # main model, any width or depth. "" with guidance="cfg".
+            guide_checkpoint="",
             # DPM-Solver++ only: clip the predicted x0 to the data range (dynamic thresholding,
             # ratio 0.995), which keeps short-trained pixel models' samples from diverging.
             thresholding=False,
@@ -344,7 +352,16 @@ def default_config() -> ml_collections.ConfigDict:
     # Each field lists the values to try; () keeps config.sample's own value. Samples and
     # reference as for --mode eval (config.eval).
     c.sweep = ml_collections.ConfigDict(
-        dict(samplers=(), steps=(), cfg_scales=(), cfg_intervals=(), cfg_schedules=(), grids=())
+        dict(
+            samplers=(),
+            steps=(),
+            cfg_scales=(),
+            cfg_intervals=(),
+            cfg_schedules=(),
+            grids=(),
+            guidances=(),  # "cfg", "autoguidance"
+            guide_checkpoints=(),  # autoguidance cells only, as config.sample.guide_checkpoint
+        )
     )
 
     # ---- --mode ablate: model (or any) variants trained with one recipe, evaluated alike ----

@@ -5,7 +5,9 @@
 train_step      the step `--mode train` runs (`train.step.make_train_program`: shardings,
                 donation, remat, dtypes and dashboard sums as training), global train batch;
 sample_network  one guided network evaluation of the sampler (the conditional and unconditional
-                halves in one batch of 2B), B = config.sample.batch_size;
+                halves in one batch of 2B), B = config.sample.batch_size; with autoguidance,
+                the main model and a guide of its own shape (the guide's checkpoint is not
+                read here; a guide is rarely larger), B each;
 sampler         the whole jitted sampler (`sampling.generate.make_generate_fn`), same B;
 decode          the autoencoder's decoder at config.eval.batch_size (latent models);
 inception       the FID Inception forward (resize included) at config.eval.batch_size.
@@ -18,6 +20,7 @@ Batches that do not split over the mesh's batch shards are rounded up to the nex
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -106,6 +109,15 @@ def _guided(config) -> bool:
     return float(config.sample.cfg_scale) != 0
 
 
+def _guide_params(spec: SamplerSpec, params):
+    """Autoguidance's guide weights: the main model's abstract ones, passed as an argument of
+    their own (weights the two passes shared could be merged by the compiler); None without
+    a guide."""
+    if spec.guidance != "autoguidance" or spec.cfg_scale == 0:
+        return None
+    return params
+
+
 def _sample_network(config, mesh: Mesh, train: TrainProgram) -> Program:
     batch = shardable_batch(int(config.sample.batch_size), mesh)
     spec = SamplerSpec.from_config(config)
@@ -116,7 +128,10 @@ def _sample_network(config, mesh: Mesh, train: TrainProgram) -> Program:
     t = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=bs)
     conditions = _conditions(config, batch, mesh)
 
-    def network(params, x, t, conditions):
+    def network(params, x, t, conditions, guide_params):
+        guide_fn = None
+        if guide_params is not None:
+            guide_fn = functools.partial(apply_fn(graphdef), guide_params)
         noise_fn = guided_noise_fn(
             lambda *a: apply_fn(graphdef)(params, *a),
             spec.formulation.schedule,
@@ -126,13 +141,14 @@ def _sample_network(config, mesh: Mesh, train: TrainProgram) -> Program:
             null_class=cond.null_class,
             null_context=conditions.get("null_context"),
             cfg_schedule=spec.cfg_schedule,
+            guide_fn=guide_fn,
         )
         return noise_fn(x, t)
 
     passes = 2 if _guided(config) else 1
     return Program(
         "sample_network",
-        lambda: jax.jit(network).lower(params, x, t, conditions),
+        lambda: jax.jit(network).lower(params, x, t, conditions, _guide_params(spec, params)),
         batch,
         passes * batch * flops.forward_flops(config.model),
     )
@@ -141,16 +157,14 @@ def _sample_network(config, mesh: Mesh, train: TrainProgram) -> Program:
 def _sampler(config, mesh: Mesh, train: TrainProgram) -> Program:
     batch = shardable_batch(int(config.sample.batch_size), mesh)
     spec = SamplerSpec.from_config(config)
-    fn = make_generate_fn(apply_fn(train.graphdef), spec, batch, True, batch_sharding(mesh))
+    params = train.abstract_state.ema
+    guide_params = _guide_params(spec, params)
+    model_fn = apply_fn(train.graphdef)
+    guide_fn = None if guide_params is None else model_fn
+    fn = make_generate_fn(model_fn, spec, batch, True, batch_sharding(mesh), guide_fn)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
     c = _conditions(config, batch, mesh)
-    args = (
-        train.abstract_state.ema,
-        key,
-        c.get("labels"),
-        c.get("contexts"),
-        c.get("null_context"),
-    )
+    args = (params, key, c.get("labels"), c.get("contexts"), c.get("null_context"), guide_params)
     nfe = spec.steps + int(spec.denoise_to_zero)
     passes = 2 if _guided(config) else 1
     return Program(

@@ -9,6 +9,11 @@ it returns go to the dashboards as `train_<name>/<key>`.
 sample_grid.py  sample_grid  a grid of EMA samples: PNG in <workdir>/samples/ and TensorBoard
 fid.py          fid          FID & co of fresh EMA samples against the eval reference
 
+Both draw with `config.sample`, but with classifier-free guidance only: autoguidance's guide is
+a checkpoint, and the run being trained is still writing (and deleting) its own, so a training
+run with an evaluator on and `config.sample.guidance = "autoguidance"` is refused
+(`check_guidance`); sample with autoguidance after training (`--mode sample`, `eval`, `sweep`).
+
 A new evaluator is one file holding a class with the constructor and `run` of `TrainEval`,
 plus its line in EVALS.
 """
@@ -82,6 +87,21 @@ def check_sections(evals: Mapping[str, Any]) -> None:
         every = section.get("every")
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ConfigError(f"{where}.every={every!r}: expected an integer >= 0 (0: never)")
+
+
+def check_guidance(config: Any) -> None:
+    """Raises ConfigError when an evaluator is on (every > 0) and `config.sample` asks for
+    autoguidance with a nonzero scale: the evaluators guide by CFG only (module docstring)."""
+    sample = config.sample
+    if sample.get("guidance", "cfg") != "autoguidance" or float(sample.cfg_scale) == 0:
+        return
+    on = [f"config.train.evals.{n}" for n, s in config.train.get("evals", {}).items() if s.every]
+    if on:
+        raise ConfigError(
+            f"config.sample.guidance='autoguidance': the training evaluators ({', '.join(on)}) "
+            "guide by CFG only; train with guidance='cfg' (or their every=0) and use "
+            "autoguidance in --mode sample, eval or sweep"
+        )
 
 
 def evaluator_class(kind: str) -> type:

@@ -137,13 +137,21 @@ def label_mode(config) -> str:
 
 
 def make_sample_batches(
-    config, graphdef, params, mesh, *, seed: int, captions: CaptionSampler | None = None
+    config,
+    graphdef,
+    params,
+    mesh,
+    *,
+    seed: int,
+    captions: CaptionSampler | None = None,
+    guide: tuple[Any, Any] | None = None,
 ) -> ImagesFn:
     """images(i) -> this process's uint8 samples of global batch i (config.eval.batch_size).
 
     Batch i uses the key fold_in(key(seed), i): the same images on any device count.
     Class models draw balanced labels (`config.eval.labels`, default) or random ones; text-to-
     image models take the contexts of samples i B, ..., (i + 1) B - 1 from `captions`.
+    `guide`: autoguidance's guide model (graphdef, params), as `sample_images` takes it.
     """
     global_batch = int(config.eval.batch_size)
     batch_size_per_shard(mesh, global_batch, field="config.eval.batch_size")
@@ -175,6 +183,7 @@ def make_sample_batches(
                 num=global_batch,
                 sharding=sharding,
                 decode=decode,
+                guide=guide,
                 **conditions,
             )
         return to_rgb(to_uint8(_local_rows(x)))

@@ -28,7 +28,7 @@ from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
 from uvit_jax.parallel.peers import watch_peers
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES
-from uvit_jax.sampling.guidance import CFG_SCHEDULES
+from uvit_jax.sampling.guidance import CFG_SCHEDULES, GUIDANCES
 from uvit_jax.sampling.samplers import SAMPLERS
 
 # mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
@@ -65,6 +65,7 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
         "sample.sampler": tuple(SAMPLERS),
         "sample.grid": ("", *SKIP_TYPES),  # "": the sampler's own
         "sample.cfg_schedule": tuple(CFG_SCHEDULES),
+        "sample.guidance": GUIDANCES,
         "eval.protocol": tuple(PROTOCOLS),
     }
 
@@ -75,9 +76,10 @@ def check(mode: str, config) -> None:
     Formulation.from_config(config)  # the combinations a field alone cannot refuse
     latent_scale.check(config)
     if mode in TRAINING_MODES:
-        from uvit_jax.evals import check_sections  # loads TensorFlow (clu): training modes only
+        from uvit_jax.evals import check_guidance, check_sections  # loads TF (clu): training only
 
         check_sections(config.train.get("evals", {}))
+        check_guidance(config)
 
 
 def run(mode: str, config, workdir: str) -> None:

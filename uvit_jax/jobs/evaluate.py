@@ -2,8 +2,9 @@
 and `--mode fid_stats` (a reference file of the config's dataset).
 
 Every number is written with a protocol fingerprint (sample count, reference file and digest,
-Inception weights, input protocol, quantisation, sampler, guidance, weights, seed, labels,
-config digest), and `--mode eval` refuses a reference whose features were made another way.
+Inception weights, input protocol, quantisation, sampler, guidance and its kind, autoguidance's
+guide checkpoint, weights, seed, labels, config digest), and `--mode eval` refuses a reference
+whose features were made another way.
 `--mode eval` keeps each batch's features in `workdir/eval/step_<N>/<settings digest>/`, so a
 preempted evaluation continues where it stopped, and one with other settings starts afresh.
 """
@@ -25,7 +26,7 @@ from etils import epath
 from input_pipeline.extract import resolve_latent_dir
 from input_pipeline.preprocess import make_preprocessor
 from input_pipeline.sources import load_image, make_source
-from uvit_jax.api import load
+from uvit_jax.api import load, load_guide
 from uvit_jax.convert.inception import sha256_of
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.evaluation.evaluator import (
@@ -41,7 +42,12 @@ from uvit_jax.evaluation.metrics import FeatureSet, feature_set
 from uvit_jax.evaluation.reference import save_reference
 from uvit_jax.images import QUANTISATION, to_rgb
 from uvit_jax.parallel.mesh import make_mesh
-from uvit_jax.sampling.generate import cfg_interval_from_config, cfg_schedule_from_config
+from uvit_jax.sampling.generate import (
+    cfg_interval_from_config,
+    cfg_schedule_from_config,
+    guidance_from_config,
+    guide_checkpoint_of,
+)
 
 
 def _sha256_text(text: str) -> str:
@@ -72,14 +78,32 @@ class _Progress:
         )
 
 
-def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, Any]:
+def _trained_sha256(config) -> str:
+    """The digest of what a checkpoint's config says about its training (not eval, sample)."""
+    trained = {k: v for k, v in config.to_dict().items() if k not in ("eval", "sample")}
+    return _sha256_text(json.dumps(trained, sort_keys=True, default=str))
+
+
+def _guide_record(run_config, guide) -> dict[str, Any] | None:
+    """Autoguidance's guide in a fingerprint: the checkpoint as given, the step it resolved to
+    (a workdir alone names its newest), the digest of its training config; None without one."""
+    if guide is None:
+        return None
+    return dict(
+        checkpoint=guide_checkpoint_of(run_config),
+        step=int(guide.step),
+        config_sha256=_trained_sha256(guide.config),
+    )
+
+
+def fingerprint(config, run_config, evaluator: Evaluator, loaded, guide=None) -> dict[str, Any]:
     """Everything a reader needs to know what an eval number measures (and to compare two).
 
     `config` is the job's (eval/sample settings), `run_config` the checkpoint's own config
-    with those settings applied, `loaded` the restored checkpoint.
+    with those settings applied, `loaded` the restored checkpoint, `guide` autoguidance's
+    restored guide (None without one): its checkpoint as given, its step and config digest.
     """
     ref = evaluator.reference
-    trained = {k: v for k, v in loaded.config.to_dict().items() if k not in ("eval", "sample")}
     return dict(
         num_samples=int(config.eval.num_samples),
         reference=dict(
@@ -103,6 +127,8 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         cfg_scale=float(run_config.sample.cfg_scale),
         cfg_interval=list(cfg_interval_from_config(run_config) or ()),
         cfg_schedule=cfg_schedule_from_config(run_config),
+        guidance=guidance_from_config(run_config),
+        guide=_guide_record(run_config, guide),
         grid=str(run_config.sample.get("grid", "") or "sampler's own"),
         thresholding=bool(run_config.sample.get("thresholding", False)),
         denoise_to_zero=bool(run_config.sample.get("denoise_to_zero", False)),
@@ -111,7 +137,7 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded) -> dict[str, A
         seed=int(config.seed),
         labels=label_mode(run_config),
         batch_size=int(config.eval.batch_size),
-        config_sha256=_sha256_text(json.dumps(trained, sort_keys=True, default=str)),
+        config_sha256=_trained_sha256(loaded.config),
     )
 
 
@@ -144,9 +170,13 @@ def _stored_batches(folder: epath.Path, n_batches: int) -> Iterator[dict[str, np
             yield {k: f[k] for k in f.files}
 
 
-def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) -> dict[str, Any]:
+def evaluate_loaded(
+    config, workdir: str, loaded, evaluator: Evaluator, mesh, guide=None
+) -> dict[str, Any]:
     """The metrics of `loaded`'s weights sampled with `config.sample` (and `config.eval`'s
     count, labels and seed), as a dict with "step", "seconds" and the "protocol" fingerprint.
+    `guide`: autoguidance's guide when the caller has read it (a sweep reads each once);
+    None: `load_guide` reads the one `config.sample` names, if it names one.
 
     Features are kept per batch in `workdir/eval/step_<N>/<settings digest>/`, so an interrupted
     evaluation resumes there, and a finished one with the same fingerprint is read back from its
@@ -155,7 +185,9 @@ def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) ->
     start = time.perf_counter()
     run_config = loaded.config.copy_and_resolve_references()
     run_config.update(eval=config.eval, sample=config.sample)
-    fp = fingerprint(config, run_config, evaluator, loaded)
+    if guide is None:
+        guide = load_guide(loaded, run_config)
+    fp = fingerprint(config, run_config, evaluator, loaded, guide)
     folder = epath.Path(workdir) / "eval" / f"step_{loaded.step}" / _settings_digest(fp)
     if (folder / "result.json").exists():
         done = json.loads((folder / "result.json").read_text())
@@ -164,7 +196,13 @@ def evaluate_loaded(config, workdir: str, loaded, evaluator: Evaluator, mesh) ->
             return done
     captions = caption_sampler(run_config, resolve_latent_dir(config, workdir), config.seed)
     images = make_sample_batches(
-        run_config, loaded.graphdef, loaded.params, mesh, seed=config.seed, captions=captions
+        run_config,
+        loaded.graphdef,
+        loaded.params,
+        mesh,
+        seed=config.seed,
+        captions=captions,
+        guide=None if guide is None else (guide.graphdef, guide.params),
     )
     n_batches = -(-int(config.eval.num_samples) // int(config.eval.batch_size))
     folder.mkdir(parents=True, exist_ok=True)

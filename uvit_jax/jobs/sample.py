@@ -4,7 +4,8 @@ Writes `W/samples/sample_step<step>_seed<seed>_<digest>.png` (a grid) and `.npz`
 uint8 [N, H, W, C], `labels`, `settings`), sharded over every device and host. The command
 line's `config.sample` section wins over the checkpoint's saved one, field by field. `settings`
 is a JSON string of everything that decides the images (every `config.sample` field as used,
-the seed, the checkpoint step, EMA or raw weights); `<digest>` is the first 8 hex digits of its
+the seed, the checkpoint step, EMA or raw weights, autoguidance's guide checkpoint and step);
+`<digest>` is the first 8 hex digits of its
 SHA-256, so runs with other settings write other files and a rerun of the same overwrites its
 own. Text-to-image models draw from
 `config.sample.prompts` (or the dataset's captions, see `uvit_jax/sampling/prompts.py`); the
@@ -29,23 +30,27 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from uvit_jax import images
-from uvit_jax.api import load
+from uvit_jax.api import load, load_guide
 from uvit_jax.api import sample as draw
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.parallel.mesh import batch_size_per_shard, make_mesh
 from uvit_jax.sampling.prompts import text_conditions
 
 
-def sample_settings(run_config, loaded, seed: int) -> dict[str, Any]:
+def sample_settings(run_config, loaded, seed: int, guide=None) -> dict[str, Any]:
     """Everything that decides `--mode sample`'s images: every `config.sample` field as used
-    (sampler, steps, grid, guidance, thresholding, denoise_to_zero, num_samples, batch_size,
-    prompts, ...), the seed, the class labels' rule, the checkpoint step and which weights."""
+    (sampler, steps, grid, guidance, guide_checkpoint, thresholding, denoise_to_zero,
+    num_samples, batch_size, prompts, ...), the seed, the class labels' rule, the checkpoint
+    step and which weights; with an autoguidance `guide` (a `Loaded`), its folder and step."""
     sample = json.loads(json.dumps(run_config.sample.to_dict(), default=list))
     conditioning = Conditioning.from_config(run_config)
     labels = conditioning.kind  # "none", "text" (captions: prompts or the dataset's)
     if labels == "class":
         labels = f"sample j: class j mod {conditioning.num_classes}"
-    return dict(sample=sample, seed=seed, labels=labels, step=int(loaded.step), ema=loaded.ema)
+    settings = dict(sample=sample, seed=seed, labels=labels, step=int(loaded.step), ema=loaded.ema)
+    if guide is not None:  # "W" alone names the newest step, which moves as W trains
+        settings["guide"] = dict(path=guide.path, step=int(guide.step))
+    return settings
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -61,12 +66,13 @@ def sample_job(config, workdir: str) -> str:
     run_config = loaded.config.copy_and_resolve_references()
     run_config.update(sample=config.sample)
     loaded = dataclasses.replace(loaded, config=run_config)
+    guide = load_guide(loaded)  # autoguidance's weaker model, read once
     n, batch = int(config.sample.num_samples), int(config.sample.batch_size)
     batch_size_per_shard(mesh, batch, field="config.sample.batch_size")
     conditioning = Conditioning.from_config(loaded.config)
     labels = conditioning.labels(n)
     text = text_conditions(config, n, workdir) if conditioning.kind == "text" else None
-    settings = sample_settings(run_config, loaded, int(config.seed))
+    settings = sample_settings(run_config, loaded, int(config.seed), guide)
     n_batches = -(-n // batch)
     out, start = [], time.perf_counter()
     for i in range(n_batches):
@@ -77,7 +83,7 @@ def sample_job(config, workdir: str) -> str:
         if text is not None:
             rows = np.resize(np.arange(i * batch, min((i + 1) * batch, n)), batch)
             conditions = dict(contexts=text.contexts[rows], null_context=text.null_context)
-        x = draw(loaded, labels=y, num=batch, seed=config.seed, batch=i, **conditions)
+        x = draw(loaded, labels=y, num=batch, seed=config.seed, batch=i, guide=guide, **conditions)
         out.append(images.to_uint8(multihost_utils.process_allgather(x, tiled=True)))
         rate = (i + 1) / (time.perf_counter() - start)
         logging.info("sample: batch %d/%d, %.2f batches/s, ETA %.0f s", i + 1, n_batches, rate,

@@ -6,11 +6,12 @@
         "--config.sweep.steps=(5, 10, 15, 20, 25)" "--config.sweep.cfg_intervals=((), (0.3, 6))"
 
 Every cell (sampler x steps x guidance scale x guidance interval x guidance schedule x time
-grid; a field left empty keeps `config.sample`'s value) is an `--mode eval` of the same weights
-with those sample settings, and the same sample count, seed, labels and reference
-(`config.eval`). A cell resumes like `--mode eval` (its features are kept per batch; a finished
-cell is read back), so a stopped sweep continues cell by cell. After each cell the table is
-rewritten:
+grid x guidance kind x autoguidance's guide; a field left empty keeps `config.sample`'s value) is
+an `--mode eval` of the same weights with those sample settings, and the same sample count, seed,
+labels and reference (`config.eval`). Every cell's settings, and each guide checkpoint (read
+once), are checked before the first sample is drawn. A cell resumes like `--mode eval` (its
+features are kept per batch; a finished cell is read back), so a stopped sweep continues cell by
+cell. After each cell the table is rewritten:
   W/sweep/step_<N>.csv    one row per cell: settings, NFE, metrics, wall seconds;
   W/sweep/step_<N>.json   the same rows, each with its cell's protocol fingerprint;
   W/sweep/step_<N>.png    FID against NFE, one line per sampler and guidance setting;
@@ -32,13 +33,13 @@ from typing import Any
 import jax
 from etils import epath
 
-from uvit_jax.api import load
+from uvit_jax.api import load, load_guide
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import check_sample_count, make_evaluator
 from uvit_jax.jobs.evaluate import evaluate_loaded
 from uvit_jax.parallel.mesh import make_mesh
-from uvit_jax.sampling.generate import SamplerSpec
+from uvit_jax.sampling.generate import SamplerSpec, guide_checkpoint_of
 
 METRICS = ("fid", "sfid", "precision", "recall", "kid", "inception_score")
 
@@ -53,10 +54,12 @@ class Cell:
     cfg_interval: tuple[float, ...]
     cfg_schedule: str
     grid: str
+    guidance: str = "cfg"
+    guide_checkpoint: str = ""  # autoguidance cells only
 
     def apply(self, config) -> Any:
         """A copy of `config` whose `sample` section holds this cell's settings (a cell of scale
-        0 is unguided: no interval, the constant schedule)."""
+        0 is unguided: no interval, the constant schedule, no guide)."""
         config = config.copy_and_resolve_references()
         config.sample.update(
             sampler=self.sampler,
@@ -65,17 +68,22 @@ class Cell:
             cfg_interval=self.cfg_interval,
             cfg_schedule=self.cfg_schedule,
             grid=self.grid,
+            guidance=self.guidance,
+            guide_checkpoint=self.guide_checkpoint,
         )
         return config
 
     def nfe(self, config) -> int:
-        """Network evaluations per sample (guided ones batch both passes into one call)."""
+        """Network evaluations per sample (a guided one counts once: CFG batches both passes
+        into one call, autoguidance calls the guide beside the main model)."""
         return self.steps + int(bool(config.sample.get("denoise_to_zero", False)))
 
     @property
     def line(self) -> str:
         """The curve this cell belongs to in the plot: everything but the step count."""
         name = f"{self.sampler}, cfg {self.cfg_scale:g}"
+        if self.guidance == "autoguidance":
+            name = f"{self.sampler}, autoguidance {self.cfg_scale:g} by {self.guide_checkpoint}"
         if self.cfg_interval:
             name += f" in ({self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
         if self.cfg_schedule != "constant":
@@ -85,8 +93,9 @@ class Cell:
 
 def sweep_cells(config) -> list[Cell]:
     """The product of `config.sweep`'s lists; an empty list is `config.sample`'s own value. A
-    scale of 0 is one unguided cell per (sampler, steps, grid), whatever the intervals and
-    schedules (they have no scale to act on)."""
+    scale of 0 is one unguided cell per (sampler, steps, grid), whatever the intervals,
+    schedules, guidance kinds and guides (they have no scale to act on); guides apply to
+    autoguidance cells only."""
     s, own = config.sweep, config.sample
 
     def values(field: str, default: Any) -> tuple:
@@ -100,14 +109,18 @@ def sweep_cells(config) -> list[Cell]:
             tuple(float(v) for v in interval) if scale else (),
             str(schedule) if scale else "constant",
             str(grid),
+            str(guidance) if scale else "cfg",
+            str(guide) if scale and guidance == "autoguidance" else "",
         )
-        for sampler, steps, scale, interval, schedule, grid in itertools.product(
+        for sampler, steps, scale, interval, schedule, grid, guidance, guide in itertools.product(
             values("samplers", own.sampler),
             values("steps", own.steps),
             values("cfg_scales", own.cfg_scale),
             values("cfg_intervals", tuple(own.get("cfg_interval", ()) or ())),
             values("cfg_schedules", own.get("cfg_schedule", "constant")),
             values("grids", own.get("grid", "")),
+            values("guidances", own.get("guidance", "cfg")),
+            values("guide_checkpoints", guide_checkpoint_of(config)),
         )
     ]
     return list(dict.fromkeys(cells))  # in order, without the repeated unguided cells
@@ -122,6 +135,8 @@ def _row(cell: Cell, config, result: dict[str, Any]) -> dict[str, Any]:
         cfg_interval=" ".join(f"{v:g}" for v in cell.cfg_interval) or "all",
         cfg_schedule=cell.cfg_schedule,
         grid=cell.grid or "own",
+        guidance=cell.guidance,
+        guide=cell.guide_checkpoint or "none",
         num_samples=int(result["protocol"]["num_samples"]),
     )
     row.update({k: result[k] for k in METRICS if isinstance(result.get(k), float)})
@@ -166,11 +181,14 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     mesh = make_mesh(config.mesh)
     loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
     cells = sweep_cells(config)
+    guides = {}  # guide_checkpoint -> its Loaded, read once for every cell it guides
     for cell in cells:  # every setting checked before the first sample is drawn
         run_config = loaded.config.copy_and_resolve_references()
         run_config.update(sample=cell.apply(config).sample)
         try:
             SamplerSpec.from_config(run_config)
+            if cell.guide_checkpoint and cell.guide_checkpoint not in guides:
+                guides[cell.guide_checkpoint] = load_guide(loaded, run_config)
         except ValueError as e:
             raise ConfigError(
                 f"config.sweep: the cell ({cell.line}, {cell.steps} steps): {e}"
@@ -188,7 +206,8 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, cell in enumerate(cells):
         logging.info("sweep: cell %d/%d: %s, %d steps", i + 1, len(cells), cell.line, cell.steps)
-        result = evaluate_loaded(cell.apply(config), workdir, loaded, evaluator, mesh)
+        guide = guides.get(cell.guide_checkpoint)
+        result = evaluate_loaded(cell.apply(config), workdir, loaded, evaluator, mesh, guide)
         rows.append(dict(_row(cell, config, result), line=cell.line, protocol=result["protocol"]))
         if jax.process_index() == 0:
             _write_table(rows, stem, title)

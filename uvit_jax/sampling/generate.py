@@ -3,13 +3,17 @@
     samples = generate(model_fn, config, key, labels=...)   # [B, H, W, C] float32
 
 reads `config.diffusion` (`Formulation.from_config`), `config.sample.{sampler, steps, cfg_scale,
-cfg_interval, cfg_schedule, grid, thresholding, denoise_to_zero}`,
+cfg_interval, cfg_schedule, guidance, guide_checkpoint, grid, thresholding, denoise_to_zero}`,
 `config.model.{img_size, in_chans}` and what conditions the model (`Conditioning`), draws
 x_T (and random labels) for the whole global batch from `key` inside one jitted program, so a
 seed gives the same samples on any number of devices. Outputs are in the model's space (latents
 for latent models); `sample_images` adds the autoencoder's decoder.
 
 The samplers, by `config.sample.sampler` name, are those of `uvit_jax.sampling.samplers`.
+Autoguidance (`config.sample.guidance = "autoguidance"`, `uvit_jax.sampling.guidance`) takes the
+guide model's apply function and weights beside the main model's; loading it from
+`config.sample.guide_checkpoint` is the caller's (`uvit_jax.api.load_guide`), `check_guide`
+says whether its config can guide the main one.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES, NoiseFn
-from uvit_jax.sampling.guidance import CFG_SCHEDULES, guided_noise_fn
+from uvit_jax.sampling.guidance import CFG_SCHEDULES, GUIDANCES, guided_noise_fn
 from uvit_jax.sampling.samplers import SAMPLERS, runs_on
 
 
@@ -45,6 +49,7 @@ class SamplerSpec:
     cfg_interval: tuple[float, float] | None = None  # guided sigma range (lo, hi]; None: all
     grid: str = ""  # the time grid (`dpm_solver.SKIP_TYPES`); "": the sampler's own
     cfg_schedule: str = "constant"  # the guidance scale over time (`guidance.CFG_SCHEDULES`)
+    guidance: str = "cfg"  # what the scale guides away from (`guidance.GUIDANCES`)
 
     @classmethod
     def from_config(cls, config: Any) -> SamplerSpec:
@@ -68,11 +73,13 @@ class SamplerSpec:
         m = config.model
         shape = (int(m.img_size), int(m.img_size), int(m.in_chans))
         conditioning = Conditioning.from_config(config)
-        if cfg_scale != 0 and conditioning.kind == "none":
+        guidance = guidance_from_config(config)
+        cfg = cfg_scale != 0 and guidance == "cfg"  # autoguidance needs no null condition
+        if cfg and conditioning.kind == "none":
             raise ConfigError(
                 "config.sample.cfg_scale != 0 needs a conditional model (num_classes > 0, uvit_t2i)"
             )
-        if cfg_scale != 0 and not conditioning.has_null:
+        if cfg and not conditioning.has_null:
             raise ConfigError(
                 "config.sample.cfg_scale != 0 needs a model trained for guidance "
                 "(config.diffusion.p_uncond > 0: null class / empty context)"
@@ -112,6 +119,7 @@ class SamplerSpec:
             cfg_interval_from_config(config),
             grid,
             cfg_schedule_from_config(config),
+            guidance,
         )
 
 
@@ -151,6 +159,70 @@ def cfg_schedule_from_config(config: Any) -> str:
     return str(schedule)
 
 
+def guide_checkpoint_of(config: Any) -> str:
+    """`config.sample.guide_checkpoint` as a string ("" when unset or missing)."""
+    return str(config.sample.get("guide_checkpoint", "") or "")
+
+
+def guidance_from_config(config: Any) -> str:
+    """`config.sample.guidance` checked: one of `guidance.GUIDANCES` ("cfg" when the field is
+    missing, as in configs saved before it existed). Autoguidance with a scale needs
+    `guide_checkpoint`; classifier-free guidance refuses one (it would be ignored)."""
+    guidance = config.sample.get("guidance", "cfg")
+    if guidance not in GUIDANCES:
+        raise ConfigError(f"config.sample.guidance={guidance!r}: expected one of {GUIDANCES}")
+    checkpoint = guide_checkpoint_of(config)
+    if guidance == "cfg" and checkpoint:
+        raise ConfigError(
+            f"config.sample.guide_checkpoint={checkpoint!r} is set but config.sample.guidance "
+            "is 'cfg' (the guide model is autoguidance's)"
+        )
+    if guidance == "autoguidance" and float(config.sample.cfg_scale) != 0 and not checkpoint:
+        raise ConfigError(
+            "config.sample.guidance='autoguidance' needs config.sample.guide_checkpoint: a step "
+            "of this run (e.g. 2000), a workdir, or workdir:step"
+        )
+    return str(guidance)
+
+
+def _guide_fields(config: Any) -> dict[str, Any]:
+    """What a guide must share with the main model: the space it works in (image size,
+    channels, latent space), its condition, and what its output means (path, target)."""
+    m, formulation = config.model, Formulation.from_config(config)
+    fields: dict[str, Any] = {
+        "model.img_size": int(m.img_size),
+        "model.in_chans": int(m.in_chans),
+        "model.kind": str(m.kind),
+    }
+    if m.kind == "uvit_t2i":
+        fields.update(
+            {"model.num_clip_token": int(m.num_clip_token), "model.clip_dim": int(m.clip_dim)}
+        )
+    else:
+        fields["model.num_classes"] = int(m.num_classes)
+    fields.update({
+        "diffusion.formulation": formulation.path,
+        "diffusion.target": formulation.target,
+        "autoencoder.kind": str(config.autoencoder.kind),
+        "autoencoder.scale_factor": config.autoencoder.scale_factor,
+    })  # fmt: skip
+    return fields
+
+
+def check_guide(config: Any, guide_config: Any) -> None:
+    """Raises ConfigError (one line: `config.sample.guide_checkpoint`, the field, both values)
+    when the guide's config (`guide_config`) differs from the main model's (`config`) where
+    autoguidance needs them equal (`_guide_fields`); width, depth, heads, patch size and the
+    training recipe may differ."""
+    main, guide = _guide_fields(config), _guide_fields(guide_config)
+    for field, value in main.items():
+        if guide.get(field) != value:
+            raise ConfigError(
+                f"config.sample.guide_checkpoint={guide_checkpoint_of(config)!r}: the guide's "
+                f"config.{field}={guide.get(field)!r} differs from the main model's {value!r}"
+            )
+
+
 def configured_sampler(spec: SamplerSpec) -> Callable[..., jax.Array]:
     """The spec's registered sampler with its options (thresholding, denoise_to_zero, grid)."""
     sampler = SAMPLERS[spec.sampler]
@@ -170,21 +242,38 @@ def sample_noise(spec: SamplerSpec, noise_fn: NoiseFn, x_T: jax.Array, key: jax.
     return sampler(noise_fn, x_T, spec.formulation, steps=spec.steps, key=key)
 
 
-@functools.lru_cache(maxsize=32)
 def make_generate_fn(
     model_fn: Callable,
     spec: SamplerSpec,
     num: int,
     with_params: bool = False,
     sharding: jax.sharding.Sharding | None = None,
+    guide_fn: Callable | None = None,
 ) -> Callable:
-    """The jitted fn(params, key, labels, contexts, null_context) -> samples [num, H, W, C].
+    """The jitted fn(params, key, labels, contexts, null_context, guide_params=None) -> samples
+    [num, H, W, C].
 
-    Cached on its arguments, so repeated batches reuse one compiled program. `model_fn` is
+    Cached on its arguments (however they are passed), so repeated batches reuse one compiled
+    program. `model_fn` is
     model_fn(x, t_net, y, context) or, with_params, model_fn(params, x, t_net, y, context):
     passing the weights as `params` keeps them out of the compiled program's constants.
     `sharding` (e.g. NamedSharding(mesh, P(("data", "fsdp")))) shards every batch-leading array.
+    `guide_fn`: autoguidance's guide model, called like model_fn (with `guide_params` first when
+    with_params).
     """
+    return _generate_fn(model_fn, spec, num, with_params, sharding, guide_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_fn(
+    model_fn: Callable,
+    spec: SamplerSpec,
+    num: int,
+    with_params: bool,
+    sharding: jax.sharding.Sharding | None,
+    guide_fn: Callable | None,
+) -> Callable:
+    """`make_generate_fn`'s program, cached on positional arguments alone."""
     schedule = spec.formulation.schedule
     cond = spec.conditioning
 
@@ -193,13 +282,16 @@ def make_generate_fn(
             v if (v is None or sharding is None) else jax.lax.with_sharding_constraint(v, sharding)
         )
 
-    def run(params, key, labels, contexts, null_context):
+    def run(params, key, labels, contexts, null_context, guide_params=None):
         k_x, k_y, k_sde = jax.random.split(key, 3)
         x_T = constrain(jax.random.normal(k_x, (num, *spec.shape), jnp.float32))
         if cond.kind == "class" and labels is None:
             labels = jax.random.randint(k_y, (num,), 0, cond.num_classes, jnp.int32)
         labels, contexts = constrain(labels), constrain(contexts)
         apply = functools.partial(model_fn, params) if with_params else model_fn
+        guide = guide_fn
+        if guide_fn is not None and with_params:
+            guide = functools.partial(guide_fn, guide_params)
         noise_fn = guided_noise_fn(
             apply,
             schedule,
@@ -210,6 +302,7 @@ def make_generate_fn(
             null_context=null_context,
             cfg_interval=spec.cfg_interval,
             cfg_schedule=spec.cfg_schedule,
+            guide_fn=guide,
         )
         return constrain(sample_noise(spec, noise_fn, x_T, k_sde))
 
@@ -227,6 +320,8 @@ def generate(
     num: int | None = None,
     params: Any = None,
     sharding: jax.sharding.Sharding | None = None,
+    guide_fn: Callable | None = None,
+    guide_params: Any = None,
 ) -> jax.Array:
     """Samples a batch with the config's sampler (see the module docstring).
 
@@ -243,6 +338,9 @@ def generate(
           config.sample.batch_size).
       params: model weights passed to model_fn as its first argument.
       sharding: sharding of batch-leading arrays (B must divide over it).
+      guide_fn, guide_params: autoguidance (config.sample.guidance): the guide model, called
+          like model_fn (guide_params first when `params` is given); required when the scale
+          is not 0, unused (not even passed to the program) when it is.
     Returns:
       [B, H, W, C] float32 samples in the model's space.
     """
@@ -258,7 +356,16 @@ def generate(
         raise ValueError(
             "labels given, but the config's model is not class-conditional (num_classes <= 0)"
         )
-    if kind == "text" and spec.cfg_scale != 0 and null_context is None:
+    if spec.guidance == "cfg" and guide_fn is not None:
+        raise ValueError("a guide model was given, but config.sample.guidance is 'cfg'")
+    if spec.guidance == "autoguidance" and spec.cfg_scale != 0 and guide_fn is None:
+        raise ValueError(
+            "autoguidance (config.sample.guidance) with cfg_scale != 0 needs the guide model "
+            "(guide_fn; uvit_jax.api.load_guide loads config.sample.guide_checkpoint)"
+        )
+    if spec.cfg_scale == 0:  # unguided: the guide is never called
+        guide_fn = guide_params = None
+    if kind == "text" and spec.guidance == "cfg" and spec.cfg_scale != 0 and null_context is None:
         raise ValueError(
             "guided text-to-image sampling (config.sample.cfg_scale != 0) needs null_context [L, D]"
         )
@@ -276,8 +383,8 @@ def generate(
                 raise ValueError(
                     f"labels must lie in [0, config.model.num_classes={config.model.num_classes})"
                 )
-    fn = make_generate_fn(model_fn, spec, n, params is not None, sharding)
-    return fn(params, key, labels, contexts, null_context)
+    fn = make_generate_fn(model_fn, spec, n, params is not None, sharding, guide_fn)
+    return fn(params, key, labels, contexts, null_context, guide_params)
 
 
 def sample_images(
@@ -287,6 +394,7 @@ def sample_images(
     key: jax.Array,
     *,
     decode: Callable[[jax.Array], jax.Array] | None = None,
+    guide: tuple[Any, Any] | None = None,
     **conditions: Any,
 ) -> jax.Array:
     """Samples images in [-1, 1] from U-ViT weights: `generate`, then the autoencoder's decoder.
@@ -298,6 +406,7 @@ def sample_images(
       decode: scaled latents -> images; default: identity for pixel models
           (config.autoencoder.kind == "identity"), else the config's autoencoder
           (`autoencoder_from_config`, on one device).
+      guide: autoguidance: the guide model's (graphdef, params) (`uvit_jax.api.load_guide`).
       **conditions: `generate`'s labels, contexts, null_context, num and sharding; `num`
           defaults to config.sample.num_samples when neither labels nor contexts give it.
     Returns:
@@ -307,6 +416,8 @@ def sample_images(
 
     if all(conditions.get(k) is None for k in ("num", "labels", "contexts")):
         conditions["num"] = int(config.sample.num_samples)
+    if guide is not None:
+        conditions.update(guide_fn=apply_fn(guide[0]), guide_params=guide[1])
     z = generate(apply_fn(graphdef), config, key, params=params, **conditions)
     if decode is None:
         if config.autoencoder.kind == "identity":

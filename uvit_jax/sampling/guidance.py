@@ -13,6 +13,16 @@ on the network's own target, with the conditional and unconditional halves compu
 batched forward pass. Every target is x_t-affine in the others with coefficients that depend on
 t only, so guiding v or the velocity is the same as guiding the noise they imply.
 
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself")
+guides with a weaker model instead of the unconditional branch: an earlier checkpoint of the
+same run, or a smaller model, conditioned on the same class or context. In the same convention,
+out = out_main + s (out_main - out_guide), so s = 0 is unguided and Karras' weight w is s + 1.
+It needs no null class, so it also guides unconditional models. The two networks may differ in
+width and depth, so a guided step makes two forward passes of B images (the main model, then
+the guide) rather than one of 2B; one batched call would need identical shapes and stacked
+weights, and costs the same FLOPs. Interval and schedule act on s as for CFG; outside the
+interval, and everywhere at s = 0, the guide is not called.
+
 Guidance can be limited to an interval of noise levels (Kynkaenniemi et al. 2024, "Applying
 guidance in a limited interval improves sample and distribution quality in diffusion models"),
 given as EDM's sigma = sigma_t / alpha_t, the same noise level under every schedule. Outside the
@@ -42,6 +52,8 @@ from uvit_jax.diffusion.schedules import Schedule
 from uvit_jax.sampling.dpm_solver import NoiseFn
 
 CFG_SCHEDULES = ("constant", "linear")
+# What the guided pass subtracts: the unconditional branch ("cfg") or a weaker model's output.
+GUIDANCES = ("cfg", "autoguidance")
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
 
@@ -68,6 +80,7 @@ def guided_noise_fn(
     null_context: jax.Array | None = None,
     cfg_interval: tuple[float, float] | None = None,
     cfg_schedule: str = "constant",
+    guide_fn: ModelFn | None = None,
 ) -> NoiseFn:
     """The noise function of a (possibly guided) U-ViT for DPM-Solver / Euler-Maruyama.
 
@@ -76,19 +89,22 @@ def guided_noise_fn(
       schedule: maps continuous t to the network's time input (`schedule.network_time`).
       y: [B] int32 class labels (class-conditional models) or None.
       context: [B, L, D] text context (text-to-image models) or None.
-      cfg_scale: U-ViT's guidance scale s; a Python 0 skips the unconditional pass.
+      cfg_scale: U-ViT's guidance scale s; a Python 0 skips the unconditional (or guide) pass.
       null_class: the label of the unconditional class (U-ViT: the last one, e.g. 1000 of 1001).
       null_context: [L, D] (or [B, L, D]) encoding of the empty prompt.
       cfg_interval: (lo, hi): guide only where lo < sigma_t / alpha_t <= hi; None: everywhere.
       cfg_schedule: "constant" (scale cfg_scale) or "linear" (cfg_scale * (1 - t), module
           docstring); either way a guided step is one forward pass of 2B images.
+      guide_fn: autoguidance: the guide model's apply function (same signature as model_fn),
+          called with the same y and context; its output replaces the unconditional one, so a
+          guided step is two passes of B images. None: classifier-free guidance.
     Returns:
       noise_fn(x [B, H, W, C], t_continuous [B]) -> the guided target [B, H, W, C].
     """
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     guided = not _is_zero(cfg_scale)
-    if guided:
+    if guided and guide_fn is None:
         if y is None and context is None:
             raise ValueError(
                 "classifier-free guidance (cfg_scale != 0) needs labels (y) or a context to guide"
@@ -101,7 +117,8 @@ def guided_noise_fn(
     def conditional(x: jax.Array, t_net: jax.Array) -> jax.Array:
         return model_fn(x, t_net, y, context)
 
-    def guided_pass(x: jax.Array, t_net: jax.Array, scale: float | jax.Array) -> jax.Array:
+    def cfg_pair(x: jax.Array, t_net: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(conditional, unconditional) outputs from one batched pass of 2B images."""
         b = x.shape[0]
         y2 = ctx2 = None
         if y is not None:
@@ -110,8 +127,17 @@ def guided_noise_fn(
             null = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
             ctx2 = jnp.concatenate([context, null])
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_net, t_net]), y2, ctx2)
-        out_c, out_u = out[:b], out[b:]
-        return out_c + scale * (out_c - out_u)
+        return out[:b], out[b:]
+
+    def autoguidance_pair(x: jax.Array, t_net: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(main, guide) outputs: two passes of B images, both with the same condition."""
+        return conditional(x, t_net), guide_fn(x, t_net, y, context)
+
+    pair = cfg_pair if guide_fn is None else autoguidance_pair
+
+    def guided_pass(x: jax.Array, t_net: jax.Array, scale: float | jax.Array) -> jax.Array:
+        out_c, out_weak = pair(x, t_net)
+        return out_c + scale * (out_c - out_weak)
 
     def noise_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         t_net = schedule.network_time(t).astype(jnp.float32)
