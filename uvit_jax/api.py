@@ -59,6 +59,8 @@ class Loaded:
     path: the checkpoint folder (`<workdir>/checkpoints/<step>`).
     ema: whether params are the EMA weights (True) or the raw training weights.
     mesh: the mesh the params are laid out on, None for one device.
+    ema_std: 0 for the classic EMA (or raw weights); the relative std of a post-hoc EMA
+        (`--mode posthoc_ema`) otherwise.
     """
 
     model: nnx.Module
@@ -69,14 +71,21 @@ class Loaded:
     path: str
     ema: bool = True
     mesh: jax.sharding.Mesh | None = None
+    ema_std: float = 0.0
+
+    @property
+    def weights(self) -> str:
+        """Which weights: "ema", "raw" or "posthoc_ema std <std>"."""
+        if self.ema_std:
+            return f"posthoc_ema std {self.ema_std:g}"
+        return "ema" if self.ema else "raw"
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
         where = "1 device" if self.mesh is None else f"mesh {dict(self.mesh.shape)}"
         return (
             f"Loaded({self.config.get('name') or 'U-ViT'!r}, step={self.step}, "
-            f"{'EMA' if self.ema else 'raw'} weights, {n / 1e6:.2f}M parameters on {where}, "
-            f"path={self.path!r})"
+            f"{self.weights} weights, {n / 1e6:.2f}M parameters on {where}, path={self.path!r})"
         )
 
 
@@ -89,6 +98,7 @@ def load(
     *,
     ema: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    ema_std: float = 0.0,
 ) -> Loaded:
     """Restores a U-ViT checkpoint for sampling and inspection.
 
@@ -104,21 +114,28 @@ def load(
       mesh: None: everything on the first device (`jax.devices()[0]`). A ("data", "fsdp") mesh
           (`uvit_jax.parallel.mesh.make_mesh`): weights laid out by the training FSDP rule
           (replicated where fsdp=1), and `sample` shards its batch over the mesh.
+      ema_std: 0: the run's own (classic) EMA. A relative std: the post-hoc EMA that
+          `--mode posthoc_ema` reconstructed for it, from `<workdir>/posthoc_ema/std_<std>/`
+          (also loadable as a workdir of its own); `step`: its reconstruction step.
     Returns:
       A `Loaded` (model, graphdef, params, config, step).
     Raises:
       CheckpointError: no checkpoint there, no such step (the message lists the steps there
           are), a damaged step asked for by number (or every step damaged: the message names
-          the file and the reason), a checkpoint format newer than this uvit_jax, or ema=False
-          on a checkpoint without raw weights.
+          the file and the reason), a checkpoint format newer than this uvit_jax, ema=False
+          on a checkpoint without raw weights, or no post-hoc EMA of `ema_std` there.
     """
+    if ema_std:
+        if not ema:
+            raise ValueError(f"ema=False with ema_std={ema_std}: a post-hoc EMA is EMA weights")
+        workdir_or_checkpoint = posthoc_ema_workdir(workdir_or_checkpoint, ema_std)
     with _reader(workdir_or_checkpoint) as (manager, folder_step):
         root = epath.Path(manager.directory)
         asked = step
         for attempt in range(_VANISHED_RETRIES + 1):
             step = _pick(manager, asked, folder_step, "ema" if ema else "state")
             try:
-                config, graphdef, params = _read_weights(manager, step, ema, mesh)
+                config, graphdef, params, std = _read_weights(manager, step, ema, mesh)
                 break
             except Exception as e:
                 # A trainer writing the workdir may move the step to its trash (keep-N) between
@@ -145,6 +162,7 @@ def load(
         path=os.fspath(root / str(step)),
         ema=ema,
         mesh=mesh,
+        ema_std=std,
     )
 
 
@@ -159,22 +177,42 @@ def saved_config(
         return config_from_dict(checkpoints.read_config(manager, step)), step
 
 
+def posthoc_ema_workdir(workdir: str | os.PathLike, std: float) -> epath.Path:
+    """`<workdir>/posthoc_ema/std_<std>`, where `--mode posthoc_ema` wrote the EMA of relative
+    std `std`. Raises CheckpointError, naming the stds there are, when it has none of `std`."""
+    folder = checkpoints.posthoc_ema_dir(workdir, std)
+    if not folder.exists():
+        there = sorted(
+            float(p.name.removeprefix("std_"))
+            for p in (folder.parent.iterdir() if folder.parent.exists() else ())
+            if p.name.startswith("std_")
+        )
+        raise CheckpointError(
+            f"no post-hoc EMA of std {float(std):g} in {workdir}: {folder} does not exist "
+            f"(reconstructed there: {', '.join(f'{s:g}' for s in there) or 'none'}; make it "
+            f"with --mode posthoc_ema --config.posthoc.stds={float(std):g})"
+        )
+    return folder
+
+
 # How many times `load` without a step picks again when the step it chose is deleted under it.
 _VANISHED_RETRIES = 3
 
 
 def _read_weights(
     manager: ocp.CheckpointManager, step: int, ema: bool, mesh: jax.sharding.Mesh | None
-) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, nnx.State]:
-    """(config, graphdef, params) of `step`: its EMA weights or the raw ones."""
+) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, nnx.State, float]:
+    """(config, graphdef, params, post-hoc EMA std or 0) of `step`: its EMA weights or the raw
+    ones."""
     config = config_from_dict(checkpoints.read_config(manager, step))
     graphdef, abstract = nnx.split(abstract_uvit(config.model))
-    target = _placed(abstract, mesh)
+    target = restore_target(abstract, mesh)
     if ema:
         params = checkpoints.restore(manager, step, ema_target=target)["ema"]
     else:
         params = checkpoints.restore(manager, step, params_target=target)["params"]
-    return config, graphdef, params
+    posthoc = checkpoints.read_posthoc_ema(manager, step)
+    return config, graphdef, params, float(posthoc["std"]) if posthoc else 0.0
 
 
 def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -231,9 +269,9 @@ def _pick(
     return picked
 
 
-def _placed(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
+def restore_target(abstract: nnx.State, mesh: jax.sharding.Mesh | None) -> nnx.State:
     """ShapeDtypeStructs carrying the shardings to restore onto (orbax needs them to restore a
-    checkpoint written on another topology)."""
+    checkpoint written on another topology): one device (None) or the FSDP layout on `mesh`."""
     if mesh is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
@@ -275,6 +313,9 @@ def _guide_location(loaded: Loaded, value: str) -> tuple[str, int | None]:
     """(path, step or None) of a `guide_checkpoint` value ("N", "W" or "W:N"; a URL's own
     colon is not a step separator)."""
     if value.isdigit():
+        if loaded.ema_std:  # <W>/posthoc_ema/std_<s>/checkpoints/<step>: a step of W itself
+            workdir = epath.Path(loaded.path).parents[3]
+            return os.fspath(checkpoints.checkpoint_dir(workdir)), int(value)
         return os.path.dirname(loaded.path), int(value)
     path, colon, step = value.rpartition(":")
     if colon and step.isdigit():

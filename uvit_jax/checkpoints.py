@@ -6,6 +6,12 @@ A workdir's `checkpoints/<step>/` holds up to four items:
   data_iter the grain iterator position (training runs only);
   config    JSON: the resolved config, the checkpoint format version and what wrote it.
 A converted official checkpoint has only `ema` and `config`.
+`<workdir>/ema_snapshots/<step>/` (`SNAPSHOTS`: the power-function EMAs of
+`config.train.ema_stds`, for post-hoc reconstruction) is laid out, sealed and read the same way,
+its `ema` item a tuple of EMAs, one per std, and its own retention (`open_manager(folder=...)`).
+`<workdir>/posthoc_ema/std_<std>/` (`posthoc_ema_dir`) is a workdir of its own whose steps hold
+the EMA `--mode posthoc_ema` reconstructed for that std (`ema`, `config`), their `config`
+record naming it (`read_posthoc_ema`).
 
 Each step also holds `checksums.json`: the size and SHA-256 of every file of every item; its
 `config` record says so (`"checksums": true`), so a step whose manifest is lost is damaged, not
@@ -77,8 +83,16 @@ def absolute(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path if "://" in os.fspath(path) else os.path.abspath(path))
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    return absolute(workdir) / "checkpoints"
+CHECKPOINTS, SNAPSHOTS, POSTHOC = "checkpoints", "ema_snapshots", "posthoc_ema"
+
+
+def checkpoint_dir(workdir: str | os.PathLike, folder: str = CHECKPOINTS) -> epath.Path:
+    return absolute(workdir) / folder
+
+
+def posthoc_ema_dir(workdir: str | os.PathLike, std: float) -> epath.Path:
+    """The workdir of the post-hoc EMA of relative std `std` reconstructed in `workdir`."""
+    return absolute(workdir) / POSTHOC / f"std_{float(std):g}"
 
 
 class _SealingManager(ocp.CheckpointManager):
@@ -142,17 +156,22 @@ class _SealingManager(ocp.CheckpointManager):
 
 
 def open_manager(
-    workdir: str | os.PathLike, *, keep: int | None = 3, read_only: bool = False
+    workdir: str | os.PathLike,
+    *,
+    keep: int | None = 3,
+    read_only: bool = False,
+    folder: str = CHECKPOINTS,
 ) -> ocp.CheckpointManager:
-    """A CheckpointManager over `workdir/checkpoints` (async sealed saves, keep-N, safe deletes).
+    """A CheckpointManager over `workdir/<folder>` (async sealed saves, keep-N (None: all),
+    safe deletes); `folder`: `CHECKPOINTS` or `SNAPSHOTS`.
 
     read_only: a manager that only reads (`good_step`, `read_config`, `restore`); `workdir` may
-    also be the `checkpoints` folder itself. Close it after use (`with open_manager(...) as m`).
+    also be the `folder` itself. Close it after use (`with open_manager(...) as m`).
     Raises CheckpointError when there is no such folder.
     """
     if read_only:
         path = absolute(workdir)
-        directory = path if path.name == "checkpoints" else checkpoint_dir(path)
+        directory = path if path.name == folder else checkpoint_dir(path, folder)
         if not path.exists():
             raise CheckpointError(f"{path} does not exist")
         if not directory.exists():
@@ -160,7 +179,7 @@ def open_manager(
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         with library_logs.quiet(logging.ERROR, ("/orbax/",)):  # it warns that it is read-only
             return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
-    directory = checkpoint_dir(workdir)
+    directory = checkpoint_dir(workdir, folder)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, cleanup_tmp_directories=True, todelete_subdir=_TRASH
     )
@@ -307,10 +326,12 @@ def good_step(manager: ocp.CheckpointManager, step: int | None, items: Sequence[
     return None
 
 
-def set_aside_newer(manager: ocp.CheckpointManager, step: int | None) -> None:
-    """Moves the steps newer than `step` (those that failed verification) into
-    `checkpoints/rejected/`, out of the listing, so a resumed run can write their step numbers
-    again; they stay there for inspection."""
+def set_aside_newer(
+    manager: ocp.CheckpointManager, step: int | None, what: str = "failed checkpoint"
+) -> None:
+    """Moves the steps newer than `step` (those that failed verification; `what` they are, for
+    the log) into `rejected/` of the manager's folder, out of the listing, so a resumed run can
+    write their step numbers again; they stay there for inspection."""
     root = epath.Path(manager.directory)
     newer = [s for s in manager.all_steps() if step is None or s > step]
     if newer and jax.process_index() == 0:
@@ -318,7 +339,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int | None) -> None:
         for s in newer:
             target = root / _REJECTED / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
             (root / str(s)).rename(target)
-            logging.warning("moved the failed checkpoint step %d to %s", s, target)
+            logging.warning("moved the %s step %d to %s", what, s, target)
     if newer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -351,12 +372,17 @@ def save(
     config: Mapping,
     state: Any | None = None,
     data_iter: Any | None = None,
+    posthoc_ema: Mapping | None = None,
 ) -> None:
     """Starts an asynchronous save of the given items at `step` (call `manager.wait_until_finished`
-    before reading it or exiting)."""
+    before reading it or exiting). posthoc_ema: the record of a reconstructed EMA (its `std`,
+    ...), kept in the `config` item beside the config."""
     import grain
 
-    items = {"ema": ocp.args.StandardSave(ema), "config": ocp.args.JsonSave(_config_record(config))}
+    record = _config_record(config)
+    if posthoc_ema is not None:
+        record["posthoc_ema"] = dict(posthoc_ema)
+    items = {"ema": ocp.args.StandardSave(ema), "config": ocp.args.JsonSave(record)}
     if state is not None:
         items["state"] = ocp.args.StandardSave(state)
     if data_iter is not None:
@@ -367,6 +393,12 @@ def save(
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The resolved config saved at `step`; refuses formats newer than this package."""
     return _read_record(manager, step)["config"]
+
+
+def read_posthoc_ema(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The record of a reconstructed EMA saved at `step` (`save(posthoc_ema=...)`); None for a
+    checkpoint of training or conversion."""
+    return _read_record(manager, step).get("posthoc_ema")
 
 
 def _read_record(manager: ocp.CheckpointManager, step: int) -> dict:

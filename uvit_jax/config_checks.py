@@ -131,6 +131,12 @@ class Each:
 
 COUNT, NONNEG, PROBABILITY = Int(1), Int(0), Real(0, 1)
 
+# The widest power-function EMA's relative std: exponent 0, the plain average over the run
+# (uvit_jax/train/power_ema.py). EMA_STD: a power-function EMA's; SAMPLE_EMA_STD: 0 is the
+# classic EMA.
+MAX_EMA_STD = 12**-0.5
+EMA_STD, SAMPLE_EMA_STD = Real(0, MAX_EMA_STD, lo_open=True), Real(0, MAX_EMA_STD)
+
 # field under `config` -> its check. Numbers: every one of the schema's; names: those whose
 # values are known (OneOf(registry=True): the caller gives them, see `check_config`).
 FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
@@ -186,6 +192,9 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "train.accum_steps": COUNT,
     "train.num_steps": COUNT,
     "train.ema_rate": Real(0, 1, hi_open=True),
+    "train.ema_stds": Each(EMA_STD),
+    "train.ema_snapshot_every": NONNEG,  # >= 1 with ema_stds (jobs/train.py's check)
+    "train.ema_snapshot_keep": NONNEG,  # 0: all
     "train.log_every": COUNT,
     "train.ckpt_every": COUNT,
     "train.keep_ckpts": COUNT,
@@ -203,6 +212,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "sample.guidance": OneOf(registry=True),
     "sample.num_samples": COUNT,
     "sample.batch_size": COUNT,
+    "sample.ema_std": SAMPLE_EMA_STD,
     # ---- eval ----
     "eval.num_samples": COUNT,
     "eval.batch_size": COUNT,
@@ -220,6 +230,11 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "sweep.cfg_schedules": Each(OneOf(registry=True)),
     "sweep.grids": Each(OneOf(registry=True)),
     "sweep.guidances": Each(OneOf(registry=True)),
+    "sweep.ema_stds": Each(SAMPLE_EMA_STD),
+    # ---- posthoc ----
+    "posthoc.stds": Each(EMA_STD),
+    "posthoc.step": NONNEG,
+    "posthoc.max_residual": Real(0, lo_open=True),
     # ---- ablate, compile, logging ----
     "ablate.seeds": Each(Int()),
     "ablate.eval_every": NONNEG,

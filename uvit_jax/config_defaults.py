@@ -259,6 +259,14 @@ def default_config() -> ml_collections.ConfigDict:
             num_steps=500_000,
             ema_rate=0.9999,
             ema_warmup=False,  # decay min(ema_rate, (1 + step) / (10 + step)) (paper: off)
+            # Power-function EMAs (EDM2; uvit_jax/train/power_ema.py), beside the classic one:
+            # their relative stds, e.g. (0.05, 0.1); (): none. Each is snapshotted every
+            # ema_snapshot_every steps into <workdir>/ema_snapshots/ (4 bytes x parameters per
+            # std each time), keeping the newest ema_snapshot_keep (0: all; post-hoc
+            # reconstruction, --mode posthoc_ema, uses the whole history).
+            ema_stds=(),
+            ema_snapshot_every=0,
+            ema_snapshot_keep=0,
             log_every=100,
             ckpt_every=5000,
             keep_ckpts=3,
@@ -318,6 +326,10 @@ def default_config() -> ml_collections.ConfigDict:
             batch_size=64,  # global
             # Text-to-image: prompts to draw (repeated in turn); empty: the dataset's captions.
             prompts=(),
+            # The weights sample, eval and sweep use: 0, the classic EMA (or eval.ema=False's
+            # raw weights); a relative std, the post-hoc EMA --mode posthoc_ema reconstructed
+            # for it, <workdir>/posthoc_ema/std_<std>/.
+            ema_std=0.0,
         )
     )
 
@@ -361,6 +373,18 @@ def default_config() -> ml_collections.ConfigDict:
             grids=(),
             guidances=(),  # "cfg", "autoguidance"
             guide_checkpoints=(),  # autoguidance cells only, as config.sample.guide_checkpoint
+            ema_stds=(),  # post-hoc EMA stds, as sample.ema_std (0: the classic EMA)
+        )
+    )
+
+    # ---- --mode posthoc_ema: EMAs of other stds from the snapshots (jobs/posthoc_ema.py) ----
+    c.posthoc = ml_collections.ConfigDict(
+        dict(
+            stds=(),  # the relative stds to reconstruct, e.g. (0.02, 0.05, 0.1)
+            step=0,  # at this snapshot step (or between two); 0: the last snapshot's
+            # Refuse a std whose combined profile is further than this from the target's
+            # (relative L2 error): too far from the tracked stds for the snapshots to make.
+            max_residual=0.05,
         )
     )
 

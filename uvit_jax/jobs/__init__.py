@@ -5,6 +5,7 @@ extract.py   extract          images -> autoencoder moments (or pixels) -> datas
 sample.py    sample           images from a checkpoint's EMA weights
 evaluate.py  eval, fid_stats  FID & co. of a checkpoint; reference statistics of a dataset
 sweep.py     sweep            eval metrics of a checkpoint over samplers x steps x guidance
+posthoc_ema.py  posthoc_ema   EMAs of other lengths from the power-function EMAs' snapshots
 ablate.py    ablate           variants trained with one recipe, eval metrics along training
 convert.py   convert, convert_autoencoder, convert_inception   official weights -> ours
 compile.py   compile          compile for a TPU slice that is not there: memory, FLOPs, roofline
@@ -43,6 +44,7 @@ MODES: dict[str, str] = {
     "eval": "uvit_jax.jobs.evaluate:eval_job",
     "sample": "uvit_jax.jobs.sample:sample_job",
     "sweep": "uvit_jax.jobs.sweep:sweep_job",
+    "posthoc_ema": "uvit_jax.jobs.posthoc_ema:posthoc_ema_job",
     "ablate": "uvit_jax.jobs.ablate:ablate_job",
     "compile": "uvit_jax.jobs.compile:compile_job",
 }

@@ -29,6 +29,7 @@ from input_pipeline.sources import load_image, make_source
 from uvit_jax.api import load, load_guide
 from uvit_jax.convert.inception import sha256_of
 from uvit_jax.diffusion.formulation import Formulation
+from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import (
     Evaluator,
     caption_sampler,
@@ -132,7 +133,7 @@ def fingerprint(config, run_config, evaluator: Evaluator, loaded, guide=None) ->
         grid=str(run_config.sample.get("grid", "") or "sampler's own"),
         thresholding=bool(run_config.sample.get("thresholding", False)),
         denoise_to_zero=bool(run_config.sample.get("denoise_to_zero", False)),
-        weights="ema" if loaded.ema else "raw",
+        weights=loaded.weights,
         step=int(loaded.step),
         seed=int(config.seed),
         labels=label_mode(run_config),
@@ -229,29 +230,54 @@ def evaluate_loaded(
     return result
 
 
+def weights_choice(config) -> tuple[bool, float]:
+    """(ema, ema_std) of the weights eval and sweep measure: the latest checkpoint's EMA, its
+    raw weights (config.eval.ema=False) or the post-hoc EMA of config.sample.ema_std."""
+    ema, std = bool(config.eval.get("ema", True)), float(config.sample.get("ema_std", 0.0))
+    if std and not ema:
+        raise ConfigError(
+            f"config.sample.ema_std={std:g} with config.eval.ema=False: a post-hoc EMA is EMA "
+            "weights (set one of them)"
+        )
+    return ema, std
+
+
+def load_weights(config, workdir: str, mesh) -> Any:
+    """The weights of `weights_choice(config)`, loaded onto `mesh`."""
+    ema, std = weights_choice(config)
+    return load(workdir, mesh=mesh, ema=ema, ema_std=std)
+
+
 def eval_job(config, workdir: str) -> dict[str, Any]:
-    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False) weights;
-    writes `eval/result_step_<N>.json` (metrics + "protocol" fingerprint) and TensorBoard."""
+    """The metrics of the latest checkpoint's EMA (or raw: config.eval.ema=False; or the
+    post-hoc EMA of config.sample.ema_std) weights; writes `eval/result_step_<N>.json`
+    (`result_step_<N>_ema_std_<std>.json`: metrics + "protocol" fingerprint) and TensorBoard
+    (`eval/<metric>`, `eval_ema_std_<std>/<metric>`)."""
     check_sample_count(config, "num_samples")
     mesh = make_mesh(config.mesh)
     evaluator = make_evaluator(config, mesh)
-    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
+    loaded = load_weights(config, workdir, mesh)
     result = evaluate_loaded(config, workdir, loaded, evaluator, mesh)
+    suffix = f"_ema_std_{loaded.ema_std:g}" if loaded.ema_std else ""
     if jax.process_index() == 0:
-        path = epath.Path(workdir) / "eval" / f"result_step_{loaded.step}.json"
+        path = epath.Path(workdir) / "eval" / f"result_step_{loaded.step}{suffix}.json"
         path.write_text(json.dumps(result, indent=2))
         from uvit_jax.train import dashboard
 
         # TensorBoard (+ the log) and, where config.logging.wandb is on, W&B (job "eval").
         writer = dashboard.metric_writer(config, workdir, console=True, job_type="eval")
+        tag = f"eval{suffix}"
         writer.write_scalars(
-            loaded.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}
+            loaded.step, {f"{tag}/{k}": v for k, v in result.items() if isinstance(v, float)}
         )
-        writer.write_texts(loaded.step, {"eval/protocol": json.dumps(result["protocol"], indent=2)})
+        writer.write_texts(
+            loaded.step, {f"{tag}/protocol": json.dumps(result["protocol"], indent=2)}
+        )
         writer.close()
     logging.info(
-        "eval at step %d: %s",
+        "eval at step %d (%s weights): %s",
         loaded.step,
+        loaded.weights,
         {k: v for k, v in result.items() if isinstance(v, float)},
     )
     return result

@@ -1,4 +1,5 @@
-"""`python main.py --mode sample --workdir W`: images from a checkpoint's EMA weights.
+"""`python main.py --mode sample --workdir W`: images from a checkpoint's EMA weights (or the
+post-hoc EMA of `--config.sample.ema_std=<std>`, made by `--mode posthoc_ema`).
 
 Writes `W/samples/sample_step<step>_seed<seed>_<digest>.png` (a grid) and `.npz` (`arr_0`:
 uint8 [N, H, W, C], `labels`, `settings`), sharded over every device and host. The command
@@ -41,13 +42,17 @@ def sample_settings(run_config, loaded, seed: int, guide=None) -> dict[str, Any]
     """Everything that decides `--mode sample`'s images: every `config.sample` field as used
     (sampler, steps, grid, guidance, guide_checkpoint, thresholding, denoise_to_zero,
     num_samples, batch_size, prompts, ...), the seed, the class labels' rule, the checkpoint
-    step and which weights; with an autoguidance `guide` (a `Loaded`), its folder and step."""
+    step and which weights (`ema`, and `ema_std` for a post-hoc EMA: the classic EMA's settings
+    are as before it); with an autoguidance `guide` (a `Loaded`), its folder and step."""
     sample = json.loads(json.dumps(run_config.sample.to_dict(), default=list))
+    sample.pop("ema_std", None)  # which weights: below
     conditioning = Conditioning.from_config(run_config)
     labels = conditioning.kind  # "none", "text" (captions: prompts or the dataset's)
     if labels == "class":
         labels = f"sample j: class j mod {conditioning.num_classes}"
     settings = dict(sample=sample, seed=seed, labels=labels, step=int(loaded.step), ema=loaded.ema)
+    if loaded.ema_std:
+        settings["ema_std"] = loaded.ema_std
     if guide is not None:  # "W" alone names the newest step, which moves as W trains
         settings["guide"] = dict(path=guide.path, step=int(guide.step))
     return settings
@@ -59,9 +64,10 @@ def settings_digest(settings: dict[str, Any]) -> str:
 
 
 def sample_job(config, workdir: str) -> str:
-    """Samples `config.sample.num_samples` images; returns the `.npz` path."""
+    """Samples `config.sample.num_samples` images (from the post-hoc EMA of
+    `config.sample.ema_std` where set); returns the `.npz` path."""
     mesh = make_mesh(config.mesh)
-    loaded = load(workdir, mesh=mesh)
+    loaded = load(workdir, mesh=mesh, ema_std=float(config.sample.get("ema_std", 0.0)))
     # The command line's sample settings win, every field (as --mode eval's do).
     run_config = loaded.config.copy_and_resolve_references()
     run_config.update(sample=config.sample)

@@ -5,13 +5,16 @@
         "--config.sweep.samplers=('dpm_solver++_3s', 'unipc_bh2', 'dpm_solver++_3m')" \\
         "--config.sweep.steps=(5, 10, 15, 20, 25)" "--config.sweep.cfg_intervals=((), (0.3, 6))"
 
-Every cell (sampler x steps x guidance scale x guidance interval x guidance schedule x time
-grid x guidance kind x autoguidance's guide; a field left empty keeps `config.sample`'s value) is
-an `--mode eval` of the same weights with those sample settings, and the same sample count, seed,
-labels and reference (`config.eval`). Every cell's settings, and each guide checkpoint (read
-once), are checked before the first sample is drawn. A cell resumes like `--mode eval` (its
-features are kept per batch; a finished cell is read back), so a stopped sweep continues cell by
-cell. After each cell the table is rewritten:
+Every cell (EMA std x sampler x steps x guidance scale x guidance interval x guidance schedule
+x time grid x guidance kind x autoguidance's guide; a field left empty keeps `config.sample`'s
+value) is an `--mode eval` of the weights with those sample settings, and the same sample
+count, seed, labels and reference (`config.eval`). The EMA stds (`config.sweep.ema_stds`, as
+`config.sample.ema_std`: 0 the classic EMA, else the post-hoc EMA `--mode posthoc_ema` made for
+that std) add the columns `ema_std` and `step` (the weights' step) to the table. Every cell's
+settings and weights, and each guide checkpoint (read once), are checked before the first
+sample is drawn. A cell resumes like `--mode eval` (its features are kept per batch; a
+finished cell is read back), so a stopped sweep continues cell by cell. After each cell the
+table is rewritten:
   W/sweep/step_<N>.csv    one row per cell: settings, NFE, metrics, wall seconds;
   W/sweep/step_<N>.json   the same rows, each with its cell's protocol fingerprint;
   W/sweep/step_<N>.png    FID against NFE, one line per sampler and guidance setting;
@@ -33,11 +36,11 @@ from typing import Any
 import jax
 from etils import epath
 
-from uvit_jax.api import load, load_guide
+from uvit_jax.api import load_guide, posthoc_ema_workdir
 from uvit_jax.diffusion.formulation import Formulation
 from uvit_jax.errors import ConfigError
 from uvit_jax.evaluation.evaluator import check_sample_count, make_evaluator
-from uvit_jax.jobs.evaluate import evaluate_loaded
+from uvit_jax.jobs.evaluate import evaluate_loaded, load_weights, weights_choice
 from uvit_jax.parallel.mesh import make_mesh
 from uvit_jax.sampling.generate import SamplerSpec, guide_checkpoint_of
 
@@ -56,6 +59,7 @@ class Cell:
     grid: str
     guidance: str = "cfg"
     guide_checkpoint: str = ""  # autoguidance cells only
+    ema_std: float = 0.0
 
     def apply(self, config) -> Any:
         """A copy of `config` whose `sample` section holds this cell's settings (a cell of scale
@@ -70,6 +74,7 @@ class Cell:
             grid=self.grid,
             guidance=self.guidance,
             guide_checkpoint=self.guide_checkpoint,
+            ema_std=self.ema_std,
         )
         return config
 
@@ -88,14 +93,15 @@ class Cell:
             name += f" in ({self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
         if self.cfg_schedule != "constant":
             name += f", {self.cfg_schedule} schedule"
-        return name + (f", {self.grid} grid" if self.grid else "")
+        name += f", {self.grid} grid" if self.grid else ""
+        return name + (f", EMA std {self.ema_std:g}" if self.ema_std else "")
 
 
 def sweep_cells(config) -> list[Cell]:
-    """The product of `config.sweep`'s lists; an empty list is `config.sample`'s own value. A
-    scale of 0 is one unguided cell per (sampler, steps, grid), whatever the intervals,
-    schedules, guidance kinds and guides (they have no scale to act on); guides apply to
-    autoguidance cells only."""
+    """The product of `config.sweep`'s lists, the EMA std outermost (one set of weights after
+    the other); an empty list is `config.sample`'s own value. A scale of 0 is one unguided cell
+    per (EMA std, sampler, steps, grid), whatever the intervals, schedules, guidance kinds and
+    guides (they have no scale to act on); guides apply to autoguidance cells only."""
     s, own = config.sweep, config.sample
 
     def values(field: str, default: Any) -> tuple:
@@ -111,16 +117,20 @@ def sweep_cells(config) -> list[Cell]:
             str(grid),
             str(guidance) if scale else "cfg",
             str(guide) if scale and guidance == "autoguidance" else "",
+            float(ema_std),
         )
-        for sampler, steps, scale, interval, schedule, grid, guidance, guide in itertools.product(
-            values("samplers", own.sampler),
-            values("steps", own.steps),
-            values("cfg_scales", own.cfg_scale),
-            values("cfg_intervals", tuple(own.get("cfg_interval", ()) or ())),
-            values("cfg_schedules", own.get("cfg_schedule", "constant")),
-            values("grids", own.get("grid", "")),
-            values("guidances", own.get("guidance", "cfg")),
-            values("guide_checkpoints", guide_checkpoint_of(config)),
+        for ema_std, sampler, steps, scale, interval, schedule, grid, guidance, guide in (
+            itertools.product(
+                values("ema_stds", own.get("ema_std", 0.0)),
+                values("samplers", own.sampler),
+                values("steps", own.steps),
+                values("cfg_scales", own.cfg_scale),
+                values("cfg_intervals", tuple(own.get("cfg_interval", ()) or ())),
+                values("cfg_schedules", own.get("cfg_schedule", "constant")),
+                values("grids", own.get("grid", "")),
+                values("guidances", own.get("guidance", "cfg")),
+                values("guide_checkpoints", guide_checkpoint_of(config)),
+            )
         )
     ]
     return list(dict.fromkeys(cells))  # in order, without the repeated unguided cells
@@ -176,15 +186,20 @@ def plot_fid_vs_nfe(rows: list[dict[str, Any]], path: epath.Path, title: str) ->
 
 
 def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
-    """Evaluates the latest checkpoint at every cell of `config.sweep`; returns the rows."""
+    """Evaluates the latest checkpoint (or its post-hoc EMAs) at every cell of `config.sweep`;
+    returns the rows."""
     check_sample_count(config, "num_samples")
     mesh = make_mesh(config.mesh)
-    loaded = load(workdir, mesh=mesh, ema=bool(config.eval.get("ema", True)))
     cells = sweep_cells(config)
+    loaded = load_weights(cells[0].apply(config), workdir, mesh)
     guides = {}  # guide_checkpoint -> its Loaded, read once for every cell it guides
-    for cell in cells:  # every setting checked before the first sample is drawn
+    for cell in cells:  # every setting and set of weights checked before the first sample
+        cell_config = cell.apply(config)
+        weights_choice(cell_config)
+        if cell.ema_std:
+            posthoc_ema_workdir(workdir, cell.ema_std)
         run_config = loaded.config.copy_and_resolve_references()
-        run_config.update(sample=cell.apply(config).sample)
+        run_config.update(sample=cell_config.sample)
         try:
             SamplerSpec.from_config(run_config)
             if cell.guide_checkpoint and cell.guide_checkpoint not in guides:
@@ -197,7 +212,10 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     out = epath.Path(workdir) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"step_{loaded.step}"
+    stds = list(dict.fromkeys(cell.ema_std for cell in cells))
     weights = "EMA" if loaded.ema else "raw"
+    if stds != [0.0]:
+        weights = "EMA std " + ", ".join(f"{s:g}" if s else "classic" for s in stds)
     title = (
         f"{Formulation.from_config(loaded.config).label}: "
         f"step {loaded.step} ({weights}), {int(config.eval.num_samples)} samples vs "
@@ -206,9 +224,14 @@ def sweep_job(config, workdir: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, cell in enumerate(cells):
         logging.info("sweep: cell %d/%d: %s, %d steps", i + 1, len(cells), cell.line, cell.steps)
+        if cell.ema_std != loaded.ema_std:  # the cells of one std follow each other
+            loaded = load_weights(cell.apply(config), workdir, mesh)
         guide = guides.get(cell.guide_checkpoint)
         result = evaluate_loaded(cell.apply(config), workdir, loaded, evaluator, mesh, guide)
-        rows.append(dict(_row(cell, config, result), line=cell.line, protocol=result["protocol"]))
+        row = _row(cell, config, result)
+        if stds != [0.0]:
+            row.update(ema_std=cell.ema_std, step=loaded.step)
+        rows.append(dict(row, line=cell.line, protocol=result["protocol"]))
         if jax.process_index() == 0:
             _write_table(rows, stem, title)
             logging.info("sweep: %s", {k: v for k, v in rows[-1].items() if k != "protocol"})

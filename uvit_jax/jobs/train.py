@@ -41,7 +41,7 @@ from uvit_jax.models.uvit import abstract_uvit, build_uvit
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
 from uvit_jax.train import dashboard, flops, init_from
 from uvit_jax.train.state import TrainState, create_train_state
-from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, make_train_program
+from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, ema_stds, make_train_program
 
 # What a resumed run restores (with the config); each is checked against its checksums.
 RESUMED_ITEMS = ("state", "ema", "data_iter")
@@ -67,6 +67,15 @@ def check_config(config, mesh) -> None:
             f"config.train.accum_steps={accum}"
         )
     batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
+    stds, snapshot_every = ema_stds(config), int(config.train.ema_snapshot_every)
+    if len(set(stds)) != len(stds):
+        raise ConfigError(f"config.train.ema_stds={stds}: expected distinct stds")
+    if stds and snapshot_every <= 0:
+        raise ConfigError(
+            f"config.train.ema_snapshot_every={snapshot_every} with config.train.ema_stds="
+            f"{stds}: expected an interval in steps >= 1 (post-hoc reconstruction reads the "
+            "snapshots)"
+        )
 
 
 def check_same_model(saved: Mapping, config, workdir: str) -> None:
@@ -88,6 +97,30 @@ def check_same_model(saved: Mapping, config, workdir: str) -> None:
         raise checkpoints.CheckpointError(
             f"{workdir} holds a checkpoint of another model; use a new --workdir or the "
             "matching config:\n  " + "\n  ".join(diffs)
+        )
+
+
+def power_ema_record(train: Mapping) -> tuple[tuple[float, ...], int]:
+    """(ema_stds, ema_snapshot_every) of a `config.train` section, the interval 0 without stds
+    (it is not used then); absent fields (older configs) are their defaults."""
+    stds = tuple(float(s) for s in train.get("ema_stds", ()) or ())
+    return stds, int(train.get("ema_snapshot_every", 0)) if stds else 0
+
+
+def check_same_power_emas(saved: Mapping, config, workdir: str) -> None:
+    """Refuses to resume with other power-function EMAs or another snapshot interval: the EMAs'
+    profiles start at step 1 and their snapshots form one sequence, so neither can change in
+    the middle of a run."""
+    (was, was_every), (now, now_every) = (
+        power_ema_record(saved.get("train", {})),
+        power_ema_record(config.train),
+    )
+    if (was, was_every) != (now, now_every):
+        raise checkpoints.CheckpointError(
+            f"{workdir} was trained with config.train.ema_stds={was} ema_snapshot_every="
+            f"{was_every}, the config has {now} and {now_every}: power-function EMAs start at "
+            "step 1 and snapshot at one interval, so they cannot change within a run; use a "
+            "new --workdir or the run's values"
         )
 
 
@@ -156,7 +189,7 @@ def check_finite(state: TrainState, on_nonfinite: str, last_good: int | None) ->
             f"non-finite loss or gradient at step {int(first_bad)} (not applied); {good}. "
             "Lower optim.lr or set train.on_nonfinite='skip' to skip such steps."
         )
-    if not bool(_all_finite((state.params, state.ema))):
+    if not bool(_all_finite((state.params, state.ema, state.power_ema))):
         raise NonFiniteLossError(
             f"non-finite weights (params or EMA) after step {int(state.step)}: not saved; {good}"
         )
@@ -271,6 +304,8 @@ def train_job(config, workdir: str) -> TrainState:
                 preempt.start_stepping()
                 return train_loop(run, state, step_fn, first_batch, preempt)
             finally:
+                if run.snapshots is not None:
+                    run.snapshots.wait_until_finished()
                 run.manager.wait_until_finished()
                 run.writer.close()
     finally:
@@ -286,12 +321,14 @@ class TrainRun:
     restore_iter: whether `latest` holds this topology's data iterator position (else the
     stream was rebuilt at `latest`).
     empty_context: text-to-image models' replicated CLIP of "" (None otherwise).
+    snapshots: the manager of `W/ema_snapshots` (None when `config.train.ema_stds` is empty).
     """
 
     config: Any
     workdir: str
     mesh: Mesh
     manager: ocp.CheckpointManager
+    snapshots: ocp.CheckpointManager | None
     latest: int | None
     init: InitFrom | None
     restore_iter: bool
@@ -327,9 +364,18 @@ def set_up(config, workdir: str) -> TrainRun:
     manager = checkpoints.open_manager(workdir, keep=config.train.keep_ckpts)
     latest = checkpoints.good_step(manager, None, RESUMED_ITEMS)
     if latest is not None:
-        check_same_model(checkpoints.read_config(manager, latest), config, workdir)
+        saved = checkpoints.read_config(manager, latest)
+        check_same_model(saved, config, workdir)
+        check_same_power_emas(saved, config, workdir)
     checkpoints.set_aside_newer(manager, latest)
     init = plan_init_from(config, workdir, latest)
+    snapshots = None
+    if ema_stds(config):
+        snapshots = checkpoints.open_manager(
+            workdir, keep=config.train.ema_snapshot_keep or None, folder=checkpoints.SNAPSHOTS
+        )
+        # Written after the checkpoint resumed from: the resumed run writes them again.
+        checkpoints.set_aside_newer(snapshots, latest, "EMA snapshot (after the resumed step)")
 
     data_dir = ensure_dataset(config, workdir)
     # A saved iterator position is restored with the state; one written by another number of
@@ -352,6 +398,7 @@ def set_up(config, workdir: str) -> TrainRun:
         workdir=workdir,
         mesh=mesh,
         manager=manager,
+        snapshots=snapshots,
         latest=latest,
         init=init,
         restore_iter=restore_iter,
@@ -415,7 +462,7 @@ def plan_init_from(config, workdir: str, latest: int | None) -> InitFrom | None:
 
 def init_from_checkpoint(run: TrainRun) -> TrainState:
     """A new state at step 0 whose parameters are `run.init`'s checkpoint's EMA weights,
-    reshaped by its plan; the EMA starts from the same weights, the optimizer state is fresh.
+    reshaped by its plan; the EMAs start from the same weights, the optimizer state is fresh.
     Logs one line: what was loaded, re-initialised and interpolated."""
     init, config = run.init, run.config
     source = load(init.path, init.step, mesh=run.mesh).params
@@ -424,6 +471,7 @@ def init_from_checkpoint(run: TrainRun) -> TrainState:
         run.program.tx,
         run.mesh,
         config.seed,
+        len(ema_stds(config)),
         adapt=functools.partial(init_from.transfer, init.plan),
         source=source,
     )
@@ -443,7 +491,9 @@ def restore_or_init(run: TrainRun) -> TrainState:
     if run.latest is None and run.init is not None:
         return init_from_checkpoint(run)
     if run.latest is None:
-        return create_train_state(run.config.model, run.program.tx, run.mesh, run.config.seed)
+        return create_train_state(
+            run.config.model, run.program.tx, run.mesh, run.config.seed, len(ema_stds(run.config))
+        )
     item, ema_target = run.program.abstract_state.checkpoint_items()
     restored = checkpoints.restore(
         run.manager,
@@ -521,12 +571,32 @@ class ProgressLog:
 
 def save(run: TrainRun, state: TrainState, step: int) -> None:
     """Starts the asynchronous save of `step` (state, EMA, config, data position); stops first
-    (LockLostError) when another trainer took the workdir's lock over while this one stalled."""
+    (LockLostError) when another trainer took the workdir's lock over while this one stalled.
+
+    The EMA snapshots started before it are committed first: a run resumed from this step
+    finds every snapshot up to it (they cannot be made again)."""
     workdir_lock.check(run.workdir)
+    if run.snapshots is not None:
+        run.snapshots.wait_until_finished()
     item, ema = state.checkpoint_items()
     checkpoints.save(
         run.manager, step, ema=ema, config=run.config, state=item, data_iter=run.data_iter
     )
+
+
+def save_snapshot(run: TrainRun, state: TrainState, step: int) -> None:
+    """Starts the asynchronous save of the power-function EMAs at `step` into
+    `W/ema_snapshots/<step>` (sealed and atomic like a checkpoint) and logs its size."""
+    workdir_lock.check(run.workdir)
+    checkpoints.save(run.snapshots, step, ema=state.power_ema, config=run.config)
+    stds = ema_stds(run.config)
+    params = sum(x.size for x in jax.tree.leaves(run.program.abstract_state.params))
+    size = 4 * params * len(stds)  # float32
+    every = int(run.config.train.ema_snapshot_every)
+    logging.info(
+        "EMA snapshot step %d: stds %s, %d x %d float32 parameters = %d bytes (%.0f per step) "
+        "-> %s", step, stds, len(stds), params, size, size / every, run.snapshots.directory,
+    )  # fmt: skip
 
 
 def run_eval(run: TrainRun, scheduled: Scheduled, state: TrainState, step: int) -> None:
@@ -547,7 +617,7 @@ def train_loop(
     preempt: PreemptionFlag,
 ) -> TrainState:
     """Steps from `state.step` to `config.train.num_steps`; after each step, in this order:
-    log, finiteness check, checkpoint, evaluators, preemption exit."""
+    log, finiteness check, EMA snapshot, checkpoint, evaluators, preemption exit."""
     config = run.config
     num_steps = int(config.train.num_steps)
     key = jax.random.key_data(jax.random.key(config.seed))
@@ -564,12 +634,15 @@ def train_loop(
         stop = preempt.is_set(done)
         log_now = every(config.train.log_every, done) or last
         save_now = every(config.train.ckpt_every, done) or last or stop
+        snapshot_now = run.snapshots is not None and every(config.train.ema_snapshot_every, done)
         if log_now:
             sums, lr, bad = jax.device_get((totals, metrics["lr"], state.nonfinite_steps))
             totals = run.program.zero_totals()
             log.write(done, sums, lr, bad, run.writer)
-        if log_now or save_now:  # after the log line, before the save: once per step
+        if log_now or save_now or snapshot_now:  # after the log line, before saves: once
             check_finite(state, config.train.on_nonfinite, run.manager.latest_step())
+        if snapshot_now:  # before the checkpoint of its step, which waits for it
+            save_snapshot(run, state, done)
         if save_now:
             save(run, state, done)
         for scheduled in run.evals:

@@ -26,7 +26,7 @@ from uvit_jax.latent_scale import number
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
 from uvit_jax.parallel.mesh import batch_sharding, replicated
-from uvit_jax.train import dashboard
+from uvit_jax.train import dashboard, power_ema
 from uvit_jax.train.optimizer import (
     ema_decay,
     ema_update,
@@ -120,6 +120,11 @@ def _microbatches(batch: Batch, n: int) -> Batch:
     return {k: (v if k == "empty_context" else split(v)) for k, v in batch.items()}
 
 
+def ema_stds(config) -> tuple[float, ...]:
+    """The relative stds of the power-function EMAs `config.train.ema_stds` tracks."""
+    return tuple(float(s) for s in config.train.get("ema_stds", ()) or ())
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -128,11 +133,17 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
     """step(state, batch, key) -> (state, metrics) of one step: loss, grad_norm, lr (float32
     scalars), loss_by_t_sum and loss_by_t_count ([NOISE_LEVEL_BUCKETS] float32: the batch's
-    loss sums and example counts per noise level, `make_loss_by_noise_level_fn`)."""
+    loss sums and example counts per noise level, `make_loss_by_noise_level_fn`).
+
+    The power-function EMAs of `config.train.ema_stds` (`state.power_ema`) move after every
+    step, a rejected (non-finite) one included, with the weights as they then are: step t's
+    weights always enter with the profile's weight for step t, so a snapshot's profile is the
+    power function that post-hoc reconstruction assumes."""
     loss_fn = make_loss_by_noise_level_fn(graphdef, config)
     accum = int(config.train.accum_steps)
     ema_rate = float(config.train.ema_rate)
     ema_warmup = bool(config.train.get("ema_warmup", False))
+    gammas = tuple(float(g) for g in power_ema.gamma_of_std(ema_stds(config)))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, batch, key):
@@ -183,6 +194,12 @@ def make_train_step(
             )
 
         new_state = jax.lax.cond(finite, apply, reject, state)
+        if gammas:
+            new_state = new_state.replace(
+                power_ema=power_ema.update(
+                    new_state.power_ema, new_state.params, new_state.step, gammas
+                )
+            )
         metrics = dict(
             loss=loss,
             grad_norm=grad_norm,
@@ -293,7 +310,7 @@ def make_train_program(config, mesh: Mesh) -> TrainProgram:
     """The optimizer, state layout and step of `config` over `mesh`, as training runs them."""
     num_steps = int(config.train.num_steps)
     tx = make_optimizer(config.optim, num_steps)
-    abstract_state, shardings = abstract_train_state(config.model, tx, mesh)
+    abstract_state, shardings = abstract_train_state(config.model, tx, mesh, len(ema_stds(config)))
     schedule = learning_rate_schedule(config.optim, num_steps)
     graphdef = model_graphdef(config.model)
     zero_totals = jax.jit(
