@@ -140,21 +140,23 @@ def draw(
     workdir: str, n: int, sampling: dict, batch: int, seed: int, step: int | None = None
 ) -> np.ndarray:
     """n uint8 samples [n, 32, 32, 1] from the EMA weights of `workdir`'s checkpoint `step`
-    (default the last), sample j of class j mod 10, with `sampling` overriding config.sample
+    (default the last; `ema_std` in `sampling`: its post-hoc EMA of that std, made by
+    `--mode posthoc_ema`), sample j of class j mod 10, with `sampling` overriding config.sample
     (28 x 28 models' samples are padded like the data: 2 black pixels on each side)."""
     import uvit_jax
     from uvit_jax.images import to_uint8
 
-    loaded = uvit_jax.load(workdir, step)
+    loaded = uvit_jax.load(workdir, step, ema_std=float(sampling.get("ema_std", 0.0)))
     for field, value in sampling.items():
         if field not in loaded.config.sample:
             raise ValueError(f"--sampling: config.sample has no field {field!r}")
         loaded.config.sample[field] = value
+    guide = uvit_jax.load_guide(loaded)  # autoguidance's guide, read once (else None)
     labels = np.arange(n) % len(CLASS_NAMES)
     out = []
     for i in range(-(-n // batch)):
         y = np.resize(labels[i * batch : (i + 1) * batch], batch)
-        x = uvit_jax.sample(loaded, labels=y, seed=seed, batch=i)
+        x = uvit_jax.sample(loaded, labels=y, seed=seed, batch=i, guide=guide)
         out.append(to_uint8(x))
     x = np.concatenate(out)[:n]
     pad = (32 - x.shape[1]) // 2  # models of the native 28 x 28: the data's black 2-pixel border

@@ -423,6 +423,11 @@ def test_train_snapshot_resume_reconstruct_and_sample(fmnist_dir, tmp_path, one_
     assert (m.step, m.ema_std) == (40, 0.07)
     x = uvit_jax.sample(m, labels=range(4), steps=2)
     assert x.shape == (4, 28, 28, 1) and bool(jnp.all(jnp.isfinite(x)))
+    # Autoguidance of a post-hoc EMA by "30": step 30 of the run, not of the post-hoc folder.
+    guided = m.config.copy_and_resolve_references()
+    guided.sample.update(guidance="autoguidance", guide_checkpoint="30", cfg_scale=1.0)
+    guide = uvit_jax.load_guide(m, guided)
+    assert (guide.path, guide.step) == (str(tmp_path / "checkpoints" / "30"), 30)
 
     # eval and sweep of the post-hoc EMA beside the classic one (random-weight Inception).
     from random_inception import save_random_inception
