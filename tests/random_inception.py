@@ -53,3 +53,18 @@ def save_random_inception(dst: str | os.PathLike, seed: int = 0) -> str:
         src = os.path.join(tmp, f"random_inception_seed{seed}.npz")
         np.savez(src, **random_state_dict(seed))
         return convert_inception(src, dst, check_hash=False)
+
+
+def use_random_inception(config, root: str | os.PathLike, ref_num_images: int) -> None:
+    """Points `config.eval` at a random-weight Inception saved in `root` (FID plumbing tests
+    need no real features) and at reference statistics `root/ref.npz` of `ref_num_images`
+    images; 16 samples in batches of 8."""
+    config.eval.update(
+        inception_path=os.path.join(root, "inception.npz"),
+        ref_stats=os.path.join(root, "ref.npz"),
+        ref_num_images=ref_num_images,
+        num_samples=16,
+        batch_size=8,
+        min_samples=8,
+    )
+    save_random_inception(config.eval.inception_path, seed=0)

@@ -362,7 +362,7 @@ def test_api_sample_with_a_smaller_guide(runs):
 def trained(fmnist_dir, tmp_path_factory):
     """The runlocal default trained 20 steps, checkpoints at 10 and 20, and a random-weight
     Inception with reference statistics for --mode eval."""
-    from random_inception import save_random_inception
+    from random_inception import use_random_inception
 
     from uvit_jax.jobs import train as train_job
 
@@ -372,15 +372,7 @@ def trained(fmnist_dir, tmp_path_factory):
     config.data.latent_dir = fmnist_dir
     config.train.update(num_steps=20, ckpt_every=10, log_every=10)
     config.sample.update(steps=3, num_samples=12, batch_size=8)
-    config.eval.update(
-        inception_path=str(root / "inception.npz"),
-        ref_stats=str(root / "ref.npz"),
-        ref_num_images=16,
-        num_samples=16,
-        batch_size=8,
-        min_samples=8,
-    )
-    save_random_inception(config.eval.inception_path, seed=0)
+    use_random_inception(config, root, ref_num_images=16)
     train_job.train_job(config, str(root / "w"))
     jobs.run("fid_stats", config, str(root / "w"))
     return config, root / "w"

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from random_inception import save_random_inception
+from random_inception import use_random_inception
 from runs import small_config
 
 from uvit_jax import jobs
@@ -21,15 +21,7 @@ def eval_setup(fmnist_dir, tmp_path_factory):
     config.data.latent_dir = fmnist_dir
     config.train.update(num_steps=2, ckpt_every=2, log_every=1)
     config.sample.steps = 3
-    config.eval.update(
-        inception_path=str(root / "inception.npz"),
-        ref_stats=str(root / "ref.npz"),
-        ref_num_images=24,
-        num_samples=16,
-        batch_size=8,
-        min_samples=8,
-    )
-    save_random_inception(config.eval.inception_path, seed=0)
+    use_random_inception(config, root, ref_num_images=24)
     train_job.train_job(config, str(root / "w"))
     return config, root
 

@@ -430,20 +430,12 @@ def test_train_snapshot_resume_reconstruct_and_sample(fmnist_dir, tmp_path, one_
     assert (guide.path, guide.step) == (str(tmp_path / "checkpoints" / "30"), 30)
 
     # eval and sweep of the post-hoc EMA beside the classic one (random-weight Inception).
-    from random_inception import save_random_inception
+    from random_inception import use_random_inception
 
     from uvit_jax.jobs.sweep import sweep_job
 
     config.sample.steps = 2
-    config.eval.update(
-        inception_path=str(tmp_path / "inception.npz"),
-        ref_stats=str(tmp_path / "ref.npz"),
-        ref_num_images=24,
-        num_samples=16,
-        batch_size=8,
-        min_samples=8,
-    )
-    save_random_inception(config.eval.inception_path, seed=0)
+    use_random_inception(config, tmp_path, ref_num_images=24)
     jobs.run("fid_stats", config, str(tmp_path))
     config.sample.ema_std = 0.07
     jobs.run("eval", config, str(tmp_path))
