@@ -150,6 +150,8 @@ def draw(
     for field, value in sampling.items():
         if field not in loaded.config.sample:
             raise ValueError(f"--sampling: config.sample has no field {field!r}")
+        if isinstance(loaded.config.sample[field], str):  # guide_checkpoint=2000 parses as int
+            value = str(value)
         loaded.config.sample[field] = value
     guide = uvit_jax.load_guide(loaded)  # autoguidance's guide, read once (else None)
     labels = np.arange(n) % len(CLASS_NAMES)
