@@ -1,5 +1,5 @@
 """Imports run one way: no module imports a higher layer, and no modules import each other in a
-circle (function-level imports included). The layer order is README's (Layout).
+circle (function-level imports included). The layer order is docs/extending.md's (Layout).
 
 Reads the code with `ast` only: nothing is imported.
 """
@@ -76,7 +76,9 @@ def layer_of(module: str) -> int:
             if (module == entry or module.startswith(entry + ".")) and len(entry) > best_len:
                 best, best_len = i, len(entry)
     if best is None:
-        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and README's layout)")
+        raise AssertionError(
+            f"{module} is in no layer: add it to LAYERS (and the layout in docs/extending.md)"
+        )
     return best
 
 
