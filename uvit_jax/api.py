@@ -313,9 +313,9 @@ def _guide_location(loaded: Loaded, value: str) -> tuple[str, int | None]:
     """(path, step or None) of a `guide_checkpoint` value ("N", "W" or "W:N"; a URL's own
     colon is not a step separator)."""
     if value.isdigit():
-        if loaded.ema_std:  # <W>/posthoc_ema/std_<s>/checkpoints/<step>: a step of W itself
-            workdir = epath.Path(loaded.path).parents[3]
-            return os.fspath(checkpoints.checkpoint_dir(workdir)), int(value)
+        if loaded.ema_std:  # a post-hoc EMA's "N" is step N of the run it was made from
+            run = checkpoints.posthoc_ema_run(loaded.path)
+            return os.fspath(checkpoints.checkpoint_dir(run)), int(value)
         return os.path.dirname(loaded.path), int(value)
     path, colon, step = value.rpartition(":")
     if colon and step.isdigit():

@@ -95,6 +95,12 @@ def posthoc_ema_dir(workdir: str | os.PathLike, std: float) -> epath.Path:
     return absolute(workdir) / POSTHOC / f"std_{float(std):g}"
 
 
+def posthoc_ema_run(step_folder: str | os.PathLike) -> epath.Path:
+    """The workdir W of a post-hoc EMA's step folder `W/posthoc_ema/std_<s>/checkpoints/<N>`
+    (the inverse of `posthoc_ema_dir`, one step deeper)."""
+    return epath.Path(step_folder).parents[3]
+
+
 class _SealingManager(ocp.CheckpointManager):
     """orbax's CheckpointManager that writes `checksums.json` into each step before orbax
     commits it, empties the trash once a save and its deletions have finished, and turns a
