@@ -5,15 +5,20 @@
 Rows come from the `summary()` of each benchmark script in `launch/` (each a short version of
 that script), run one per fresh process so that their XLA flags, thread pools and imports
 (torch before TensorFlow) cannot interfere:
-  train step        ours vs the official PyTorch step (bench_train.py; `--official_dir`: a clone
-                    of the official U-ViT, else the repository's PyTorch stand-in)
-  sampling          guided sampling of the default, one 2B pass vs two B passes (bench_sampling.py)
+  train step        ours vs the official PyTorch step at batch 32 and at the default's batch
+                    (bench_train.py; `--official_dir`: a clone of the official U-ViT, else the
+                    repository's PyTorch stand-in)
+  sampling          guided sampling of the default vs the official network; one 2B pass vs two
+                    B passes (bench_sampling.py)
   Inception         pool3 features vs pytorch-fid (bench_inception.py)
   extraction        the default's dataset extraction vs raw numpy + array_record (bench_extract.py)
   input pipeline    32x32x4 latents through the training iterator vs 10,000/s (bench_input.py)
-A ratio above 1 means ours is faster than the anchor. The anchors run on the same machine in the
-same process, alternated with ours, so the ratios hold on a loaded machine even when the
-absolute numbers do not.
+A ratio above 1 means ours is faster than the anchor. The train and sampling rows time ours and
+the official code each alone in fresh processes, alternating for 3 rounds (median; one runtime's
+idle threads slow the other's, launch/alternate.py); the others alternate ours and the anchor in
+one process. Either way load from other processes falls on both alike, so the ratios hold on a
+loaded machine even when the absolute numbers do not. Every row names the host (CPU, vector
+extensions, cores, load average).
 """
 
 from __future__ import annotations
@@ -21,48 +26,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alternate import run_json  # noqa: E402
+
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 
 LAUNCH = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("bench_train", "bench_sampling", "bench_inception", "bench_extract", "bench_input")
-MARK = "BENCH_ALL_ROWS "
 
 
 def run_summary(module: str, env: dict[str, str]) -> tuple[list[dict], float]:
-    """`module.summary()` in a fresh interpreter; (its rows, wall seconds)."""
+    """`module.summary()` in a fresh interpreter; (its rows, wall seconds). Each row gets the
+    `host` line (CPU, cores, load average) where its script did not name one."""
     code = (
-        f"import json, sys; sys.path.insert(0, {LAUNCH!r}); import {module}; "
-        f"print({MARK!r} + json.dumps({module}.summary()))"
+        f"import sys; sys.path.insert(0, {LAUNCH!r}); import alternate, {module}; "
+        f"alternate.emit({module}.summary())"
     )
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
-    seconds = time.perf_counter() - start
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        error = " | ".join(tail) or f"exit status {proc.returncode}"
-        return [dict(job=module, ours=None, anchor=None, unit="", ratio=None, note=error)], seconds
-    return json.loads(lines[-1][len(MARK) :]), seconds
+    rows, error, seconds = run_json(["-c", code], env)
+    if rows is None:
+        rows = [dict(job=module, ours=None, anchor=None, unit="", ratio=None, note=error)]
+    host = describe_host()
+    return [dict(r, host=r.get("host", host)) for r in rows], seconds
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f}"
 
 
+def _load(host: str) -> str:
+    """The 1-minute load average of a `describe_host` line."""
+    return host.rpartition("load average ")[2].split(" ")[0] or "-"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| job | ours | anchor | unit | ours / anchor | note |",
-        "|---|---|---|---|---|---|",
+        "| job | ours | anchor | unit | ours / anchor | load | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| {r['job']} | {_num(r.get('ours'))} | {_num(r.get('anchor'))} | {r.get('unit', '')} "
-            f"| {ratio} | {r.get('note', '')} |"
+            f"| {ratio} | {_load(r.get('host', ''))} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
@@ -82,11 +89,7 @@ def main() -> None:
         module_rows, seconds = run_summary(module, env)
         print(f"{module}: {len(module_rows)} row(s) in {seconds:.0f} s", flush=True)
         rows += module_rows
-    import jax  # after the benchmarks: this process only names the machine
-
-    device = jax.devices()[0]
-    print(f"\n{jax.device_count()} x {device.device_kind} ({device.platform}), ", end="")
-    print(f"{os.cpu_count()} CPUs")
+    print(f"\nhost: {describe_host()}")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -33,11 +33,17 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # as main.py: the numbers are those of the sample job
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from alternate import alternate, emit  # noqa: E402
 
+from uvit_jax.parallel.host import describe_host  # noqa: E402
+from uvit_jax.parallel.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
 from uvit_jax.sampling import dpm_solver, euler_maruyama  # noqa: E402
 from uvit_jax.sampling.generate import SamplerSpec, configured_sampler  # noqa: E402
 from uvit_jax.sampling.guidance import guided_noise_fn  # noqa: E402
@@ -159,11 +165,14 @@ def build(config: Any, batch_size: int) -> Bench:
         )
 
     shape = (batch_size, *spec.shape)
+    # Placed as the sample job places them: the batch split over the mesh, weights replicated.
+    mesh = make_mesh(config.mesh)
+    params = jax.device_put(params, replicated(mesh))
 
     def batch(i: int) -> tuple:
         x = jax.random.normal(jax.random.key(100 + i), shape, jnp.float32)
         y = jax.random.randint(jax.random.key(200 + i), (batch_size,), 0, null)
-        return x, y, jax.random.key(300 + i)
+        return jax.device_put((x, y), batch_sharding(mesh)) + (jax.random.key(300 + i),)
 
     m = config.model
     what = (
@@ -247,50 +256,75 @@ def official_sampling_fn(config: Any, batch_size: int, nfe: int, official_dir: s
     return sample, f"{source}, torch {torch.get_num_threads()} threads"
 
 
-def summary(repeats: int = 3) -> list[dict]:
-    """bench_all's rows for the default config's guided sampling (its sampler, steps, guidance
-    and batch `config.sample.batch_size`), medians of interleaved runs:
-      - ours vs the official PyTorch network run as the official sample scripts run it
-        (`official_sampling_fn`; $UVIT_OFFICIAL_DIR names a clone of the official release, else
-        the repository's stand-in);
-      - one-pass CFG layout (ours) vs two-pass (anchor).
-    Takes ~1 min on 2 CPU cores."""
+def solo_sampling(program: str, repeats: int) -> dict:
+    """Seconds per guided sample of the default config (its sampler, steps, guidance and batch
+    `config.sample.batch_size`), medians of `repeats`, timed alone in this process:
+    `program` "ours" times our one-pass and two-pass CFG layouts alternately, "official" the
+    official PyTorch network as the official sample scripts run it (`official_sampling_fn`;
+    $UVIT_OFFICIAL_DIR names a clone of the official release, else the repository's stand-in)."""
     config = load_config(DEFAULT_CONFIG)
     b = int(config.sample.batch_size)
-    bench = build(config, b)
-    official, source = official_sampling_fn(
-        config, b, bench.nfe, os.environ.get("UVIT_OFFICIAL_DIR", "")
-    )
-    fns = {
-        "one": bench.sample,
-        "two": bench.sample_two_pass,
-        "official": official,
-    }
-    args_of = lambda r: (bench.params, *bench.batch(r))  # noqa: E731
+    if program == "official":
+        nfe = config.sample.steps + int(config.sample.get("denoise_to_zero", False))
+        official, source = official_sampling_fn(
+            config, b, nfe, os.environ.get("UVIT_OFFICIAL_DIR", "")
+        )
+        fns, what = {"official": official}, source
+        args_of = lambda r: ()  # noqa: E731
+    else:
+        bench = build(config, b)
+        fns = {"one": bench.sample, "two": bench.sample_two_pass}
+        args_of = lambda r: (bench.params, *bench.batch(r))  # noqa: E731
+        s = bench.spec
+        what = f"{s.sampler}, {bench.nfe} NFE, CFG {s.cfg_scale:g}, batch {b}, "
+        what += f"{jax.device_count()} devices"
     for fn in fns.values():  # compile
         jax.block_until_ready(fn(*args_of(0)))
     ts = interleaved(fns, args_of, repeats)
-    rate = {name: b / float(np.median(t)) for name, t in ts.items()}
-    s = bench.spec
-    setting = f"{s.sampler}, {bench.nfe} NFE, CFG {s.cfg_scale:g}, batch {b}"
-    device = f"{jax.devices()[0].device_kind}, median of {repeats}"
+    return dict(
+        {name: float(np.median(t)) for name, t in ts.items()},
+        batch=b,
+        what=what,
+        host=describe_host(),
+    )
 
-    def row(job: str, anchor: str, note: str) -> dict:
-        ratio = rate["one"] / rate[anchor]
-        return dict(
-            job=job, ours=rate["one"], anchor=rate[anchor], unit="img/s", ratio=ratio, note=note
-        )
 
+def summary(rounds: int = 3, repeats: int = 3) -> list[dict]:
+    """bench_all's rows for the default config's guided sampling: ours vs the official PyTorch
+    network (two passes per NFE), each alone in a fresh process, the median of `rounds`
+    alternating rounds (launch/alternate.py); and our one-pass CFG layout vs the two-pass one,
+    timed alternately in one process. Takes ~1 min on 2 CPU cores."""
+    script = os.path.abspath(__file__)
+    runs = alternate(
+        {p: [script, f"--solo={p}", f"--repeats={repeats}"] for p in ("ours", "official")},
+        rounds,
+    )
+    ours, official = runs["ours"], runs["official"]
+    b = ours[0]["batch"]
+    ratios = [o["official"] / u["one"] for u, o in zip(ours, official, strict=True)]
+    layouts = [u["two"] / u["one"] for u in ours]
+    med = lambda rows, k: float(np.median([r[k] for r in rows]))  # noqa: E731
+    spread = ", ".join(f"{r:.2f}" for r in ratios)
     return [
-        row(
-            "guided sampling (default model)",
-            "official",
-            f"{setting}; anchor: {source}, two passes per NFE ({device})",
+        dict(
+            job="guided sampling (default model)",
+            ours=b / med(ours, "one"),
+            anchor=b / med(official, "official"),
+            unit="img/s",
+            ratio=float(np.median(ratios)),
+            note=f"{ours[0]['what']}; anchor: {official[0]['what']}, two passes per NFE; median "
+            f"of {rounds} alternating fresh processes (ratios {spread})",
+            host=ours[-1]["host"],
         ),
-        row(
-            "guided sampling, one-pass CFG layout",
-            "two",
-            f"anchor: the same sampler guiding with two network calls of B ({device})",
+        dict(
+            job="guided sampling, one-pass CFG layout",
+            ours=b / med(ours, "one"),
+            anchor=b / med(ours, "two"),
+            unit="img/s",
+            ratio=float(np.median(layouts)),
+            note="anchor: the same sampler guiding with two network calls of B, alternated in "
+            "one process",
+            host=ours[-1]["host"],
         ),
     ]
 
@@ -305,7 +339,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--call-repeats", type=int, default=31, help="for the one/two-pass ratio")
+    p.add_argument(
+        "--solo", choices=("ours", "official"), help="time one side of `summary` and emit it"
+    )
     args = p.parse_args()
+    if args.solo:
+        emit(solo_sampling(args.solo, args.repeats))
+        return
 
     config = load_config(args.config)
     for field, value in (("sampler", args.sampler), ("steps", args.steps)):

@@ -13,16 +13,19 @@ mesh, AOT-compiled, state donated) and, beside it, a bare step of the same model
 non-finite guard, no metrics; the ratio of their step times is our overhead. `--what sample`
 times one classifier-free-guided network evaluation of `--sample_batch` images (conditional and
 unconditional halves in one batch of 2x, as the samplers run it) with the EMA-shaped weights.
-`--vs_official` adds, interleaved with ours, the official PyTorch training step of the same model
+`--vs_official` times our step against the official PyTorch training step of the same model
 (`libs/uvit.py` of the official release, from `--official_dir`, a clone you supply; without it,
 the repository's own PyTorch U-ViT of tests/torch_uvit.py, checked against the official golden
-outputs): noise at a random level of the config's schedule, predict it, mean squared error,
-backward, `torch.optim.AdamW`, EMA update: the work of one iteration of the official
-`train_ldm_discrete.py` / `train.py` loop minus data loading.
+outputs): noise at a level drawn as the config draws them, predict the config's target, its
+weighted mean squared error, backward, `torch.optim.AdamW`, EMA update: the work of one
+iteration of the official `train_ldm_discrete.py` / `train.py` loop minus data loading, with the
+config's objective (flow matching's velocity too). Each runs alone in a fresh process
+(`--solo`), the two alternating for `--rounds` rounds; the median of the rounds' ratios is
+reported (launch/alternate.py says why not in one process).
 
 Data are synthetic (the step's cost does not depend on their values). Printed per program:
 compile seconds, step milliseconds (median and best of `--steps` timed steps after `--warmup`;
-the programs alternate step by step, so load from other processes falls on all alike), images/s,
+the JAX programs alternate step by step, so load from other processes falls on all alike), images/s,
 model TFLOP/s per device (`uvit_jax.train.flops`: forward = 2 x matmul weights x tokens +
 4 L^2 D per block; a train step = 3 x forward), MFU against `--peak_tflops`, a measured bf16
 matmul peak (`--measure_peak`) or the device's known peak, and memory: XLA's compiled
@@ -53,9 +56,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
+from alternate import alternate, emit, without_flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from uvit_jax.parallel.distributed import initialize_distributed  # noqa: E402
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 from uvit_jax.parallel.mesh import batch_sharding, make_mesh, replicated  # noqa: E402
 from uvit_jax.train import flops  # noqa: E402
 from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -78,6 +83,10 @@ flags.DEFINE_integer("peak_matmul_size", 0, "N of the N x N peak matmul (0: 8192
 flags.DEFINE_bool("bare", True, "Also time the bare value_and_grad + adamw step.")
 flags.DEFINE_bool("vs_official", False, "Also time the official PyTorch train step (needs torch).")
 flags.DEFINE_string("official_dir", "", "A clone of the official U-ViT (holds libs/uvit.py).")
+flags.DEFINE_integer("rounds", 3, "--vs_official: rounds of the two fresh processes (median).")
+flags.DEFINE_enum(
+    "solo", "", ["", "ours", "official"], "Time one train step alone and emit it (--vs_official)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -232,18 +241,40 @@ def bench_bare_step(config, mesh, batch: dict[str, jax.Array]) -> Timing:
 # ---- the official PyTorch step -----------------------------------------------------------------
 
 
+def official_levels(config, b: int, count: int = 16) -> list[tuple[np.ndarray, ...]]:
+    """`count` draws of (network time, alpha, sigma, c_x0, c_eps, loss weight), each [B] float32,
+    for b examples: the config's own formulation, time sampling, target and loss weighting
+    (`uvit_jax.diffusion`), drawn before timing so that the anchor's step is the network's work."""
+    from uvit_jax.diffusion import objective, targets
+    from uvit_jax.diffusion.formulation import Formulation
+
+    f, d = Formulation.from_config(config), config.diffusion
+    out = []
+    for i in range(count):
+        level = f.draw(jax.random.key(i), b)
+        c_x0, c_eps = targets.target_coefficients(
+            f.target, f.schedule, level.t, level.alpha, level.sigma
+        )
+        own = None
+        if f.target != "eps":
+            own = targets.x0_weight(f.target, f.schedule, level.t, level.alpha, level.sigma)
+        snr = (level.alpha / level.sigma) ** 2
+        weight = objective.loss_weights(snr, d.loss_weighting, d.get("min_snr_gamma", 5.0), own)
+        row = (level.t_net, level.alpha, level.sigma, c_x0, c_eps, weight)
+        out.append(tuple(np.broadcast_to(np.asarray(v, np.float32), (b,)) for v in row))
+    return out
+
+
 def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str) -> Timing:
-    """The official training iteration of the same model in PyTorch (float32, CPU threads)."""
+    """The official training iteration of the same model in PyTorch (float32, CPU threads):
+    noise at a level drawn as the config draws them, the network, the squared error of the
+    config's target with its loss weight, backward, AdamW, the EMA update."""
     import torch
     from official_uvit import build_official_uvit
 
-    from uvit_jax.diffusion.formulation import Formulation
-
-    m, formulation = config.model, Formulation.from_config(config)
+    m = config.model
     if m.num_classes <= 0 or config.autoencoder.kind != "identity":
         raise SystemExit("--vs_official: class-conditional pixel-space U-ViT configs only")
-    if formulation.target != "eps" or formulation.path not in ("vp_continuous", "sd_discrete"):
-        raise SystemExit("--vs_official: the paper's formulations only (noise target)")
     nnet, source = build_official_uvit(m, official_dir)
     ema, _ = build_official_uvit(m, official_dir)
     ema.load_state_dict(nnet.state_dict())
@@ -255,32 +286,24 @@ def bench_official_step(config, batch: dict[str, np.ndarray], official_dir: str)
     x0 = torch.from_numpy(np.ascontiguousarray(batch["x"].transpose(0, 3, 1, 2)))
     y = torch.from_numpy(batch["label"].astype(np.int64))
     b = x0.shape[0]
-    schedule = formulation.schedule
-    if formulation.discrete:
-        abar = torch.from_numpy(np.asarray(schedule.alphas_cumprod, np.float32))
-
-        def noise_level():
-            n = torch.randint(1, schedule.total_N + 1, (b,))
-            return abar[n - 1].sqrt(), (1 - abar[n - 1]).sqrt(), n.float()
-
-    else:
-
-        def noise_level():
-            t = torch.rand(b)
-            log_a = torch.from_numpy(np.asarray(schedule.marginal_log_mean_coeff(t.numpy())))
-            return log_a.exp(), (1 - (2 * log_a).exp()).sqrt(), 999.0 * t
-
+    levels = [
+        tuple(torch.from_numpy(np.array(v)) for v in row) for row in official_levels(config, b)
+    ]
     params = list(nnet.parameters())
     ema_params = list(ema.parameters())
     rate = float(config.train.ema_rate)
+    calls = iter(range(1 << 62))
 
     def run():
-        alpha, std, t_net = noise_level()
+        t_net, alpha, sigma, c_x0, c_eps, weight = levels[next(calls) % len(levels)]
+        a, s, cx, ce = (v.view(-1, 1, 1, 1) for v in (alpha, sigma, c_x0, c_eps))
         eps = torch.randn_like(x0)
-        x_t = alpha.view(-1, 1, 1, 1) * x0 + std.view(-1, 1, 1, 1) * eps
+        x_t = a * x0 + s * eps
+        goal = cx * x0 + ce * eps
         drop = torch.rand(b) < config.diffusion.p_uncond
         labels = torch.where(drop, m.num_classes - 1, y)
-        loss = (nnet(x_t, t_net, labels) - eps).square().mean(dim=(1, 2, 3)).mean()
+        err = (nnet(x_t, t_net, labels) - goal).square().mean(dim=(1, 2, 3))
+        loss = (weight * err).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -412,42 +435,103 @@ def print_table(rows: list[Timing], n_dev: int, peak: float | None) -> None:
         )
 
 
+def solo_step(config, program: str, steps: int, warmup: int, official_dir: str = "") -> dict:
+    """Times our train step or the official one (`program`) alone in this process: its
+    median and best seconds, images per step and compile seconds, and the host."""
+    host = synthetic_batch(config, config.train.batch_size)
+    if program == "ours":
+        mesh = make_mesh(config.mesh)
+        row = bench_our_step(config, mesh, put(host, mesh))
+    else:
+        row = bench_official_step(config, host, official_dir)
+    time_interleaved([row], steps, warmup)
+    return dict(
+        name=row.name,
+        step_s=row.step_s,
+        best_s=row.best_s,
+        images=row.images,
+        compile_s=row.compile_s,
+        devices=jax.device_count() if program == "ours" else None,
+        host=describe_host(),
+    )
+
+
+def versus_official(argv: list[str], rounds: int) -> dict:
+    """Our step and the official one, each alone in a fresh process (`--solo`), alternating for
+    `rounds` rounds (launch/alternate.py says why not in one process). `argv`: this script's
+    arguments for both (config, batch, steps). Returns the `solo_step` dicts per round and the
+    rounds' official / ours step-time ratios (above 1: ours is faster) with their median."""
+    script = os.path.abspath(__file__)
+    programs = {p: [script, *argv, f"--solo={p}"] for p in ("ours", "official")}
+    runs = alternate(programs, rounds)
+    pairs = zip(runs["ours"], runs["official"], strict=True)
+    ratios = [official["step_s"] / ours["step_s"] for ours, official in pairs]
+    return dict(runs, ratios=ratios, ratio=statistics.median(ratios))
+
+
 def summary(official_dir: str = "") -> list[dict]:
-    """bench_all's row: the default config's train step at batch 32, ours vs the official PyTorch
-    step (`official_dir`, else $UVIT_OFFICIAL_DIR, else the stand-in), timed alternately."""
+    """bench_all's rows: the default config's train step at batch 32 and at its own batch (16),
+    ours vs the official PyTorch step (`official_dir`, else $UVIT_OFFICIAL_DIR, else the
+    stand-in), each alone in fresh processes, median of 3 alternating rounds."""
     from configs.fashion_mnist_uvit import get_config
 
     official_dir = official_dir or os.environ.get("UVIT_OFFICIAL_DIR", "")
-    config = get_config()
-    config.train.batch_size = 32
-    mesh = make_mesh(config.mesh)
-    host = synthetic_batch(config, config.train.batch_size)
-    rows = [bench_our_step(config, mesh, put(host, mesh))]
-    rows.append(bench_official_step(config, host, official_dir))
-    time_interleaved(rows, steps=15, warmup=3)
-    ours, official = rows
-    return [
-        dict(
-            job="train step (default model, batch 32)",
-            ours=ours.images / ours.step_s,
-            anchor=official.images / official.step_s,
-            unit="img/s",
-            ratio=official.step_s / ours.step_s,
-            note=f"anchor: {official.name}",
+    config_file = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                               "fashion_mnist_uvit.py")  # fmt: skip
+    rows = []
+    for batch in (32, int(get_config().train.batch_size)):
+        argv = [f"--config={config_file}", f"--batch={batch}", "--steps=20", "--warmup=3"]
+        v = versus_official(argv + ([f"--official_dir={official_dir}"] * bool(official_dir)), 3)
+        step = {k: statistics.median(r["step_s"] for r in v[k]) for k in ("ours", "official")}
+        rows.append(
+            dict(
+                job=f"train step (default model, batch {batch})",
+                ours=batch / step["ours"],
+                anchor=batch / step["official"],
+                unit="img/s",
+                ratio=v["ratio"],
+                note=f"anchor: {v['official'][0]['name']}; ours on {v['ours'][0]['devices']} "
+                f"devices; median of 3 alternating fresh processes (ratios "
+                f"{', '.join(f'{r:.2f}' for r in v['ratios'])})",
+                host=v["ours"][-1]["host"],
+            )
         )
-    ]
+    return rows
+
+
+def print_versus(v: dict) -> None:
+    for i, (u, o, r) in enumerate(zip(v["ours"], v["official"], v["ratios"], strict=True)):
+        print(
+            f"round {i + 1}: ours {1e3 * u['step_s']:.2f} ms ({u['devices']} devices, compile "
+            f"{u['compile_s']:.1f} s), {o['name']} {1e3 * o['step_s']:.2f} ms: "
+            f"official / ours {r:.3f}"
+        )
+    print(f"host: {v['ours'][-1]['host']}")
+    print(
+        f"official step / our step: median {v['ratio']:.3f} of {len(v['ratios'])} rounds "
+        "(above 1: ours is faster; each program alone in a fresh process, alternating)"
+    )
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
     config = FLAGS.config
     if FLAGS.batch:
         config.train.batch_size = FLAGS.batch
+    if FLAGS.solo:
+        emit(solo_step(config, FLAGS.solo, FLAGS.steps, FLAGS.warmup, FLAGS.official_dir))
+        return
+    if FLAGS.vs_official:
+        forwarded = without_flags(sys.argv[1:], ("vs_official", "rounds", "what", "bare"))
+        print(f"{config.get('name', '?')} at batch {config.train.batch_size}: ours vs official")
+        print_versus(versus_official(forwarded, FLAGS.rounds))
+        return
+    initialize_distributed()
     mesh = make_mesh(config.mesh)
     n_dev = jax.device_count()
     device = jax.devices()[0]
+    print(f"host: {describe_host()}")
     print(
         f"{config.get('name', '?')}: {n_dev} x {device.device_kind} ({device.platform}), "
         f"mesh {dict(mesh.shape)}, model dtype {config.model.dtype}, "
@@ -460,9 +544,6 @@ def main(argv) -> None:
         if FLAGS.bare:
             rows.append(bench_bare_step(config, mesh, batch))
         rows.append(bench_our_step(config, mesh, batch))
-        if FLAGS.vs_official:
-            host = synthetic_batch(config, config.train.batch_size)
-            rows.append(bench_official_step(config, host, FLAGS.official_dir))
     if FLAGS.what in ("sample", "both"):
         rows.append(bench_sample_forward(config, mesh, FLAGS.sample_batch))
     time_interleaved(rows, FLAGS.steps, FLAGS.warmup)
@@ -480,12 +561,6 @@ def main(argv) -> None:
         print(
             f"our step / bare step: median {ours.step_s / bare.step_s:.3f}, "
             f"best {ours.best_s / bare.best_s:.3f} (timed alternately, {FLAGS.steps} steps each)"
-        )
-    if FLAGS.vs_official and FLAGS.what in ("train", "both"):
-        ours, official = rows[int(FLAGS.bare)], rows[int(FLAGS.bare) + 1]
-        print(
-            f"official step / our step: median {official.step_s / ours.step_s:.3f}, "
-            f"best {official.best_s / ours.best_s:.3f} (above 1: ours is faster)"
         )
     what, nbytes = peak_memory()
     print(f"peak memory ({what}): {_gib(nbytes)} GiB")

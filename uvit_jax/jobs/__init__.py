@@ -27,6 +27,7 @@ from uvit_jax.diffusion.targets import TARGETS
 from uvit_jax.errors import EXPECTED, ConfigError
 from uvit_jax.evaluation.preprocess import PROTOCOLS
 from uvit_jax.parallel.distributed import initialize_distributed
+from uvit_jax.parallel.host import describe_host
 from uvit_jax.parallel.peers import watch_peers
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES
 from uvit_jax.sampling.guidance import CFG_SCHEDULES, GUIDANCES
@@ -99,6 +100,7 @@ def run(mode: str, config, workdir: str) -> None:
         else f"on {jax.device_count()} devices ({jax.devices()[0].device_kind})"
     )
     logging.info("%s %s, workdir %s", mode, where, os.path.abspath(workdir))
+    logging.info("host: %s", describe_host())  # beside every throughput the job logs
     module, function = MODES[mode].split(":")
     watch = watch_peers()  # multi-process: one process's death stops the others, named
     try:

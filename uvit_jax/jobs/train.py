@@ -547,6 +547,7 @@ class ProgressLog:
         )
         self._levels = Formulation.from_config(config).bucket_names(NOISE_LEVEL_BUCKETS)
         self._since = (time.perf_counter(), start)
+        self._estimated = False
 
     def write(self, step: int, sums, lr, nonfinite_steps, writer) -> None:
         """Logs the interval ending at `step` from its fetched `sums` (`dashboard` totals)."""
@@ -567,6 +568,9 @@ class ProgressLog:
         num_steps = int(self._config.train.num_steps)
         loss = scalars.get("loss", float("nan"))
         logging.info(dashboard.progress_line(step, num_steps, loss, steps_per_s))
+        if not self._estimated:  # once, from the first interval: the run's wall time to come
+            self._estimated = True
+            logging.info(dashboard.expected_time_line(step_last, step, num_steps, steps_per_s))
 
 
 def save(run: TrainRun, state: TrainState, step: int) -> None:

@@ -27,15 +27,15 @@ import os
 import pkgutil
 import sys
 
+from uvit_jax.parallel.host import usable_cores
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def cpu_devices(cores: int | None = None) -> int:
     """The CPU devices to split a host of `cores` usable cores into (default: this process's)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 2 if (cores or 1) >= 2 else 1
+    return 2 if (usable_cores() if cores is None else cores) >= 2 else 1
 
 
 def tpu_runtime_without_tpu() -> bool:
