@@ -48,6 +48,7 @@ def _program(log: pathlib.Path, name: str, value: object) -> list[str]:
     return ["-c", f"import sys; sys.path.insert(0, {str(REPO / 'launch')!r}); {code}"]
 
 
+@pytest.mark.integration  # subprocesses
 def test_alternate_runs_each_program_in_turn_reversing_the_order_every_round(tmp_path):
     log = tmp_path / "order"
     programs = {"a": _program(log, "a", {"x": 1}), "b": _program(log, "b", [2, 3])}
@@ -56,6 +57,7 @@ def test_alternate_runs_each_program_in_turn_reversing_the_order_every_round(tmp
     assert runs == {"a": [{"x": 1}] * 3, "b": [[2, 3]] * 3}
 
 
+@pytest.mark.integration
 def test_alternate_names_the_program_that_failed_and_its_error(tmp_path):
     programs = {
         "fine": _program(tmp_path / "log", "fine", 1),

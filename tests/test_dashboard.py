@@ -56,3 +56,14 @@ def test_hparams_are_flat_config_fields():
 def test_progress_line():
     line = dashboard.progress_line(500, 6000, 0.0712345, 2.5)
     assert line == "step 500/6000  loss 0.0712345  2.50 steps/s  ETA 0:36:40"
+
+
+def test_expected_time_line_extrapolates_the_first_interval_over_the_run():
+    line = dashboard.expected_time_line(0, 100, 13_000, 21.38)
+    assert line == (
+        "expected training time 0:10:08 for steps 0-13000 (21.38 steps/s over steps 0-100 on "
+        "this host); the steps left end in 0:10:03"
+    )
+    resumed = dashboard.expected_time_line(5000, 5100, 13_000, 20.0)  # a resumed run's own part
+    assert resumed.startswith("expected training time 0:06:40 for steps 5000-13000 (")
+    assert resumed.endswith("the steps left end in 0:06:35")
