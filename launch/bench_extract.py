@@ -41,6 +41,7 @@ from array_record.python import array_record_module  # noqa: E402
 
 from configs.fashion_mnist_uvit import get_config  # noqa: E402
 from input_pipeline import extract, latent_dataset, sources  # noqa: E402
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 
 # Autoencoder of the latent row: uvit_jax's KL architecture at test size, random weights.
 LATENT_DDCONFIG = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, resolution=32)
@@ -200,10 +201,6 @@ def bench_latents(num_examples: int, repeats: int) -> dict[str, float | str]:
     }
 
 
-def _load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def summary() -> list[dict]:
     """A quick run (< 60 s on 2 cores): the pixel row (all 60k images, 3 repeats) and the
     latent row (256 images, 2 repeats)."""
@@ -229,13 +226,13 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="the extraction's progress lines")
     args = parser.parse_args()
     logging.set_verbosity(logging.INFO if args.verbose else logging.WARNING)
-    print(_load(), flush=True)
+    print(f"host: {describe_host()}", flush=True)
     rows = [bench_pixels(args.examples, args.repeats)]
     print_rows(rows)
     if args.latent_examples:
         latent = [bench_latents(args.latent_examples, max(2, args.repeats - 1))]
         print_rows(latent)
-    print(_load(), flush=True)
+    print(f"host: {describe_host()}", flush=True)
 
 
 if __name__ == "__main__":

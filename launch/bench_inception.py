@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 from uvit_jax.parallel.xla_flags import add_cpu_flags  # noqa: E402
 
 add_cpu_flags()  # as main.py: YNNPACK convolutions on CPUs
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="converted Inception .npz (else random)")
     args = parser.parse_args()
     size = args.image_size
+    print(f"host: {describe_host()}")
     print(f"batch {args.batch_size}, {size}x{size} uint8 -> 299x299, {args.iters} timed calls each")
     ours_rate, ref_rate, device = measure(
         args.batch_size, size, args.iters, args.precision, args.weights

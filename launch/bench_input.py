@@ -32,6 +32,7 @@ sys.path.insert(0, os.fspath(pathlib.Path(__file__).resolve().parents[1]))
 
 from input_pipeline import latent_dataset, train_input  # noqa: E402
 from uvit_jax.config_defaults import default_config  # noqa: E402
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 
 TARGET = 10_000  # latents/s per host on 2 cores (issue 17)
 CONTEXT_SHAPE = (77, 768)  # CLIP ViT-L/14
@@ -164,10 +165,6 @@ def default_balance(steps: int, repeats: int) -> dict[str, float]:
     }
 
 
-def _load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def summary() -> list[dict]:
     """A quick run (< 60 s on 2 cores): 32x32x4 latents at batch 256 with the ImageNet configs'
     2 workers against the 10k/s target, and the default's input against its consumption."""
@@ -226,7 +223,7 @@ def main() -> None:
         help="the default's batches and train steps per round (0: skip)",
     )
     args = parser.parse_args()
-    print(_load(), flush=True)
+    print(f"host: {describe_host()}", flush=True)
     directory = args.dir or os.path.join(tempfile.gettempdir(), "uvit_bench_input")
     synthetic_dataset(directory, args.examples, args.dtype, args.captions, args.context_dtype)
     for workers in (int(w) for w in args.workers.split(",")):
@@ -248,7 +245,7 @@ def main() -> None:
             f"{d['input'] / d['consume']:.1f}x the consumption",
             flush=True,
         )
-    print(_load(), flush=True)
+    print(f"host: {describe_host()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -305,26 +305,25 @@ def summary(rounds: int = 3, repeats: int = 3) -> list[dict]:
     layouts = [u["two"] / u["one"] for u in ours]
     med = lambda rows, k: float(np.median([r[k] for r in rows]))  # noqa: E731
     spread = ", ".join(f"{r:.2f}" for r in ratios)
+
+    def row(job: str, anchor_s: float, ratio: float, note: str) -> dict:
+        return dict(job=job, ours=b / med(ours, "one"), anchor=b / anchor_s, unit="img/s",
+                    ratio=ratio, note=note, host=ours[-1]["host"])  # fmt: skip
+
     return [
-        dict(
-            job="guided sampling (default model)",
-            ours=b / med(ours, "one"),
-            anchor=b / med(official, "official"),
-            unit="img/s",
-            ratio=float(np.median(ratios)),
-            note=f"{ours[0]['what']}; anchor: {official[0]['what']}, two passes per NFE; median "
-            f"of {rounds} alternating fresh processes (ratios {spread})",
-            host=ours[-1]["host"],
+        row(
+            "guided sampling (default model)",
+            med(official, "official"),
+            float(np.median(ratios)),
+            f"{ours[0]['what']}; anchor: {official[0]['what']}, two passes per NFE; median of "
+            f"{rounds} alternating fresh processes (ratios {spread})",
         ),
-        dict(
-            job="guided sampling, one-pass CFG layout",
-            ours=b / med(ours, "one"),
-            anchor=b / med(ours, "two"),
-            unit="img/s",
-            ratio=float(np.median(layouts)),
-            note="anchor: the same sampler guiding with two network calls of B, alternated in "
-            "one process",
-            host=ours[-1]["host"],
+        row(
+            "guided sampling, one-pass CFG layout",
+            med(ours, "two"),
+            float(np.median(layouts)),
+            "anchor: the same sampler guiding with two network calls of B, alternated in one "
+            "process",
         ),
     ]
 
@@ -356,6 +355,7 @@ def main() -> None:
     if args.formulation is not None:
         config.diffusion.formulation = args.formulation
     bench = build(config, args.batch)
+    print(f"host: {describe_host()}")
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}")
     print(bench.what)
 

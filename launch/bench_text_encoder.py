@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from uvit_jax.models.clip_text import CLIP_VIT_L14  # noqa: E402
+from uvit_jax.parallel.host import describe_host  # noqa: E402
 
 
 def random_ids(batch: int, seed: int = 0) -> np.ndarray:
@@ -93,6 +94,7 @@ def main() -> None:
     _, torch_s = timed(run_torch, args.iters)
     want = theirs["out"].numpy().astype(np.float64)
     err = np.abs(ours["out"] - want).max() / np.abs(want).max()
+    print(f"host: {describe_host()}")
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; torch threads "
           f"{torch.get_num_threads()}; batch {args.batch_size}; dtype {args.dtype}")  # fmt: skip
     print(f"{'':>12} {'captions/s':>11} {'ms/batch':>9}")

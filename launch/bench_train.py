@@ -438,12 +438,12 @@ def print_table(rows: list[Timing], n_dev: int, peak: float | None) -> None:
 def solo_step(config, program: str, steps: int, warmup: int, official_dir: str = "") -> dict:
     """Times our train step or the official one (`program`) alone in this process: its
     median and best seconds, images per step and compile seconds, and the host."""
-    host = synthetic_batch(config, config.train.batch_size)
+    data = synthetic_batch(config, config.train.batch_size)
     if program == "ours":
         mesh = make_mesh(config.mesh)
-        row = bench_our_step(config, mesh, put(host, mesh))
+        row = bench_our_step(config, mesh, put(data, mesh))
     else:
-        row = bench_official_step(config, host, official_dir)
+        row = bench_official_step(config, data, official_dir)
     time_interleaved([row], steps, warmup)
     return dict(
         name=row.name,
