@@ -9,6 +9,7 @@ cores this process may use and the load average from other processes.
 from __future__ import annotations
 
 import os
+import platform
 
 # The instruction-set extensions that change which matmul kernels run, widest last.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
@@ -23,8 +24,10 @@ def usable_cores() -> int:
 
 def cpu_model(cpuinfo: str | None = None) -> tuple[str, tuple[str, ...], str]:
     """(model name, the `ISA_FLAGS` it has, its cache line: "1024 KB") from /proc/cpuinfo's
-    first processor (or the text `cpuinfo`); ("unknown CPU", (), "") where there is none."""
-    if cpuinfo is None:
+    first processor (or the text `cpuinfo`); where it has no model name (macOS, or no such file),
+    the platform's processor name, else "unknown CPU"."""
+    system = cpuinfo is None
+    if system:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
@@ -40,7 +43,7 @@ def cpu_model(cpuinfo: str | None = None) -> tuple[str, tuple[str, ...], str]:
         fields.setdefault(key.strip(), value.strip())
     flags = set(fields.get("flags", "").split())
     return (
-        fields.get("model name", "unknown CPU"),
+        fields.get("model name") or (platform.processor() if system else "") or "unknown CPU",
         tuple(f for f in ISA_FLAGS if f in flags),
         fields.get("cache size", ""),
     )
