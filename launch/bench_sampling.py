@@ -78,6 +78,16 @@ class Bench:
     two_calls: Callable  # (params, x_T, labels) -> (eps_c, eps_u): two calls on B
 
 
+def evaluation_times(spec: SamplerSpec) -> Any:
+    """The times [NFE] at which `spec`'s sampler evaluates the network, in order."""
+    sampler = configured_sampler(spec)
+    if isinstance(sampler, dpm_solver.TableSampler):  # DPM-Solver, UniPC, Heun
+        return sampler.program(spec.formulation, spec.steps).t
+    ns = spec.formulation.schedule
+    pf = spec.sampler == "probability_flow"
+    return euler_maruyama.coefficients(ns, steps=spec.steps, probability_flow=pf, t_max=ns.T)[0]
+
+
 def build(config: Any, batch_size: int) -> Bench:
     """The benchmark programs for `config`'s model and sampling settings at `batch_size`."""
     from flax import nnx
@@ -94,13 +104,7 @@ def build(config: Any, batch_size: int) -> Bench:
     ns = spec.formulation.schedule
     null = spec.conditioning.null_class
     sampler = configured_sampler(spec)
-    if isinstance(sampler, dpm_solver.TableSampler):  # DPM-Solver, UniPC, Heun
-        times_eval = sampler.program(spec.formulation, spec.steps).t
-    else:
-        pf = spec.sampler == "probability_flow"
-        times_eval = euler_maruyama.coefficients(
-            ns, steps=spec.steps, probability_flow=pf, t_max=ns.T
-        )[0]
+    times_eval = evaluation_times(spec)
 
     def guided(model_fn):
         def noise_fn_for(prm, labels):
@@ -265,7 +269,7 @@ def solo_sampling(program: str, repeats: int) -> dict:
     config = load_config(DEFAULT_CONFIG)
     b = int(config.sample.batch_size)
     if program == "official":
-        nfe = config.sample.steps + int(config.sample.get("denoise_to_zero", False))
+        nfe = len(evaluation_times(SamplerSpec.from_config(config)))
         official, source = official_sampling_fn(
             config, b, nfe, os.environ.get("UVIT_OFFICIAL_DIR", "")
         )

@@ -69,7 +69,12 @@ from uvit_jax.train.state import (  # noqa: E402
     create_train_state,
     model_graphdef,
 )
-from uvit_jax.train.step import compile_train_step, make_loss_fn, make_train_step  # noqa: E402
+from uvit_jax.train.step import (  # noqa: E402
+    compile_train_step,
+    loss_weighting,
+    make_loss_fn,
+    make_train_step,
+)
 
 config_flags.DEFINE_config_file("config", "configs/fashion_mnist_uvit.py", "configs/*.py[:arg]")
 flags.DEFINE_enum("what", "train", ["train", "sample", "both"], "Which program to time.")
@@ -245,21 +250,16 @@ def official_levels(config, b: int, count: int = 16) -> list[tuple[np.ndarray, .
     """`count` draws of (network time, alpha, sigma, c_x0, c_eps, loss weight), each [B] float32,
     for b examples: the config's own formulation, time sampling, target and loss weighting
     (`uvit_jax.diffusion`), drawn before timing so that the anchor's step is the network's work."""
-    from uvit_jax.diffusion import objective, targets
     from uvit_jax.diffusion.formulation import Formulation
+    from uvit_jax.diffusion.objective import level_weights
+    from uvit_jax.diffusion.targets import target_coefficients
 
-    f, d = Formulation.from_config(config), config.diffusion
+    f = Formulation.from_config(config)
     out = []
     for i in range(count):
         level = f.draw(jax.random.key(i), b)
-        c_x0, c_eps = targets.target_coefficients(
-            f.target, f.schedule, level.t, level.alpha, level.sigma
-        )
-        own = None
-        if f.target != "eps":
-            own = targets.x0_weight(f.target, f.schedule, level.t, level.alpha, level.sigma)
-        snr = (level.alpha / level.sigma) ** 2
-        weight = objective.loss_weights(snr, d.loss_weighting, d.get("min_snr_gamma", 5.0), own)
+        c_x0, c_eps = target_coefficients(f.target, f.schedule, level.t, level.alpha, level.sigma)
+        weight = level_weights(f, level, **loss_weighting(config))
         row = (level.t_net, level.alpha, level.sigma, c_x0, c_eps, weight)
         out.append(tuple(np.broadcast_to(np.asarray(v, np.float32), (b,)) for v in row))
     return out

@@ -97,9 +97,18 @@ def example_losses(
     t, alpha, sigma = (v[:, None, None, None] for v in (level.t, level.alpha, level.sigma))
     goal = target_value(target, ns, t, alpha, sigma, x0, eps)
     err = (goal - predict(x_t, level.t_net).astype(jnp.float32)) ** 2
+    weights = level_weights(formulation, level, weighting, gamma)
+    return weights * jnp.mean(err, axis=(1, 2, 3)), level.t_net
+
+
+def level_weights(
+    formulation: Formulation, level: NoiseLevel, weighting: str = "none", gamma: float = 5.0
+) -> Array:
+    """The `loss_weights` [B] of the formulation's target at the drawn noise levels."""
+    ns, target = formulation.schedule, formulation.target
     snr = (level.alpha / level.sigma) ** 2
     own = None if target == "eps" else x0_weight(target, ns, level.t, level.alpha, level.sigma)
-    return loss_weights(snr, weighting, gamma, own) * jnp.mean(err, axis=(1, 2, 3)), level.t_net
+    return loss_weights(snr, weighting, gamma, own)
 
 
 def drop_labels(key: Array, labels: Array, p_uncond: float, null_class: int) -> Array:

@@ -152,9 +152,14 @@ def metric_writer(
     return tensorboard if wandb is None else metric_writers.MultiWriter([tensorboard, wandb])
 
 
+def _duration(steps: int, steps_per_s: float) -> datetime.timedelta:
+    """How long `steps` take at `steps_per_s`, to the second."""
+    return datetime.timedelta(seconds=round(steps / max(steps_per_s, 1e-9)))
+
+
 def progress_line(step: int, num_steps: int, loss: float, steps_per_s: float) -> str:
     """One log line: 'step 500/6000  loss 0.0712345  68.50 steps/s  ETA 0:01:20'."""
-    eta = datetime.timedelta(seconds=round((num_steps - step) / max(steps_per_s, 1e-9)))
+    eta = _duration(num_steps - step, steps_per_s)
     return f"step {step}/{num_steps}  loss {loss:.6g}  {steps_per_s:.2f} steps/s  ETA {eta}"
 
 
@@ -163,9 +168,8 @@ def expected_time_line(first: int, step: int, num_steps: int, steps_per_s: float
     'expected training time 0:10:08 for steps 0-13000 (21.38 steps/s over steps 0-100 on this
     host); the steps left end in 0:10:03'. Checkpoints, evaluators and data waits to come
     count only as far as the first interval had them."""
-    rate = max(steps_per_s, 1e-9)
-    total = datetime.timedelta(seconds=round((num_steps - first) / rate))
-    left = datetime.timedelta(seconds=round((num_steps - step) / rate))
+    total = _duration(num_steps - first, steps_per_s)
+    left = _duration(num_steps - step, steps_per_s)
     return (
         f"expected training time {total} for steps {first}-{num_steps} ({steps_per_s:.2f} "
         f"steps/s over steps {first}-{step} on this host); the steps left end in {left}"

@@ -42,6 +42,15 @@ Batch = Mapping[str, Array]
 NOISE_LEVEL_BUCKETS = 4
 
 
+def loss_weighting(config) -> dict[str, str | float]:
+    """`example_losses`' weighting keywords from `config.diffusion` (configs saved before the
+    fields existed: unweighted)."""
+    return dict(
+        weighting=config.diffusion.get("loss_weighting", "none"),
+        gamma=float(config.diffusion.get("min_snr_gamma", 5.0)),
+    )
+
+
 def make_example_loss_fn(
     graphdef: nnx.GraphDef, config
 ) -> Callable[[nnx.State, Batch, Array], tuple[Array, Array]]:
@@ -57,10 +66,7 @@ def make_example_loss_fn(
     conditioning = Conditioning.from_config(config)
     latent = config.autoencoder.kind != "identity"
     scale = number(config.autoencoder.scale_factor)
-    weighting = dict(
-        weighting=config.diffusion.get("loss_weighting", "none"),
-        gamma=float(config.diffusion.get("min_snr_gamma", 5.0)),
-    )
+    weighting = loss_weighting(config)
 
     def losses_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, Array]:
         model = nnx.merge(graphdef, params)
