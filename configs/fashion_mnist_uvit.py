@@ -70,6 +70,10 @@ def get_config(arg: str = ""):
     c.optim.update(lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.03, warmup_steps=200, schedule="cosine")
     c.train.update(
         batch_size=16,
+        # At most 4 images per device per forward/backward pass: this CPU's caches hold a pass
+        # of 4 (at batch 32, 4 passes took 0.6x the step time of one; docs/benchmarks.md); the
+        # gradients are one pass's to float32 rounding.
+        micro_batch_per_device=4,
         num_steps=13_000,
         ema_rate=0.995,
         log_every=100,

@@ -31,7 +31,8 @@ def tiny_config(data: int, fsdp: int):
     """The default's runlocal model made wide enough (D=128) for FSDP to split its matrices."""
     c = get_config("runlocal")
     c.model.update(embed_dim=128, depth=2, num_heads=2)
-    c.train.batch_size = 16
+    # One pass per step: the fit search's line assumes memory that grows with the batch.
+    c.train.update(batch_size=16, micro_batch_per_device=0)
     c.mesh.update(data=data, fsdp=fsdp)
     return c
 

@@ -29,7 +29,12 @@ from uvit_jax.train.state import (
     create_train_state,
     model_graphdef,
 )
-from uvit_jax.train.step import TrainProgram, compile_train_step, make_train_step
+from uvit_jax.train.step import (
+    TrainProgram,
+    compile_train_step,
+    make_train_step,
+    micro_batch_count,
+)
 
 # ---- sharding ----------------------------------------------------------------------------------
 
@@ -333,52 +338,78 @@ def test_state_items_round_trip():
     assert jnp.array_equal(again.first_nonfinite_step, -1)
 
 
-@pytest.mark.integration
-def test_gradient_accumulation_averages_micro_batch_gradients():
-    config = small_config()
-    config.train.accum_steps = 2
+def one_step(config, devices: int, accum: int = 1, micro: int = 0):
+    """(state, metrics, compiled HLO text) of one train step of `config`, batch 16 over a mesh
+    of `devices` CPU devices, split into `accum` micro-batches or `micro` per device."""
+    config.train.update(accum_steps=accum, micro_batch_per_device=micro)
     tx = make_optimizer(config.optim, 10)
     graphdef = model_graphdef(config.model)
-    mesh = make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
-    state = create_train_state(config.model, tx, mesh, 0)
+    mesh = make_mesh(dict(data=devices, fsdp=1), jax.devices()[:devices])
+    abstract, shardings = abstract_train_state(config.model, tx, mesh)
     rng = np.random.default_rng(1)
     batch = dict(
         x=jnp.asarray(rng.uniform(-1, 1, (16, 28, 28, 1)), jnp.float32),
         label=jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
     )
-    key = jax.random.key_data(jax.random.key(3))
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = make_train_step(graphdef, tx, config, learning_rate_schedule(config.optim, 10))
-    new_state, metrics = jax.jit(step)(state, batch, key)
+    compiled, _ = compile_train_step(step, abstract, shardings, spec, mesh)
+    state = create_train_state(config.model, tx, mesh, 0)
+    key = jax.random.key_data(jax.random.key(3))
+    new_state, metrics = compiled(state, batch, key)
+    return new_state, metrics, compiled.as_text()
 
-    # By hand: micro-batch i holds rows i, i+2, ...; its key is fold_in(fold_in(key, step), i).
-    from uvit_jax.diffusion.formulation import Formulation
-    from uvit_jax.train.step import make_example_loss_fn, make_loss_fn
 
-    loss_fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, config)))
-    k = jax.random.fold_in(key, 0)
-    parts = [
-        loss_fn(state.params, {n: v[i::2] for n, v in batch.items()}, jax.random.fold_in(k, i))
-        for i in range(2)
-    ]
-    loss = (parts[0][0] + parts[1][0]) / 2
-    grads = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
-    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
-    want = jax.jit(lambda p, u: jax.tree.map(jnp.add, p, u))(state.params, updates)
-    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # The loss by noise level: each example's loss added to its level, over both micro-batches.
-    example_fn = jax.jit(make_example_loss_fn(graphdef, config))
-    sums, counts = np.zeros(4), np.zeros(4)
-    for i in range(2):
-        losses, t_net = example_fn(
-            state.params, {n: v[i::2] for n, v in batch.items()}, jax.random.fold_in(k, i)
+@pytest.mark.integration
+def test_micro_batches_give_one_pass_gradients_with_one_all_reduce():
+    """Micro-batches split the batch's own draws (not new ones): the step equals one pass to
+    float32 rounding, on one device and on two (where the devices add their sums once)."""
+    want, want_metrics, one_pass_hlo = one_step(small_config(), devices=2)
+    runs = {
+        "accum_steps=2, 1 device": one_step(small_config(), devices=1, accum=2),
+        "micro_batch_per_device=2, 2 devices": one_step(small_config(), devices=2, micro=2),
+    }
+    for name, (state, metrics, _) in runs.items():
+        np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=2e-6, err_msg=name)
+        np.testing.assert_array_equal(metrics["loss_by_t_count"], want_metrics["loss_by_t_count"])
+        np.testing.assert_allclose(
+            metrics["loss_by_t_sum"], want_metrics["loss_by_t_sum"], rtol=2e-6, err_msg=name
         )
-        level = Formulation.from_config(config).bucket(t_net, 4)
-        sums += np.bincount(level, weights=losses, minlength=4)
-        counts += np.bincount(level, minlength=4)
-    np.testing.assert_allclose(metrics["loss_by_t_sum"], sums, rtol=1e-5)
-    np.testing.assert_array_equal(metrics["loss_by_t_count"], counts)
+        np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+    # Four micro-batches of 2 per device, their gradients added on each device, then one
+    # all-reduce for all of them (and the loss sums) in the step's entry computation, outside
+    # the micro-batch loop, as in the single pass.
+    for hlo in (runs["micro_batch_per_device=2, 2 devices"][2], one_pass_hlo):
+        assert computations_calling("all-reduce", hlo) == ["ENTRY"]
+
+
+def computations_calling(op: str, hlo: str) -> list[str]:
+    """The computations of compiled HLO text that hold an `op` instruction, one entry per
+    instruction: "ENTRY" for the entry computation, else the computation's name."""
+    found, name = [], None
+    for line in hlo.splitlines():
+        if line and not line.startswith((" ", "}")):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+        elif re.search(rf" {op}(?:-start)?\(", line):
+            found.append(name)
+    return found
+
+
+def test_micro_batch_count():
+    train = get_config("").train  # at most 4 examples per device per pass
+    assert [micro_batch_count(train, b, 2) for b in (8, 16, 32, 64)] == [1, 2, 4, 8]
+    assert micro_batch_count(train, 16, 1) == 4
+    # The fewest passes that split each device's share evenly: 6 -> 2 of 3, 5 -> 5 of 1.
+    assert [micro_batch_count(train, b, 2) for b in (12, 10, 2)] == [2, 5, 1]
+    train.update(micro_batch_per_device=0, accum_steps=2)
+    assert micro_batch_count(train, 32, 2) == 2
+    with pytest.raises(ConfigError, match=r"batch_size=33 is not divisible by .*accum_steps=2"):
+        micro_batch_count(train, 33, 1)
+    train.micro_batch_per_device = 4
+    with pytest.raises(ConfigError, match=r"micro_batch_per_device=4 and .*accum_steps=2: set one"):
+        micro_batch_count(train, 32, 2)
 
 
 @pytest.mark.integration

@@ -190,6 +190,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     # ---- train ----
     "train.batch_size": COUNT,
     "train.accum_steps": COUNT,
+    "train.micro_batch_per_device": NONNEG,
     "train.num_steps": COUNT,
     "train.ema_rate": Real(0, 1, hi_open=True),
     "train.ema_stds": Each(EMA_STD),

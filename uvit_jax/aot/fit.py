@@ -106,14 +106,18 @@ def fit_search(
     return dict(rows=rows, best=best, largest_batch=largest, predicted_limit=limits)
 
 
-def _predict(rows: list[dict[str, Any]], hbm: float, granule: int) -> int:
+def _predict(rows: list[dict[str, Any]], hbm: float, granule: int) -> int | None:
     """The batch at which the per-chip peak reaches `hbm`: a line through the two largest
-    compiled batches, or with one, temporaries in proportion to the batch (the arguments fixed)."""
+    compiled batches, or with one, temporaries in proportion to the batch (the arguments fixed).
+    None where the line does not rise (micro-batches: `train.micro_batch_per_device` keeps a
+    pass's activations at one size whatever the batch)."""
     fitted = sorted((r for r in rows if "memory" in r), key=lambda r: r["batch"])[-2:]
     last = fitted[-1]
     if len(fitted) == 2 and fitted[1]["batch"] > fitted[0]["batch"]:
         (b0, p0), (b1, p1) = ((r["batch"], r["memory"]["peak"]) for r in fitted)
         slope = (p1 - p0) / (b1 - b0)
+        if slope <= 0:
+            return None
         fixed = p1 - slope * b1
     else:
         slope = last["memory"]["temporaries"] / last["batch"]
@@ -134,6 +138,8 @@ def _largest_batch(compile_row, first: dict[str, Any], hbm: float, granule: int)
     refused = None  # the smallest batch that did not fit
     for _ in range(MAX_TRIES):
         guess = _predict(rows, hbm, granule)
+        if guess is None:
+            break
         if refused is not None:
             guess = min(guess, refused - granule)
         if guess <= best or any(r["batch"] == guess for r in rows):

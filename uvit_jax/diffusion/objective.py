@@ -23,6 +23,7 @@ weighting fixes the weight on x0 errors, whatever the target (the target's own w
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,42 @@ def loss_weights(
     return (snr + 1.0) / target_x0_weight
 
 
+class NoisedExamples(NamedTuple):
+    """A batch of training examples, noised: what the network sees and what it should output.
+
+    x_t: [B, H, W, C] float32 noised data; t_net: [B] float32 the network's time input (as
+    `Formulation.draw` gives it); goal: [B, H, W, C] float32 the target's value; weight: [B]
+    float32 each example's `loss_weights`. Nothing here depends on the network's parameters,
+    so a train step can draw them once for the whole batch and differentiate only the
+    network's losses (`prediction_losses`).
+    """
+
+    x_t: Array
+    t_net: Array
+    goal: Array
+    weight: Array
+
+
+def noised_examples(
+    key: Array, x0: Array, formulation: Formulation, *, weighting: str = "none", gamma: float = 5.0
+) -> NoisedExamples:
+    """Noises x0 [B, H, W, C] float32 (`noised_input`) and computes the target and weight of
+    every example for the formulation's target and the loss weighting."""
+    x_t, eps, level = noised_input(key, x0, formulation)
+    ns, target = formulation.schedule, formulation.target
+    t, alpha, sigma = (v[:, None, None, None] for v in (level.t, level.alpha, level.sigma))
+    goal = target_value(target, ns, t, alpha, sigma, x0, eps)
+    weight = level_weights(formulation, level, weighting, gamma)
+    return NoisedExamples(x_t, level.t_net, goal, weight)
+
+
+def prediction_losses(prediction: Array, examples: NoisedExamples) -> Array:
+    """Each example's loss [B] float32: the mean over H, W, C of (goal - prediction)^2, times
+    its weight. prediction: [B, H, W, C], the network's output for `examples.x_t`."""
+    err = (examples.goal - prediction.astype(jnp.float32)) ** 2
+    return examples.weight * jnp.mean(err, axis=(1, 2, 3))
+
+
 def example_losses(
     predict: Callable[[Array, Array], Array],
     key: Array,
@@ -92,13 +129,8 @@ def example_losses(
     contexts). Returns (loss [B] float32: mean over H, W, C of (target - prediction)^2 times the
     example's `loss_weights`; t_net [B] float32 as `Formulation.draw` gives it).
     """
-    x_t, eps, level = noised_input(key, x0, formulation)
-    ns, target = formulation.schedule, formulation.target
-    t, alpha, sigma = (v[:, None, None, None] for v in (level.t, level.alpha, level.sigma))
-    goal = target_value(target, ns, t, alpha, sigma, x0, eps)
-    err = (goal - predict(x_t, level.t_net).astype(jnp.float32)) ** 2
-    weights = level_weights(formulation, level, weighting, gamma)
-    return weights * jnp.mean(err, axis=(1, 2, 3)), level.t_net
+    examples = noised_examples(key, x0, formulation, weighting=weighting, gamma=gamma)
+    return prediction_losses(predict(examples.x_t, examples.t_net), examples), examples.t_net
 
 
 def level_weights(

@@ -38,10 +38,22 @@ from uvit_jax.errors import ConfigError, StoppedBeforeTraining, UserError
 from uvit_jax.evals import Scheduled, TrainContext, make_evals
 from uvit_jax.jobs.extract import extract_job
 from uvit_jax.models.uvit import abstract_uvit, build_uvit
-from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh, replicated
+from uvit_jax.parallel.mesh import (
+    batch_shard_count,
+    batch_size_per_shard,
+    global_batch,
+    make_mesh,
+    replicated,
+)
 from uvit_jax.train import dashboard, flops, init_from
 from uvit_jax.train.state import TrainState, create_train_state
-from uvit_jax.train.step import NOISE_LEVEL_BUCKETS, TrainProgram, ema_stds, make_train_program
+from uvit_jax.train.step import (
+    NOISE_LEVEL_BUCKETS,
+    TrainProgram,
+    ema_stds,
+    make_train_program,
+    micro_batch_count,
+)
 
 # What a resumed run restores (with the config); each is checked against its checksums.
 RESUMED_ITEMS = ("state", "ema", "data_iter")
@@ -60,12 +72,7 @@ def check_config(config, mesh) -> None:
     the mesh and the model."""
     jobs.check("train", config)
     nnx.eval_shape(lambda: build_uvit(config.model))  # remat checks
-    accum = int(config.train.accum_steps)
-    if config.train.batch_size % accum:
-        raise ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is not divisible by "
-            f"config.train.accum_steps={accum}"
-        )
+    accum = micro_batch_count(config.train, config.train.batch_size, batch_shard_count(mesh))
     batch_size_per_shard(mesh, config.train.batch_size // accum, field="config.train.batch_size")
     stds, snapshot_every = ema_stds(config), int(config.train.ema_snapshot_every)
     if len(set(stds)) != len(stds):
@@ -352,6 +359,12 @@ def set_up(config, workdir: str) -> TrainRun:
 
     mesh = make_mesh(config.mesh)
     check_config(config, mesh)
+    shards, size = batch_shard_count(mesh), config.train.batch_size
+    passes = micro_batch_count(config.train, size, shards)
+    logging.info(
+        "batch %d over %d devices: %d pass(es) of %d example(s) per device per step",
+        size, shards, passes, size // shards // passes,
+    )  # fmt: skip
     data_dir = extract.resolve_latent_dir(config, workdir)
     if latent_scale.is_auto(config):
         # 1 / the latents' std measured on the dataset: extracted first, as the evaluators

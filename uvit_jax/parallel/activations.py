@@ -20,4 +20,6 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
+    if set(BATCH_AXES) & set(mesh.manual_axes):  # inside shard_map: x is already a shard
+        return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

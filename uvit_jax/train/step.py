@@ -17,14 +17,22 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, get_abstract_mesh
 
 from uvit_jax.conditioning import Conditioning
 from uvit_jax.diffusion.formulation import Formulation
-from uvit_jax.diffusion.objective import drop_contexts, drop_labels, example_losses
+from uvit_jax.diffusion.objective import (
+    NoisedExamples,
+    drop_contexts,
+    drop_labels,
+    noised_examples,
+    prediction_losses,
+)
+from uvit_jax.errors import ConfigError
 from uvit_jax.latent_scale import number
 from uvit_jax.models.autoencoder import sample_latent
 from uvit_jax.parallel.activations import constrain_batch
+from uvit_jax.parallel.batch_sums import batch_shards, sum_over_batch_shards
 from uvit_jax.parallel.mesh import batch_sharding, replicated
 from uvit_jax.train import dashboard, power_ema
 from uvit_jax.train.optimizer import (
@@ -51,15 +59,18 @@ def loss_weighting(config) -> dict[str, str | float]:
     )
 
 
-def make_example_loss_fn(
-    graphdef: nnx.GraphDef, config
-) -> Callable[[nnx.State, Batch, Array], tuple[Array, Array]]:
-    """losses(params, batch, key) -> (loss [B] float32 per example, network time [B] float32)
-    for the config's objective (`example_losses`).
+Conditions = dict[str, Array]
+
+
+def make_example_draw_fn(config) -> Callable[[Batch, Array], tuple[NoisedExamples, Conditions]]:
+    """draw(batch, key) -> (the batch noised for the config's objective (`noised_examples`),
+    the network's condition keywords): every random choice of a training example, none of
+    which depends on the network's parameters.
 
     batch["x"]: [B, h, w, C] pixels in [-1, 1], or [B, h, w, 2C] autoencoder moments for latent
     models; batch["label"]: [B] int32 (class models); batch["context"]: [B, L, D] (text models)
-    and batch["empty_context"]: [L, D] (CLIP of "").
+    and batch["empty_context"]: [L, D] (CLIP of ""). The conditions: {"y": [B] int32} or
+    {"context": [B, L, D]} with the dropped ones replaced for guidance, or {}.
     """
     formulation = Formulation.from_config(config)
     p_uncond = float(config.diffusion.p_uncond)
@@ -68,8 +79,7 @@ def make_example_loss_fn(
     scale = number(config.autoencoder.scale_factor)
     weighting = loss_weighting(config)
 
-    def losses_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, Array]:
-        model = nnx.merge(graphdef, params)
+    def draw(batch: Batch, key: Array) -> tuple[NoisedExamples, Conditions]:
         k_z, k_drop, k_noise = jax.random.split(key, 3)
         x0 = sample_latent(batch["x"], k_z, scale) if latent else batch["x"]
         cond = {}
@@ -83,8 +93,35 @@ def make_example_loss_fn(
             if conditioning.has_null:
                 y = drop_labels(k_drop, y, p_uncond, conditioning.null_class)
             cond["y"] = y
-        predict = lambda x_t, t: model(x_t, t, **cond)
-        return example_losses(predict, k_noise, x0, formulation, **weighting)
+        return noised_examples(k_noise, x0, formulation, **weighting), cond
+
+    return draw
+
+
+def make_prediction_loss_fn(
+    graphdef: nnx.GraphDef,
+) -> Callable[[nnx.State, NoisedExamples, Conditions], Array]:
+    """losses(params, examples, conditions) -> [B] float32: each example's loss for the
+    network's prediction (`prediction_losses`); the only part of the loss the gradients pass."""
+
+    def losses(params: nnx.State, examples: NoisedExamples, cond: Conditions) -> Array:
+        model = nnx.merge(graphdef, params)
+        return prediction_losses(model(examples.x_t, examples.t_net, **cond), examples)
+
+    return losses
+
+
+def make_example_loss_fn(
+    graphdef: nnx.GraphDef, config
+) -> Callable[[nnx.State, Batch, Array], tuple[Array, Array]]:
+    """losses(params, batch, key) -> (loss [B] float32 per example, network time [B] float32)
+    for the config's objective: `make_example_draw_fn`, then `make_prediction_loss_fn`."""
+    draw = make_example_draw_fn(config)
+    prediction_loss = make_prediction_loss_fn(graphdef)
+
+    def losses_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, Array]:
+        examples, cond = draw(batch, key)
+        return prediction_loss(params, examples, cond), examples.t_net
 
     return losses_fn
 
@@ -95,35 +132,67 @@ def make_loss_fn(graphdef: nnx.GraphDef, config) -> Callable[[nnx.State, Batch, 
     return lambda params, batch, key: jnp.mean(losses_fn(params, batch, key)[0])
 
 
-def make_loss_by_noise_level_fn(
-    graphdef: nnx.GraphDef, config
-) -> Callable[[nnx.State, Batch, Array], tuple[Array, tuple[Array, Array]]]:
-    """loss(params, batch, key) -> (scalar float32 batch mean, (loss sums, example counts)),
-    the sums and counts [NOISE_LEVEL_BUCKETS] float32 per `Formulation.bucket` of the batch.
+def make_loss_sums_fn(
+    graphdef: nnx.GraphDef, config, batch_size: int
+) -> Callable[[nnx.State, NoisedExamples, Conditions], tuple[Array, tuple[Array, Array, Array]]]:
+    """sums(params, examples, conditions) -> (loss sum / batch_size, (loss sum, loss sums,
+    example counts)) over the examples given: float32 scalars, then the sums and counts
+    [NOISE_LEVEL_BUCKETS] float32 per `Formulation.bucket`.
 
-    Sums and counts rather than means: they add up over micro-batches and logged intervals.
+    The first output, differentiated, gives these examples' share of the gradient of the batch
+    mean; sums rather than means add up over micro-batches, devices and logged intervals.
     """
-    losses_fn = make_example_loss_fn(graphdef, config)
+    prediction_loss = make_prediction_loss_fn(graphdef)
     formulation = Formulation.from_config(config)
 
-    def loss_fn(params: nnx.State, batch: Batch, key: Array) -> tuple[Array, tuple[Array, Array]]:
-        losses, t_net = losses_fn(params, batch, key)
-        bucket = formulation.bucket(t_net, NOISE_LEVEL_BUCKETS)
+    def sums(params: nnx.State, examples: NoisedExamples, cond: Conditions):
+        losses = prediction_loss(params, examples, cond)
+        bucket = formulation.bucket(examples.t_net, NOISE_LEVEL_BUCKETS)
         member = jax.nn.one_hot(bucket, NOISE_LEVEL_BUCKETS, dtype=jnp.float32)  # [B, buckets]
         # Elementwise, not a matmul: matmuls may run at reduced precision on accelerators.
-        sums = jnp.sum(losses[:, None] * member, axis=0)
-        return jnp.mean(losses), (sums, jnp.sum(member, axis=0))
+        level_sums = jnp.sum(losses[:, None] * member, axis=0)
+        total = jnp.sum(losses)
+        return total / batch_size, (total, level_sums, jnp.sum(member, axis=0))
 
-    return loss_fn
+    return sums
 
 
-def _microbatches(batch: Batch, n: int) -> Batch:
-    """[B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ... (even over the batch shards)."""
+def micro_batch_count(train_config, batch_size: int, batch_shards: int) -> int:
+    """How many micro-batches a step splits its batch into: `train.accum_steps`, or, where
+    `train.micro_batch_per_device` is set (> 0), the fewest that divide each device's share
+    evenly into micro-batches of at most that size (8 per device at most 4: 2 of 4; 6: 2 of
+    3; 5: 5 of 1).
+
+    Raises:
+      ConfigError: naming the fields, when both are set or the batch does not split evenly.
+    """
+    accum = int(train_config.accum_steps)
+    micro = int(train_config.get("micro_batch_per_device", 0))
+    if micro <= 0:
+        if batch_size % accum:
+            raise ConfigError(
+                f"config.train.batch_size={batch_size} is not divisible by "
+                f"config.train.accum_steps={accum}"
+            )
+        return accum
+    if accum != 1:
+        raise ConfigError(
+            f"config.train.micro_batch_per_device={micro} and config.train.accum_steps={accum}: "
+            "set one of them (the other to its default, 0 or 1)"
+        )
+    per_device = batch_size // batch_shards
+    fewest = -(-per_device // micro)
+    return next(n for n in range(fewest, per_device + 1) if per_device % n == 0)
+
+
+def _microbatches(tree, n: int):
+    """Arrays [B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ... (even over the batch
+    shards: each device's rows of a micro-batch are rows it holds)."""
 
     def split(x: Array) -> Array:
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
-    return {k: (v if k == "empty_context" else split(v)) for k, v in batch.items()}
+    return jax.tree.map(split, tree)
 
 
 def ema_stds(config) -> tuple[float, ...]:
@@ -139,38 +208,46 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
     """step(state, batch, key) -> (state, metrics) of one step: loss, grad_norm, lr (float32
     scalars), loss_by_t_sum and loss_by_t_count ([NOISE_LEVEL_BUCKETS] float32: the batch's
-    loss sums and example counts per noise level, `make_loss_by_noise_level_fn`).
+    loss sums and example counts per noise level, `make_loss_sums_fn`).
 
     The power-function EMAs of `config.train.ema_stds` (`state.power_ema`) move after every
     step, a rejected (non-finite) one included, with the weights as they then are: step t's
     weights always enter with the profile's weight for step t, so a snapshot's profile is the
     power function that post-hoc reconstruction assumes."""
-    loss_fn = make_loss_by_noise_level_fn(graphdef, config)
-    accum = int(config.train.accum_steps)
+    draw = make_example_draw_fn(config)
     ema_rate = float(config.train.ema_rate)
     ema_warmup = bool(config.train.get("ema_warmup", False))
     gammas = tuple(float(g) for g in power_ema.gamma_of_std(ema_stds(config)))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, batch, key):
+        """((loss, (level sums, level counts)), gradients) of the batch mean.
+
+        Every example's noise, time and dropped label are drawn for the whole batch from `key`,
+        whatever `micro_batch_count` is: micro-batches (rows i, i+n, ...) change only the order
+        of the sums, so the gradients equal one pass's to float32 rounding."""
+        size = batch["x"].shape[0]
+        accum = micro_batch_count(config.train, size, batch_shards(get_abstract_mesh()))
+        grad_sums = jax.value_and_grad(make_loss_sums_fn(graphdef, config, size), has_aux=True)
+        drawn = draw(batch, key)
         if accum == 1:
-            return grad_fn(params, batch, key)
+            # One pass, partitioned by the compiler as before micro-batches existed (its one
+            # all-reduce per step takes the gradient arrays as they are): the same program.
+            (_, (total, level_sums, level_counts)), grads = grad_sums(params, *drawn)
+        else:
 
-        def micro(carry, xs):
-            i, mb = xs
-            mb = {k: (v if k == "empty_context" else constrain_batch(v)) for k, v in mb.items()}
-            out = grad_fn(params, mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, out), None
+            def summed(p, micro):
+                def add(carry, xs):
+                    xs = jax.tree.map(constrain_batch, xs)
+                    return jax.tree.map(jnp.add, carry, grad_sums(p, *xs)), None
 
-        levels = jnp.zeros((NOISE_LEVEL_BUCKETS,), jnp.float32)
-        zeros = (
-            (jnp.zeros((), jnp.float32), (levels, levels)),
-            jax.tree.map(jnp.zeros_like, params),
-        )
-        xs = (jnp.arange(accum), _microbatches(batch, accum))
-        ((loss, by_level), g), _ = jax.lax.scan(micro, zeros, xs)
-        # Means over micro-batches; the per-level sums and counts stay sums.
-        return (loss / accum, by_level), jax.tree.map(lambda x: x / accum, g)
+                one = jax.eval_shape(grad_sums, p, *jax.tree.map(lambda v: v[0], micro))
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), one)
+                return jax.lax.scan(add, zeros, micro)[0]
+
+            (_, (total, level_sums, level_counts)), grads = sum_over_batch_shards(
+                summed, batch_axis=1
+            )(params, _microbatches(drawn, accum))
+        return (total / size, (level_sums, level_counts)), grads
 
     def step(state: TrainState, batch: Batch, key: Array):
         key = jax.random.fold_in(key, state.step)
