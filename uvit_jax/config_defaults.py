@@ -258,9 +258,9 @@ def default_config() -> ml_collections.ConfigDict:
             accum_steps=1,  # gradient accumulation micro-steps per update
             # Or (> 0) the most examples each device puts through the network at once: the
             # step accumulates the fewest micro-batches that split each device's share evenly
-            # into parts no larger (uvit_jax/train/step.py). Either way every example's
-            # noise is drawn for the whole batch, so the gradients equal one pass's to float32
-            # rounding (uvit_jax/train/step.py).
+            # into parts no larger. Either way every example's noise is drawn for the whole
+            # batch, so the gradients equal one pass's to float32 rounding
+            # (uvit_jax/train/step.py).
             micro_batch_per_device=0,
             num_steps=500_000,
             ema_rate=0.9999,

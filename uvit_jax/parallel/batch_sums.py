@@ -12,7 +12,6 @@ order of the additions differs); their cost is one collective per step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from uvit_jax.parallel.activations import BATCH_AXES
+from uvit_jax.parallel.mesh import batch_shard_count
 
 PyTree = Any
 
@@ -29,7 +29,7 @@ def batch_shards(mesh: jax.sharding.AbstractMesh) -> int:
     """How many ways `mesh` splits the batch (1 for an empty mesh, as outside `jax.set_mesh`)."""
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return 1
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return batch_shard_count(mesh)
 
 
 def batch_split_only(mesh: jax.sharding.AbstractMesh) -> bool:

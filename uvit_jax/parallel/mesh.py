@@ -135,7 +135,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def batch_shard_count(mesh: Mesh) -> int:
+def batch_shard_count(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
     """How many ways the batch is split (the product of the batch axes' sizes).
 
     Raises:
