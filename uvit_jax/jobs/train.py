@@ -66,10 +66,10 @@ class NonFiniteLossError(UserError, FloatingPointError):
 # ---- checks before anything compiles ---------------------------------------------------------
 
 
-def check_config(config, mesh) -> None:
+def check_config(config, mesh) -> int:
     """Fails early, naming the fields, on configs that cannot work: every field's range and
     names (`jobs.check`, also when the job is called without `jobs.run`), then what depends on
-    the mesh and the model."""
+    the mesh and the model. Returns the micro-batches per step (`micro_batch_count`)."""
     jobs.check("train", config)
     nnx.eval_shape(lambda: build_uvit(config.model))  # remat checks
     accum = micro_batch_count(config.train, config.train.batch_size, batch_shard_count(mesh))
@@ -83,6 +83,7 @@ def check_config(config, mesh) -> None:
             f"{stds}: expected an interval in steps >= 1 (post-hoc reconstruction reads the "
             "snapshots)"
         )
+    return accum
 
 
 def check_same_model(saved: Mapping, config, workdir: str) -> None:
@@ -358,9 +359,8 @@ def set_up(config, workdir: str) -> TrainRun:
     from input_pipeline.train_input import make_train_iterator
 
     mesh = make_mesh(config.mesh)
-    check_config(config, mesh)
+    passes = check_config(config, mesh)
     shards, size = batch_shard_count(mesh), config.train.batch_size
-    passes = micro_batch_count(config.train, size, shards)
     logging.info(
         "batch %d over %d devices: %d pass(es) of %d example(s) per device per step",
         size, shards, passes, size // shards // passes,

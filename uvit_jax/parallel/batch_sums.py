@@ -35,9 +35,7 @@ def batch_shards(mesh: jax.sharding.AbstractMesh) -> int:
 def batch_split_only(mesh: jax.sharding.AbstractMesh) -> bool:
     """Whether `mesh` splits the batch over more than one device and nothing else (its "fsdp"
     axis, which would split the parameters, has size 1)."""
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return False
-    return mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1
+    return batch_shards(mesh) > 1 and mesh.shape["fsdp"] == 1
 
 
 def sum_over_batch_shards(
