@@ -471,15 +471,15 @@ def test_shard_files_open_once_when_read_threads_start_together(monkeypatch):
 
     opened = []
 
-    class SlowSource:
-        def __init__(self, paths):
+    class SlowReader:
+        def __init__(self, path, **options):
             opened.append(threading.get_ident())
-            time.sleep(0.2)  # wide enough for every thread to find the files unopened
+            time.sleep(0.2)  # wide enough for every thread to find the file unopened
 
-        def __getitems__(self, ids):
-            return [b"%d" % i for i in ids]
+        def read(self, positions):
+            return [b"%d" % i for i in positions]
 
-    monkeypatch.setattr(reader.array_record_data_source, "ArrayRecordDataSource", SlowSource)
+    monkeypatch.setattr(reader.array_record_module, "ArrayRecordReader", SlowReader)
     files = pickle.loads(pickle.dumps(reader._ShardFiles(["a.array_record"], [10])))
     results = {}
     threads = [
@@ -492,6 +492,31 @@ def test_shard_files_open_once_when_read_threads_start_together(monkeypatch):
         t.join()
     assert len(opened) == 1
     assert results == {k: [b"%d" % k, b"%d" % (k + 1)] for k in range(4)}
+
+
+def test_batch_read_across_shards_keeps_order_and_starts_no_thread(folder_dataset, monkeypatch):
+    """A batch touching every shard, in shuffled order, gives array_record's own records in the
+    asked order, read in the calling thread (a thread per read would take the train step's CPU
+    on small hosts)."""
+    import threading
+
+    from array_record.python import array_record_data_source
+
+    from input_pipeline.latent_dataset import reader
+
+    _, path, _ = folder_dataset
+    ds = latent_dataset.open_dataset(path)
+    assert len(ds.shard_paths) >= 4
+    ids = np.random.default_rng(0).permutation(ds.num_records)[:24]
+    expected = array_record_data_source.ArrayRecordDataSource(list(ds.shard_paths))
+    expected = [expected[int(i)] for i in ids]
+    started, start = [], threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda t: (started.append(t), start(t))[1])
+    files = reader._ShardFiles(ds.shard_paths, ds.shard_lengths)
+    assert files.get(ids) == expected
+    assert started == []
+    with pytest.raises(IndexError, match=f"outside \\[0, {ds.num_records}\\)"):
+        files.get([ds.num_records])
 
 
 @pytest.mark.integration

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from array_record.python import array_record_data_source
+from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline.errors import MissingDataFile
@@ -247,21 +247,27 @@ def decode_x(x: np.ndarray) -> np.ndarray:
 class _ShardFiles:
     """Random access by global record id over a list of array_record shard files.
 
-    Picklable (grain ships readers to worker processes): the files open lazily in the process
+    A batch's records are read shard by shard in the calling thread: parallelism comes from
+    grain's read threads and worker processes, one level up. (array_record's
+    `ArrayRecordDataSource.__getitems__` starts a thread pool for every call, one thread per
+    shard touched: on a 2-core host that cost 20x the reads themselves, CPU taken from the
+    train step; docs/benchmarks.md.)
+
+    Picklable (grain ships readers to worker processes): each file opens lazily in the process
     that reads, once, under a lock: a worker's read threads call `get` together, and two of them
-    opening the files at once (which imports modules lazily) can deadlock on the import lock.
+    opening a file at once (which imports modules lazily) can deadlock on the import lock.
     Errors name the shard file.
     """
 
     def __init__(self, paths: Sequence[str], lengths: Sequence[int]):
         self.paths = tuple(paths)
         self.starts = np.cumsum((0,) + tuple(lengths))
-        self._source = None
+        self._readers: list[Any] = [None] * len(self.paths)
         self._opening = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_source"] = None
+        state["_readers"] = [None] * len(self.paths)
         del state["_opening"]  # a lock does not pickle; each process makes its own
         return state
 
@@ -273,30 +279,42 @@ class _ShardFiles:
         """The shard index of each global record id."""
         return np.searchsorted(self.starts, ids, side="right") - 1
 
-    def _open(self) -> None:
+    def _reader(self, shard: int) -> Any:
+        reader = self._readers[shard]
+        if reader is not None:
+            return reader
         with self._opening:
-            if self._source is not None:  # another thread opened them while this one waited
-                return
-            try:
-                self._source = array_record_data_source.ArrayRecordDataSource(list(self.paths))
-            except Exception as e:  # array_record raises plain RuntimeError/ValueError
-                named = [p for p in self.paths if os.path.basename(p) in str(e)]
-                where = ", ".join(named) if named else f"of {os.path.dirname(self.paths[0])}"
-                raise layout.CorruptShardError(f"cannot open the shards {where}: {e}") from e
+            if self._readers[shard] is None:  # not opened by another thread while this waited
+                try:
+                    self._readers[shard] = array_record_module.ArrayRecordReader(
+                        self.paths[shard],
+                        options="readahead_buffer_size:0",  # random access: no read-ahead
+                        file_reader_buffer_size=32768,
+                    )
+                except Exception as e:  # array_record raises plain RuntimeError/ValueError
+                    raise layout.CorruptShardError(
+                        f"cannot open the shard {self.paths[shard]}: {e}"
+                    ) from e
+            return self._readers[shard]
 
     def get(self, ids: Sequence[int]) -> list[bytes]:
-        if self._source is None:
-            self._open()
-        try:
-            return self._source.__getitems__(list(ids))
-        except Exception as batch_error:
-            # Find the record (hence the file) that fails, to name it.
-            for i in ids:
-                try:
-                    self._source[i]
-                except Exception as e:
-                    raise layout.CorruptShardError(self.read_error([i], e)) from e
-            raise layout.CorruptShardError(self.read_error(ids, batch_error)) from batch_error
+        """The records of global ids `ids`, in their order."""
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.starts[-1]):
+            raise IndexError(f"record ids outside [0, {self.starts[-1]}): {ids[:4].tolist()}")
+        shards = self.shard_of(ids)
+        out: list[bytes] = [b""] * len(ids)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            positions = (ids[rows] - self.starts[shard]).tolist()
+            reader = self._reader(int(shard))
+            try:
+                records = reader.read(positions)
+            except Exception as e:
+                raise layout.CorruptShardError(self.read_error(ids[rows].tolist(), e)) from e
+            for row, record in zip(rows, records, strict=True):
+                out[row] = record
+        return out
 
     def read_error(self, ids: Sequence[int], error: Exception) -> str:
         ids = [i for i in ids if 0 <= i < self.starts[-1]]
