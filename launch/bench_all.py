@@ -5,7 +5,7 @@
 Rows come from the `summary()` of each benchmark script in `launch/` (each a short version of
 that script), run one per fresh process so that their XLA flags, thread pools and imports
 (torch before TensorFlow) cannot interfere:
-  train step        ours vs the official PyTorch step at batch 32 and at the default's batch
+  train step        ours vs the official PyTorch step at batch 16 and 32 (the default's)
                     (bench_train.py; `--official_dir`: a clone of the official U-ViT, else the
                     repository's PyTorch stand-in)
   sampling          guided sampling of the default vs the official network; one 2B pass vs two

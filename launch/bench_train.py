@@ -470,7 +470,7 @@ def versus_official(argv: list[str], rounds: int) -> dict:
 
 
 def summary(official_dir: str = "") -> list[dict]:
-    """bench_all's rows: the default config's train step at batch 32 and at its own batch (16),
+    """bench_all's rows: the default config's train step at batch 16, 32 and its own batch (32),
     ours vs the official PyTorch step (`official_dir`, else $UVIT_OFFICIAL_DIR, else the
     stand-in), each alone in fresh processes, median of 3 alternating rounds."""
     from configs.fashion_mnist_uvit import get_config
@@ -479,7 +479,7 @@ def summary(official_dir: str = "") -> list[dict]:
     config_file = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                                "fashion_mnist_uvit.py")  # fmt: skip
     rows = []
-    for batch in (32, int(get_config().train.batch_size)):
+    for batch in sorted({16, 32, int(get_config().train.batch_size)}):
         argv = [f"--config={config_file}", f"--batch={batch}", "--steps=20", "--warmup=3"]
         v = versus_official(argv + ([f"--official_dir={official_dir}"] * bool(official_dir)), 3)
         step = {k: statistics.median(r["step_s"] for r in v[k]) for k in ("ours", "official")}
