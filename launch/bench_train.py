@@ -470,9 +470,10 @@ def versus_official(argv: list[str], rounds: int) -> dict:
 
 
 def summary(official_dir: str = "") -> list[dict]:
-    """bench_all's rows: the default config's train step at batch 16, 32 and its own batch (32),
-    ours vs the official PyTorch step (`official_dir`, else $UVIT_OFFICIAL_DIR, else the
-    stand-in), each alone in fresh processes, median of 3 alternating rounds."""
+    """bench_all's rows: the default config's train step at batch 16 and 32 (and at its own
+    batch, were it another), ours vs the official PyTorch step (`official_dir`, else
+    $UVIT_OFFICIAL_DIR, else the stand-in), each alone in fresh processes, median of 3
+    alternating rounds."""
     from configs.fashion_mnist_uvit import get_config
 
     official_dir = official_dir or os.environ.get("UVIT_OFFICIAL_DIR", "")

@@ -317,10 +317,9 @@ class _ShardFiles:
         return out
 
     def read_error(self, ids: Sequence[int], error: Exception) -> str:
-        ids = [i for i in ids if 0 <= i < self.starts[-1]]
+        """The message for records `ids` (ids `get` accepted) that failed: names their files."""
         files = sorted({self.paths[int(s)] for s in self.shard_of(np.asarray(ids, np.int64))})
-        where = ", ".join(files) if files else f"records {list(ids)[:4]}"
-        return f"cannot read shard {where}: {type(error).__name__}: {error}"
+        return f"cannot read shard {', '.join(files)}: {type(error).__name__}: {error}"
 
 
 def _tensor(feature: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
