@@ -65,7 +65,7 @@ NAN, INF = float("nan"), float("inf")
         ("train", "optim.grad_clip", -1.0, r"config.optim.grad_clip=-1.0: expected a finite "
                                            r"number >= 0$"),
         ("train", "optim.schedule", "cos", r"config.optim.schedule='cos': expected one of "
-                                           r"'constant', 'cosine'$"),
+                                           r"'constant', 'cosine', 'linear'$"),
         ("sample", "sample.sampler", "dpm_solver_fats", r"config.sample.sampler="
          r"'dpm_solver_fats': expected one of 'dpm_solver_fast', .*'probability_flow'$"),
         ("train", "sample.sampler", "dpm", r"config.sample.sampler='dpm': expected one of "),

@@ -323,8 +323,11 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_zero():
     np.testing.assert_allclose(cosine(steps), [0.0, 1e-3, 2e-3, 1e-3, 0.0], atol=1e-9)
     constant = learning_rate_schedule({**optim, "schedule": "constant"}, 9000)
     np.testing.assert_allclose(constant(steps), [0.0, 1e-3, 2e-3, 2e-3, 2e-3], atol=1e-9)
-    with pytest.raises(ValueError, match=r"optim.schedule='linear'; expected 'constant' or"):
-        learning_rate_schedule({**optim, "schedule": "linear"}, 9000)
+    linear = learning_rate_schedule({**optim, "schedule": "linear"}, 9000)
+    np.testing.assert_allclose(linear(steps), [0.0, 1e-3, 2e-3, 1e-3, 0.0], atol=1e-9)
+    np.testing.assert_allclose(linear(jnp.array([2400, 6800])), [1.5e-3, 5e-4], atol=1e-9)
+    with pytest.raises(ValueError, match=r"optim.schedule='step'; expected 'constant', 'cosine'"):
+        learning_rate_schedule({**optim, "schedule": "step"}, 9000)
 
 
 def test_state_items_round_trip():

@@ -81,7 +81,8 @@ def test_default_variants():
     noise = fashion_mnist_uvit.get_config("sd_noise")
     assert (noise.diffusion.formulation, noise.diffusion.target) == ("sd_discrete", "eps")
     assert (noise.diffusion.loss_weighting, noise.model.pos_embed) == ("min_snr", "learned_1d")
-    assert (noise.train.batch_size, noise.train.num_steps) == (16, 13_000)  # as measured
+    assert (noise.train.batch_size, noise.train.num_steps, noise.optim.lr) == (16, 13_000, 2e-3)
+    assert (new.train.batch_size, new.train.num_steps, new.optim.lr) == (32, 9_000, 2.8e-3)
     # The default before it, to rerun the comparison: padded 32 x 32, the paper's loss.
     assert (old.model.img_size, old.data.resolution, old.diffusion.loss_weighting) == (
         32,

@@ -246,7 +246,7 @@ def default_config() -> ml_collections.ConfigDict:
             weight_decay=0.03,
             decay_mask="all",  # "all" (official) or "no_bias_norm"
             warmup_steps=5000,
-            schedule="constant",  # "constant" or "cosine" after warmup
+            schedule="constant",  # after warmup: "constant", or "cosine" / "linear" to 0
             grad_clip=0.0,  # 0: none (paper)
         )
     )
