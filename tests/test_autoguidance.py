@@ -412,7 +412,7 @@ def test_sample_and_eval_jobs_autoguide_with_an_earlier_step(trained):
 def test_sweep_cells_take_the_guidance_kind_and_the_guide():
     from uvit_jax.jobs.sweep import sweep_cells
 
-    c = get_config("runlocal")  # cfg_scale 3, linear schedule
+    c = get_config("runlocal")  # cfg_scale 2.5, linear schedule
     c.sweep.update(
         cfg_scales=(0.0, 3.0), guidances=("cfg", "autoguidance"), guide_checkpoints=("10", "W:5")
     )
@@ -445,7 +445,7 @@ def test_sweep_checks_every_guide_before_sampling(runs, monkeypatch):
     with pytest.raises(ConfigError) as e:
         sweep.sweep_job(c, str(runs / "main"))
     assert str(e.value) == (
-        "config.sweep: the cell (dpm_solver++_3s, autoguidance 3 by 15, linear schedule, 5 "
+        "config.sweep: the cell (dpm_solver++_3s, autoguidance 2.5 by 15, linear schedule, 5 "
         f"steps): config.sample.guide_checkpoint='15': {runs / 'main' / 'checkpoints'} has no "
         "checkpoint at step 15; it has steps [10, 20]"
     )
