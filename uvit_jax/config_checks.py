@@ -185,7 +185,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "optim.weight_decay": Real(0),
     "optim.decay_mask": OneOf(("all", "no_bias_norm")),
     "optim.warmup_steps": NONNEG,
-    "optim.schedule": OneOf(("constant", "cosine", "linear")),
+    "optim.schedule": OneOf(registry=True),
     "optim.grad_clip": Real(0),
     # ---- train ----
     "train.batch_size": COUNT,

@@ -7,7 +7,7 @@ copy of the initial weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +15,25 @@ import optax
 
 from uvit_jax.errors import ConfigError
 
+# What follows the warmup: name -> (peak lr, steps after the warmup) -> schedule. Linear decay
+# to zero: Bergsma et al. 2025 find it beats cosine at equal steps.
+LR_DECAYS: dict[str, Callable[[float, int], optax.Schedule]] = {
+    "constant": lambda lr, steps: optax.constant_schedule(lr),  # the paper
+    "cosine": optax.cosine_decay_schedule,
+    "linear": lambda lr, steps: optax.linear_schedule(lr, 0.0, steps),
+}
+
 
 def learning_rate_schedule(optim: Mapping, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `optim.lr`, then constant (paper), cosine to 0, or linear to 0
-    (Bergsma et al. 2025 find linear decay to zero beats cosine at equal steps)."""
+    """Linear warmup from 0 to `optim.lr`, then `LR_DECAYS[optim.schedule]`: constant (paper),
+    cosine to 0 or linear to 0 at `num_steps`."""
     lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
     kind = optim["schedule"]
-    if kind == "constant":
-        after = optax.constant_schedule(lr)
-    elif kind == "cosine":
-        after = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1))
-    elif kind == "linear":
-        after = optax.linear_schedule(lr, 0.0, max(num_steps - warmup, 1))
-    else:
-        raise ConfigError(f"optim.schedule={kind!r}; expected 'constant', 'cosine' or 'linear'")
+    if kind not in LR_DECAYS:
+        raise ConfigError(
+            f"optim.schedule={kind!r}; expected {', '.join(repr(k) for k in LR_DECAYS)}"
+        )
+    after = LR_DECAYS[kind](lr, max(num_steps - warmup, 1))
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
