@@ -8,7 +8,8 @@ Per process p of P, for a seed:
                                  examples drawn from (seed, e) (global shuffle, new every
                                  epoch); this process's entries p, p + P, ... (disjoint); batch
                                  k % S of those; each example's flip copy from (seed, e,
-                                 example); one batched array_record read; decode to float32
+                                 example) (the original with `data.random_flip=False`); one
+                                 batched array_record read; decode to float32
     .to_iter_dataset()           small read-ahead (`config.data.prefetch` batches)
     .mp_prefetch(workers)        `config.data.num_workers` processes (0: read in this process)
 
@@ -110,8 +111,10 @@ class ReadBatch(grain.transforms.MapWithIndex):
         with_contexts: bool = False,
         label_limit: int | None = None,
         where: str = "",
+        random_flip: bool = True,
     ):
         self._reader = reader
+        self._random_flip = random_flip
         self._seed = seed
         self._num_examples = num_examples
         self._usable = num_examples // process_count * process_count
@@ -164,7 +167,9 @@ class ReadBatch(grain.transforms.MapWithIndex):
         epoch, examples = self.example_ids(index)
         # Record 2k is example k, record 2k + 1 its horizontal flip (see latent_dataset).
         epochs = np.full_like(examples, epoch)
-        records = 2 * examples + flip_bits(self._seed, epochs, examples)
+        records = 2 * examples
+        if self._random_flip:
+            records = records + flip_bits(self._seed, epochs, examples)
         batch = self._reader.read(records)
         out = {"x": batch["x"]}
         if self._labelled:
@@ -227,7 +232,8 @@ def make_train_dataset(
 
     Args:
       config: uses `data.latent_dir`, `data.split`, `data.num_workers`, `data.prefetch`,
-        `train.batch_size` (global), `model.img_size/in_chans`, `autoencoder.kind/scale_factor`.
+        `data.random_flip`, `train.batch_size` (global), `model.img_size/in_chans`,
+        `autoencoder.kind/scale_factor`.
       seed: shuffle and flip seed (taken modulo 2**32).
       process_index, process_count: default jax's; pass them to simulate hosts.
       data_dir: the dataset directory, when `config.data.latent_dir` is empty.
@@ -278,6 +284,7 @@ def make_train_dataset(
         with_contexts=bool(latent_dataset.expected_context_shape(config)),
         label_limit=label_limit,
         where=f"{directory} ({config.data.split})",
+        random_flip=bool(config.data.get("random_flip", True)),
     )
     ds = grain.MapDataset.range(per_process // batch).repeat().map_with_index(read)
     if start_step:  # the stream from global step `start_step` on (same batches as a restore)

@@ -47,7 +47,7 @@ def test_interval_means_leave_out_nonfinite_steps_and_empty_levels():
 
 def test_hparams_are_flat_config_fields():
     hparams = dashboard.flat_hparams(get_config("runlocal").to_dict())
-    assert hparams["model.embed_dim"] == 32 and hparams["optim.lr"] == 2.8e-3
+    assert hparams["model.embed_dim"] == 32 and hparams["optim.lr"] == 4e-3
     assert hparams["model.conv"] is True and hparams["diffusion.formulation"] == "flow"
     assert hparams["sweep.steps"] == "()"  # tuples as their str: one hparam per field
     assert all(isinstance(v, int | float | bool | str) for v in hparams.values())

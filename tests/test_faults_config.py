@@ -66,6 +66,10 @@ NAN, INF = float("nan"), float("inf")
                                            r"number >= 0$"),
         ("train", "optim.schedule", "cos", r"config.optim.schedule='cos': expected one of "
                                            r"'constant', 'cosine', 'linear'$"),
+        ("train", "optim.name", "adam", r"config.optim.name='adam': expected one of "
+                                        r"'adamw', 'muon'$"),
+        ("train", "optim.muon_rms", 0.0, r"config.optim.muon_rms=0.0: expected a finite "
+                                         r"number > 0$"),
         ("sample", "sample.sampler", "dpm_solver_fats", r"config.sample.sampler="
          r"'dpm_solver_fats': expected one of 'dpm_solver_fast', .*'probability_flow'$"),
         ("train", "sample.sampler", "dpm", r"config.sample.sampler='dpm': expected one of "),

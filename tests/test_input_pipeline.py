@@ -289,6 +289,27 @@ def test_round_trip_exact_once_per_epoch_disjoint_processes(folder_dataset):
     assert 0 < flips.mean() < 1  # both copies are used
 
 
+def test_without_random_flip_the_same_examples_come_unflipped(folder_dataset):
+    config, _, _ = folder_dataset
+    src = sources.ImageFolderSource(config.data.source_dir)
+    expected = _expected(config, src)
+    config.train.batch_size = 4
+    streams = {}
+    for random_flip in (True, False):
+        config.data.random_flip = random_flip
+        it = train_input.make_train_iterator(
+            config, seed=3, process_index=0, process_count=1, include_index=True
+        )
+        streams[random_flip] = [next(it) for _ in range(10)]
+    config.data.random_flip = True
+    for flipped, plain in zip(streams[True], streams[False], strict=True):
+        np.testing.assert_array_equal(flipped["index"], plain["index"])  # same order
+        assert not plain["flip"].any()
+        for x, index in zip(plain["x"], plain["index"], strict=True):
+            np.testing.assert_array_equal(x, expected[(int(index), 0)])
+    assert np.concatenate([b["flip"] for b in streams[True]]).any()
+
+
 def test_iterator_checkpoint_round_trip_through_orbax(folder_dataset, tmp_path):
     config, _, _ = folder_dataset
     config.train.batch_size = 4

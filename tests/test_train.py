@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from etils import epath
 from flax import nnx
@@ -22,7 +23,7 @@ from uvit_jax.errors import ConfigError
 from uvit_jax.jobs import train as train_job
 from uvit_jax.parallel.mesh import batch_size_per_shard, global_batch, make_mesh
 from uvit_jax.parallel.xla_flags import add_cpu_flags, cpu_devices
-from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from uvit_jax.train.optimizer import learning_rate_schedule, make_optimizer, muon_labels
 from uvit_jax.train.state import (
     TrainState,
     abstract_train_state,
@@ -328,6 +329,68 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay_to_zero():
     np.testing.assert_allclose(linear(jnp.array([2400, 6800])), [1.5e-3, 5e-4], atol=1e-9)
     with pytest.raises(ValueError, match=r"optim.schedule='step'; expected 'constant', 'cosine'"):
         learning_rate_schedule({**optim, "schedule": "step"}, 9000)
+
+
+def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw():
+    config = get_config("runlocal")
+    _, params = nnx.split(train_job.build_uvit(config.model))
+    labels = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        muon_labels(params))}  # fmt: skip
+    muon = {k for k, v in labels.items() if v == "muon"}
+    assert "['in_blocks'][0]['mlp']['fc1']['kernel'].value" in muon
+    assert "['out_blocks'][0]['skip_linear']['kernel'].value" in muon
+    others = ("['decoder_pred']['kernel'].value", "['label_emb']['embedding'].value",
+              "['patch_embed']['proj']['kernel'].value", "['norm']['scale'].value")  # fmt: skip
+    assert all(labels[k] == "adamw" for k in others)
+    optim = {**config.optim, "name": "muon", "lr": 1e-2, "warmup_steps": 0}
+    optim["schedule"] = "constant"
+    # Gradients whose singular values span 30x: the first update of a hidden matrix is
+    # -lr * (muon_rms * sqrt(max(fan_in, fan_out)) * their orthogonal factor + weight decay), its
+    # singular values within Newton-Schulz's band around 1 once those factors are taken out.
+
+    def spread(p):
+        if p.ndim != 2:
+            return jax.random.normal(jax.random.key(1), p.shape)
+        k = min(p.shape)
+        u = np.linalg.qr(np.random.default_rng(0).normal(size=(p.shape[0], k)))[0]
+        v = np.linalg.qr(np.random.default_rng(1).normal(size=(p.shape[1], k)))[0]
+        return jnp.asarray((u * np.linspace(0.1, 3, k)) @ v.T, jnp.float32)
+
+    grads = jax.tree.map(spread, params)
+    tx = make_optimizer(optim, 100)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    adamw, _ = make_optimizer({**optim, "name": "adamw"}, 100).update(
+        grads, make_optimizer({**optim, "name": "adamw"}, 100).init(params), params
+    )
+    leaves = jax.tree_util.tree_leaves_with_path(updates)
+    for (path, u), a, p in zip(
+        leaves, jax.tree.leaves(adamw), jax.tree.leaves(params), strict=True
+    ):
+        key = jax.tree_util.keystr(path)
+        if key in muon:
+            orth = -(u / optim["lr"] + optim["weight_decay"] * p) / (
+                optim["muon_rms"] * np.sqrt(max(u.shape))
+            )
+            s = np.linalg.svd(np.asarray(orth), compute_uv=False)
+            assert 0.6 < s.min() and s.max() < 1.25, (key, s.min(), s.max())
+        else:
+            np.testing.assert_allclose(u, a, rtol=1e-6, err_msg=key)
+    # Three updates of the hidden matrices equal optax's own Muon (its per-leaf iteration).
+    reference = optax.contrib.muon(
+        learning_rate=optim["lr"], beta=optim["muon_momentum"], nesterov=True,
+        weight_decay=optim["weight_decay"], consistent_rms=optim["muon_rms"],
+        muon_weight_dimension_numbers=lambda tree: jax.tree.map(
+            lambda label: optax.contrib.MuonDimensionNumbers(0, 1) if label == "muon" else None,
+            muon_labels(tree)),
+    )  # fmt: skip
+    ours, theirs = tx.init(params), reference.init(params)
+    for _ in range(3):
+        mine, ours = tx.update(grads, ours, params)
+        ref, theirs = reference.update(grads, theirs, params)
+    mine_leaves = jax.tree_util.tree_leaves_with_path(mine)
+    for (path, u), r in zip(mine_leaves, jax.tree.leaves(ref), strict=True):
+        if jax.tree_util.keystr(path) in muon:
+            np.testing.assert_allclose(u, r, rtol=1e-4, atol=1e-7)  # float32 rounding
 
 
 def test_state_items_round_trip():

@@ -178,6 +178,7 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     # ---- text encoder ----
     "text_encoder.batch_size": COUNT,
     # ---- optim ----
+    "optim.name": OneOf(registry=True),
     "optim.lr": Real(0, lo_open=True),
     "optim.b1": Real(0, 1, hi_open=True),
     "optim.b2": Real(0, 1, hi_open=True),
@@ -187,6 +188,8 @@ FIELD_CHECKS: dict[str, Int | Real | OneOf | Each] = {
     "optim.warmup_steps": NONNEG,
     "optim.schedule": OneOf(registry=True),
     "optim.grad_clip": Real(0),
+    "optim.muon_momentum": Real(0, 1, hi_open=True),
+    "optim.muon_rms": Real(0, lo_open=True),
     # ---- train ----
     "train.batch_size": COUNT,
     "train.accum_steps": COUNT,

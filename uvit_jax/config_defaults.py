@@ -217,6 +217,10 @@ def default_config() -> ml_collections.ConfigDict:
             num_workers=2,  # grain worker processes (restore with the same number)
             prefetch=2,  # batches each worker keeps ready
             read_threads=2,  # array_record read threads per process
+            # Train on each example or its horizontal flip, at random (every paper config,
+            # as U-ViT); False: the originals only, for data whose orientation is part of the
+            # distribution (Fashion-MNIST's shoes all point left).
+            random_flip=True,
             max_examples=0,  # extraction: use only the first N source images (0: all)
             # Keep only these classes of a labelled source, relabelled 0, 1, ... in this order
             # ((3, 5, 7): 3 -> 0, 5 -> 1, 7 -> 2); (): all. Fine-tuning on part of a dataset.
@@ -239,6 +243,9 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- optimizer (optax AdamW; paper: decay on all parameters, warmup then constant) ----
     c.optim = ml_collections.ConfigDict(
         dict(
+            # "adamw" (the paper), or "muon": Muon for the hidden weight matrices, AdamW (b1,
+            # b2, eps) for the rest (uvit_jax/train/optimizer.py).
+            name="adamw",
             lr=2e-4,
             b1=0.99,
             b2=0.999,
@@ -248,6 +255,10 @@ def default_config() -> ml_collections.ConfigDict:
             warmup_steps=5000,
             schedule="constant",  # after warmup: "constant", or "cosine" / "linear" to 0
             grad_clip=0.0,  # 0: none (paper)
+            muon_momentum=0.95,  # Muon's Nesterov momentum
+            # The RMS of each matrix's Muon update before the learning rate: 0.2, AdamW's
+            # typical RMS, lets AdamW's lr and weight_decay carry over (Liu et al. 2025).
+            muon_rms=0.2,
         )
     )
 

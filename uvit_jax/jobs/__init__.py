@@ -32,7 +32,7 @@ from uvit_jax.parallel.peers import watch_peers
 from uvit_jax.sampling.dpm_solver import SKIP_TYPES
 from uvit_jax.sampling.guidance import CFG_SCHEDULES, GUIDANCES
 from uvit_jax.sampling.samplers import SAMPLERS
-from uvit_jax.train.optimizer import LR_DECAYS
+from uvit_jax.train.optimizer import LR_DECAYS, OPTIMIZERS
 
 # mode -> "module:function"; imported only when run, so `main.py --mode convert` never loads
 # TensorFlow (clu) and `--mode train` never loads torch.
@@ -72,6 +72,7 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
         "sample.guidance": GUIDANCES,
         "eval.protocol": tuple(PROTOCOLS),
         "optim.schedule": tuple(LR_DECAYS),
+        "optim.name": tuple(OPTIMIZERS),
     }
 
 

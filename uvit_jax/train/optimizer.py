@@ -1,12 +1,16 @@
-"""optax AdamW with the paper's schedule, and the EMA of the weights.
+"""AdamW (optax) or Muon with the paper's schedule, and the EMA of the weights.
 
 Official U-ViT: AdamW (decoupled weight decay on every parameter), learning rate
 `lr * min(step / warmup, 1)`, no clipping, EMA `e <- r e + (1 - r) p` after every update from a
 copy of the initial weights.
+
+Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM training") updates each
+hidden weight matrix by its orthogonalised momentum and everything else by AdamW.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -49,16 +53,96 @@ def _decay_mask(mask: str):
     raise ConfigError(f"optim.decay_mask={mask!r}; expected 'all' or 'no_bias_norm'")
 
 
-def make_optimizer(optim: Mapping, num_steps: int) -> optax.GradientTransformation:
-    """AdamW (+ optional global-norm clipping) from the `config.optim` section."""
-    tx = optax.adamw(
-        learning_rate=learning_rate_schedule(optim, num_steps),
+def muon_labels(params) -> object:
+    """The label of each leaf of `params`: "muon" for the hidden weight matrices, else "adamw".
+
+    Hidden matrices: the 2-D `kernel`s of the linear layers (attention, MLP, long-skip and
+    context projections), but not the output projection `decoder_pred`. Embedding tables, biases,
+    norms, the 4-D patch-embedding and output convolutions and `decoder_pred` stay on AdamW, as
+    Muon's authors keep the input and output layers (Jordan et al. 2024).
+    """
+
+    def label(path, leaf) -> str:
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        hidden = jnp.ndim(leaf) == 2 and "kernel" in names and "decoder_pred" not in names
+        return "muon" if hidden else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+# Newton-Schulz coefficients of Jordan et al. 2024: five iterations take every singular value of
+# a Frobenius-normalised matrix into about [0.7, 1.2] (not exactly 1: faster than the cubic).
+_NEWTON_SCHULZ = (3.4445, -4.775, 2.0315)
+
+
+def orthogonalise(m: jax.Array, steps: int = 5) -> jax.Array:
+    """About U V^T of m = U S V^T [fan_in, fan_out], float32: `steps` Newton-Schulz iterations
+    x <- a x + (b A + c A^2) x, A = x x^T, on the wide side (the smaller Gram matrix)."""
+    a, b, c = _NEWTON_SCHULZ
+    x = m if m.shape[0] <= m.shape[1] else m.T
+    x = x / (jnp.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if m.shape[0] <= m.shape[1] else x.T
+
+
+def scale_by_muon(momentum: float, rms: float) -> optax.GradientTransformation:
+    """Muon's direction for [fan_in, fan_out] matrices: the orthogonalised Nesterov momentum
+    (m <- momentum m + g; orthogonalise(momentum m + g)), scaled from RMS 1 / sqrt(max(fan_in,
+    fan_out)) to `rms`: at AdamW's typical update RMS (0.2) AdamW's learning rate and weight
+    decay carry over (Liu et al. 2025)."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(updates, mu, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: momentum * m + g, mu, updates)
+        direction = jax.tree.map(
+            lambda m, g: orthogonalise(momentum * m + g) * (rms * math.sqrt(max(g.shape))),
+            mu,
+            updates,
+        )
+        return direction, mu
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adamw(optim: Mapping, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(
+        learning_rate=lr,
         b1=float(optim["b1"]),
         b2=float(optim["b2"]),
         eps=float(optim["eps"]),
         weight_decay=float(optim["weight_decay"]),
         mask=_decay_mask(optim["decay_mask"]),
     )
+
+
+def _muon(optim: Mapping, lr: optax.Schedule) -> optax.GradientTransformation:
+    matrices = optax.chain(
+        scale_by_muon(float(optim["muon_momentum"]), float(optim["muon_rms"])),
+        optax.add_decayed_weights(float(optim["weight_decay"])),
+        optax.scale_by_learning_rate(lr),
+    )
+    return optax.partition({"muon": matrices, "adamw": _adamw(optim, lr)}, muon_labels)
+
+
+# name -> (config.optim, learning-rate schedule) -> the update rule.
+OPTIMIZERS: dict[str, Callable[[Mapping, optax.Schedule], optax.GradientTransformation]] = {
+    "adamw": _adamw,  # the paper
+    "muon": _muon,
+}
+
+
+def make_optimizer(optim: Mapping, num_steps: int) -> optax.GradientTransformation:
+    """`OPTIMIZERS[optim.name]` (+ optional global-norm clipping) from the `config.optim`
+    section, at `learning_rate_schedule`."""
+    name = optim["name"]
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r}; expected {', '.join(map(repr, OPTIMIZERS))}")
+    tx = OPTIMIZERS[name](optim, learning_rate_schedule(optim, num_steps))
     if float(optim["grad_clip"]) > 0:
         tx = optax.chain(optax.clip_by_global_norm(float(optim["grad_clip"])), tx)
     return tx
