@@ -95,8 +95,8 @@ def get_config(arg: str = ""):
     # model (50.8 at 14 steps, 41.1 at 25, against 35.1), and its garments look speckled.
     # Guidance rising linearly in time (Wang et al. 2024) rather than 1.5 at every step: the same
     # FID and weakest class with samples 0.012 instead of 0.034 brighter than the data; up to
-    # 2.5 rather than 3, the same FID with the brightness within 0.01 of the data's and shirts
-    # still 76% recognised, for training seed 0 (see docs/default_recipe.md).
+    # 2.5 rather than 3 (AdamW's model), the same FID and less brightness. On Muon's model 2 and
+    # 1.5 score the same FID with fewer shirts, and barely less brightness (docs/default_recipe.md).
     c.sample.update(
         sampler="dpm_solver++_3s",
         steps=10,
