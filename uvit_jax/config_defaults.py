@@ -240,7 +240,7 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # ---- optimizer (optax AdamW; paper: decay on all parameters, warmup then constant) ----
+    # ---- optimizer (AdamW or Muon; paper: AdamW, decay on all parameters, warmup, constant) ----
     c.optim = ml_collections.ConfigDict(
         dict(
             # "adamw" (the paper), or "muon": Muon for the hidden weight matrices, AdamW (b1,
