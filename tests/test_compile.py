@@ -34,6 +34,7 @@ def tiny_config(data: int, fsdp: int):
     # One pass per step: the fit search's line assumes memory that grows with the batch.
     c.train.update(batch_size=16, micro_batch_per_device=0)
     c.mesh.update(data=data, fsdp=fsdp)
+    c.optim.name = "adamw"  # the paper configs' optimizer: its state shards with the weights
     return c
 
 
