@@ -1,7 +1,7 @@
 """The embedded default: class-conditional U-ViT on Fashion-MNIST, pixel space, flow matching, CFG.
 
 70k real 28x28 images, 10 classes (+ the null class 10 for guidance), at their native size:
-7 x 7 patches of 4 x 4 pixels. Sized to draw every class recognisably in under 12 minutes on a
+7 x 7 patches of 4 x 4 pixels. Sized to draw every class recognisably in about 12 minutes on a
 2-core CPU, install included (README: Set up); how it was chosen: docs/default_recipe.md.
 
   python main.py --config configs/fashion_mnist_uvit.py --workdir workdirs/fashion_mnist
