@@ -359,9 +359,8 @@ def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw():
     grads = jax.tree.map(spread, params)
     tx = make_optimizer(optim, 100)
     updates, _ = tx.update(grads, tx.init(params), params)
-    adamw, _ = make_optimizer({**optim, "name": "adamw"}, 100).update(
-        grads, make_optimizer({**optim, "name": "adamw"}, 100).init(params), params
-    )
+    adamw_tx = make_optimizer({**optim, "name": "adamw"}, 100)
+    adamw, _ = adamw_tx.update(grads, adamw_tx.init(params), params)
     leaves = jax.tree_util.tree_leaves_with_path(updates)
     for (path, u), a, p in zip(
         leaves, jax.tree.leaves(adamw), jax.tree.leaves(params), strict=True

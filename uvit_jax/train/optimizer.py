@@ -34,9 +34,7 @@ def learning_rate_schedule(optim: Mapping, num_steps: int) -> optax.Schedule:
     lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
     kind = optim["schedule"]
     if kind not in LR_DECAYS:
-        raise ConfigError(
-            f"optim.schedule={kind!r}; expected {', '.join(repr(k) for k in LR_DECAYS)}"
-        )
+        raise ConfigError(f"optim.schedule={kind!r}; expected {', '.join(map(repr, LR_DECAYS))}")
     after = LR_DECAYS[kind](lr, max(num_steps - warmup, 1))
     if warmup <= 0:
         return after
