@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import optax
 
 from uvit_jax.errors import ConfigError
-from uvit_jax.parallel.item_split import split_items
 
 # What follows the warmup: name -> (peak lr, steps after the warmup) -> schedule. Linear decay
 # to zero: Bergsma et al. 2025 find it beats cosine at equal steps.
@@ -90,9 +89,8 @@ def orthogonalise(m: jax.Array, steps: int = 5) -> jax.Array:
 
 def orthogonalise_all(ms: list[jax.Array], steps: int = 5) -> list[jax.Array]:
     """`orthogonalise` of each matrix in `ms`, those of one shape (up to a transpose) stacked into
-    one batched iteration, whose matrices the devices that split the batch share out
-    (`split_items`). A U-ViT's blocks repeat four or five shapes; on a CPU a few batched matmuls
-    run faster than many small ones, and on n devices each computes 1/n of them."""
+    one batched iteration: a U-ViT's blocks repeat four or five shapes, and on a CPU a few
+    batched matmuls run faster than many small ones."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(ms):
         by_shape.setdefault(tuple(sorted(m.shape)), []).append(i)
@@ -100,7 +98,7 @@ def orthogonalise_all(ms: list[jax.Array], steps: int = 5) -> list[jax.Array]:
     for indices in by_shape.values():
         tall = [ms[i].shape[0] > ms[i].shape[1] for i in indices]
         stack = jnp.stack([ms[i].T if t else ms[i] for i, t in zip(indices, tall, strict=True)])
-        done = split_items(lambda x: orthogonalise(x, steps), stack)
+        done = orthogonalise(stack, steps)
         for j, (i, t) in enumerate(zip(indices, tall, strict=True)):
             out[i] = done[j].T if t else done[j]
     return out
